@@ -1,0 +1,335 @@
+"""Settings of the Secure OHLCV Downloader: the one place that knows every variable.
+
+Map of this file:
+    VARIABLES      -- every environment variable: name, default, meaning (the README
+                      table and .env.example are checked against it by the tests)
+    Secret         -- a string that never shows itself in repr(), str() or logs
+    Settings       -- the frozen, validated settings of one run
+    load_settings  -- reads the environment and `.env` (a real variable wins), validates
+                      everything at once, raises ConfigError naming the variable
+
+A bad value stops the program before it does anything; the CLI turns ConfigError into
+exit code 3. Messages name the variable and the problem and never echo a secret value.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+log = logging.getLogger("secure_ohlcv.config")
+
+DEFAULT_BASE_URL = "https://www.alphavantage.co/query"
+KEYRING_SERVICE = "secure-ohlcv-downloader"
+ENV_FILE = ".env"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed. The message names the variable and the fix."""
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    default: str
+    meaning: str
+    secret: bool = False
+
+
+# The order here is the order of the README table and of .env.example.
+VARIABLES: tuple[Variable, ...] = (
+    Variable("ALPHA_VANTAGE_API_KEY", "",
+             "Alpha Vantage API key; several keys comma-separated share the load. "
+             "Empty: the public `demo` key, which serves IBM only.", secret=True),
+    Variable("ALPHA_VANTAGE_BASE_URL", DEFAULT_BASE_URL,
+             "The `/query` endpoint: the real API, a proxy, a mirror or the local emulator."),
+    Variable("OHLCV_ENCRYPTION_KEY", "",
+             "Fernet keys, comma-separated, primary first. Fallback when no OS keyring "
+             "backend works (headless server, cron) and the recovery path.", secret=True),
+    Variable("OHLCV_DATA_DIR", "data", "Encrypted datasets (mode OHLCV_DIR_MODE)."),
+    Variable("OHLCV_BACKUP_DIR", "backups", "Encrypted backup archives."),
+    Variable("OHLCV_STATE_DIR", "state",
+             "Run state: the encrypted key canary, quota counters, run records."),
+    Variable("OHLCV_LOG_FILE", "secure_downloader.log", "Log file (mode OHLCV_FILE_MODE)."),
+    Variable("OHLCV_LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR."),
+    Variable("OHLCV_CONNECT_TIMEOUT", "10", "Seconds to wait for a connection."),
+    Variable("OHLCV_REQUEST_TIMEOUT", "30", "Seconds to wait for the server to answer (read timeout)."),
+    Variable("OHLCV_MAX_RETRIES", "5",
+             "Retries of one request after connection errors, 5xx, bad bodies or throttling."),
+    Variable("OHLCV_BACKOFF_SECONDS", "2",
+             "First retry delay; it doubles each retry (with jitter), capped at 60 s."),
+    Variable("OHLCV_DATATYPE", "csv",
+             "Wire format asked of the API: csv (smaller, faster) or json. Both give the same data."),
+    Variable("OHLCV_RATE_LIMIT_PER_SECOND", "",
+             "Requests per second per API key. Empty: 1, or the per-minute figure / 60 when set."),
+    Variable("OHLCV_RATE_LIMIT_PER_MINUTE", "0",
+             "Requests per minute per API key (your premium plan's figure); 0 means no per-minute cap."),
+    Variable("OHLCV_RATE_LIMIT_PER_DAY", "",
+             "Requests per day per API key. Empty: 25 (free key), or 0 = unlimited when a "
+             "per-minute figure is set (premium plans have no daily cap)."),
+    Variable("OHLCV_MAX_WORKERS", "4", "Requests in flight at once, all under the shared rate limiter."),
+    Variable("OHLCV_RETENTION_DAYS", "0", "Days of bars to keep on cleanup; 0 keeps everything."),
+    Variable("OHLCV_BACKUP_KEEP", "7", "Newest backup archives to keep."),
+    Variable("OHLCV_MAX_MEMORY_MB", "1024", "Resident memory limit of a run (warning at 80%)."),
+    Variable("OHLCV_MIN_FREE_DISK_MB", "100", "Refuse to start a write below this much free disk."),
+    Variable("OHLCV_METRICS_FILE", "", "Prometheus text file written at the end of every command."),
+    Variable("OHLCV_LOCK_TIMEOUT", "60",
+             "Seconds to wait for another run's data-directory lock before giving up."),
+    Variable("OHLCV_DIR_MODE", "0700", "Mode of every directory the tool creates."),
+    Variable("OHLCV_FILE_MODE", "0600", "Mode of every file the tool creates."),
+)
+VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)
+_DEFAULTS = {v.name: v.default for v in VARIABLES}
+
+
+class Secret:
+    """A secret string. It shows only as `Secret('***')`; `.reveal()` is the one way out."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of one run, validated. Build it with `load_settings()`."""
+
+    api_keys: tuple[Secret, ...]
+    base_url: str
+    encryption_keys: tuple[Secret, ...]
+    data_dir: Path
+    backup_dir: Path
+    state_dir: Path
+    log_file: Path
+    log_level: str
+    connect_timeout: float
+    request_timeout: float
+    max_retries: int
+    backoff_seconds: float
+    datatype: str
+    rate_limit_per_second: float
+    rate_limit_per_minute: int
+    rate_limit_per_day: int
+    max_workers: int
+    retention_days: int
+    backup_keep: int
+    max_memory_mb: int
+    min_free_disk_mb: int
+    metrics_file: Path | None
+    lock_timeout: float
+    dir_mode: int
+    file_mode: int
+    env_file: Path = Path(ENV_FILE)
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value this run knows, for the log redaction filter."""
+        return tuple(s.reveal() for s in self.api_keys + self.encryption_keys)
+
+
+# -- parsing -------------------------------------------------------------------------------
+
+def _int(name: str, raw: str, minimum: int = 0) -> int:
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}.") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+    return value
+
+
+def _positive_float(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a positive number, got {raw!r}.")
+    return value
+
+
+def _seconds(name: str, raw: str) -> float:
+    """A non-negative number of seconds (0 allowed: do not wait)."""
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be 0 or more seconds, got {raw!r}.")
+    return value
+
+
+def _mode(name: str, raw: str, *, directory: bool) -> int:
+    try:
+        value = int(raw.strip(), 8)
+    except ValueError:
+        raise ConfigError(f"{name} must be an octal mode such as "
+                          f"{'0700' if directory else '0600'}, got {raw!r}.") from None
+    needed = stat.S_IRWXU if directory else stat.S_IRUSR | stat.S_IWUSR
+    if value & ~0o777 or value & needed != needed:
+        raise ConfigError(f"{name}={raw.strip()} must give the owner "
+                          f"{'read, write and search' if directory else 'read and write'} "
+                          "and use only permission bits (e.g. 0700 / 0600).")
+    if value & stat.S_IRWXO:
+        raise ConfigError(f"{name}={raw.strip()} grants access to all users; the data is "
+                          "confidential. Use 0700/0600, or 0750/0640 to share with a group.")
+    return value
+
+
+def _secrets(name: str, raw: str, check: Callable[[str], str | None]) -> tuple[Secret, ...]:
+    if not raw.strip():
+        return ()
+    values = [part.strip() for part in raw.split(",")]
+    for position, value in enumerate(values, 1):
+        problem = "is empty" if not value else check(value)
+        if problem:
+            where = f"item {position} of {name}" if len(values) > 1 else name
+            raise ConfigError(f"{where} {problem} (the value is not shown).")
+    return tuple(Secret(v) for v in values)
+
+
+def _api_key_problem(value: str) -> str | None:
+    if not value.isascii() or not value.isprintable() or " " in value:
+        return "contains spaces or characters an API key never has"
+    return None
+
+
+def fernet_key_problem(value: str) -> str | None:
+    """Why `value` is not a Fernet key, or None when it is one (32 bytes, url-safe base64)."""
+    try:
+        # validate=True: without it, characters outside the alphabet are silently dropped.
+        raw = base64.b64decode(value.encode("ascii"), altchars=b"-_", validate=True)
+        if "+" in value or "/" in value:
+            raise ValueError("standard, not url-safe, base64")
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return "is not url-safe base64; a Fernet key is 44 characters ending in '='"
+    if len(raw) != 32:
+        return (f"decodes to {len(raw)} bytes, not 32; a Fernet key is 44 url-safe "
+                "base64 characters ending in '='")
+    return None
+
+
+def _base_url(name: str, raw: str) -> str:
+    # The value is never echoed: a mistyped URL may carry a password or an API key.
+    try:
+        parts = urlsplit(raw.strip())
+        credentials = parts.username or parts.password
+    except ValueError:
+        raise ConfigError(f"{name} is not a URL (the value is not shown).") from None
+    if credentials or parts.query or "apikey" in raw.lower():
+        raise ConfigError(f"{name} must not carry credentials or a query string (the value "
+                          "is not shown); set the API key in ALPHA_VANTAGE_API_KEY.")
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http(s) URL such as {DEFAULT_BASE_URL} "
+                          f"(got scheme {parts.scheme or '(none)'!r}).")
+    return raw.strip()
+
+
+def _path(name: str, raw: str, base: Path) -> Path:
+    text = raw.strip()
+    if not text or "\x00" in text:
+        raise ConfigError(f"{name} must be a path.")
+    return (base / Path(text).expanduser()).resolve() if not Path(text).is_absolute() \
+        else Path(text).resolve()
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Values of a `.env` file and warnings about it (loose permissions)."""
+    if not path.is_file():
+        return {}, []
+    warnings = []
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warnings.append(f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                        f"it may hold keys: run `chmod 600 {path}`.")
+    values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    return values, warnings
+
+
+def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> Settings:
+    """Settings from the environment and `.env` in the working directory (the environment wins)."""
+    environ = os.environ if environ is None else environ
+    cwd = Path.cwd() if cwd is None else cwd
+    file_values, warnings = read_env_file(cwd / ENV_FILE)
+    unknown = sorted(k for k in file_values if k.startswith("OHLCV_") and k not in VARIABLE_NAMES)
+    warnings += [f"{ENV_FILE}: unknown variable {k} is ignored (a typo?)." for k in unknown]
+
+    def get(name: str) -> str:
+        if name in environ:
+            return environ[name]
+        return file_values.get(name, _DEFAULTS[name])
+
+    per_minute = _int("OHLCV_RATE_LIMIT_PER_MINUTE", get("OHLCV_RATE_LIMIT_PER_MINUTE"))
+    raw_per_second = get("OHLCV_RATE_LIMIT_PER_SECOND").strip()
+    if raw_per_second:
+        per_second = _positive_float("OHLCV_RATE_LIMIT_PER_SECOND", raw_per_second)
+    else:
+        per_second = per_minute / 60 if per_minute else 1.0
+    raw_per_day = get("OHLCV_RATE_LIMIT_PER_DAY").strip()
+    per_day = _int("OHLCV_RATE_LIMIT_PER_DAY", raw_per_day) if raw_per_day else (0 if per_minute else 25)
+
+    level = get("OHLCV_LOG_LEVEL").strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"OHLCV_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {level!r}.")
+    metrics = get("OHLCV_METRICS_FILE").strip()
+    datatype = get("OHLCV_DATATYPE").strip().lower()
+    if datatype not in ("csv", "json"):
+        raise ConfigError(f"OHLCV_DATATYPE must be csv or json, got {datatype!r}.")
+
+    return Settings(
+        api_keys=_secrets("ALPHA_VANTAGE_API_KEY", get("ALPHA_VANTAGE_API_KEY"), _api_key_problem),
+        base_url=_base_url("ALPHA_VANTAGE_BASE_URL", get("ALPHA_VANTAGE_BASE_URL")),
+        encryption_keys=_secrets("OHLCV_ENCRYPTION_KEY", get("OHLCV_ENCRYPTION_KEY"), fernet_key_problem),
+        data_dir=_path("OHLCV_DATA_DIR", get("OHLCV_DATA_DIR"), cwd),
+        backup_dir=_path("OHLCV_BACKUP_DIR", get("OHLCV_BACKUP_DIR"), cwd),
+        state_dir=_path("OHLCV_STATE_DIR", get("OHLCV_STATE_DIR"), cwd),
+        log_file=_path("OHLCV_LOG_FILE", get("OHLCV_LOG_FILE"), cwd),
+        log_level=level,
+        connect_timeout=_positive_float("OHLCV_CONNECT_TIMEOUT", get("OHLCV_CONNECT_TIMEOUT")),
+        request_timeout=_positive_float("OHLCV_REQUEST_TIMEOUT", get("OHLCV_REQUEST_TIMEOUT")),
+        max_retries=_int("OHLCV_MAX_RETRIES", get("OHLCV_MAX_RETRIES")),
+        backoff_seconds=_positive_float("OHLCV_BACKOFF_SECONDS", get("OHLCV_BACKOFF_SECONDS")),
+        datatype=datatype,
+        rate_limit_per_second=per_second,
+        rate_limit_per_minute=per_minute,
+        rate_limit_per_day=per_day,
+        max_workers=_int("OHLCV_MAX_WORKERS", get("OHLCV_MAX_WORKERS"), minimum=1),
+        retention_days=_int("OHLCV_RETENTION_DAYS", get("OHLCV_RETENTION_DAYS")),
+        backup_keep=_int("OHLCV_BACKUP_KEEP", get("OHLCV_BACKUP_KEEP"), minimum=1),
+        max_memory_mb=_int("OHLCV_MAX_MEMORY_MB", get("OHLCV_MAX_MEMORY_MB"), minimum=1),
+        min_free_disk_mb=_int("OHLCV_MIN_FREE_DISK_MB", get("OHLCV_MIN_FREE_DISK_MB")),
+        metrics_file=_path("OHLCV_METRICS_FILE", metrics, cwd) if metrics else None,
+        lock_timeout=_seconds("OHLCV_LOCK_TIMEOUT", get("OHLCV_LOCK_TIMEOUT")),
+        dir_mode=_mode("OHLCV_DIR_MODE", get("OHLCV_DIR_MODE"), directory=True),
+        file_mode=_mode("OHLCV_FILE_MODE", get("OHLCV_FILE_MODE"), directory=False),
+        env_file=cwd / ENV_FILE,
+        warnings=tuple(warnings),
+    )
