@@ -1,0 +1,306 @@
+"""Command line of the Secure OHLCV Downloader: parse, call the module, map errors to exits.
+
+Map of this file:
+    COMMANDS        -- every command: its handler, one-line help and an example
+    normalise_argv  -- the operations guide's flag form (`--init`) becomes a subcommand
+    build_parser    -- argparse, one subparser per command
+    cmd_*           -- one small function per command: call the library, print the result
+    main            -- settings, logging, dispatch, and the one place errors become exit codes
+
+Data goes to stdout, messages to stderr. Exit codes (README): 0 ok, 1 some work failed,
+2 usage or input error, 3 configuration or key problem, 4 API quota spent (resumable),
+5 integrity failure found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pandas as pd
+
+from config import ConfigError, load_settings
+from secure_ohlcv_downloader import (
+    INTERVALS,
+    DatasetResult,
+    OHLCVError,
+    SecureOHLCVDownloader,
+    UsageError,
+    atomic_write,
+    configure_logging,
+    redact,
+)
+
+log = logging.getLogger("secure_ohlcv.cli")
+PROG = "secure_ohlcv_downloader.py"
+
+
+def say(message: str) -> None:
+    """A message for the operator: stderr, secrets removed."""
+    print(redact(message), file=sys.stderr)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+def cmd_init(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    report = app.init()
+    for directory in report.created_dirs:
+        print(f"created {directory}")
+    if report.already_initialised:
+        print(f"Already initialised; nothing changed. Key ring from {report.key_source}, "
+              f"fingerprints {', '.join(report.fingerprints)}.")
+        return 0
+    print(f"Key ring from {report.key_source}; primary key fingerprint {report.fingerprints[0]}.")
+    if report.stored_in_keyring:
+        print(f"Stored in the OS keyring ({app.keyring_store.info.name}).")
+    if report.generated_key:
+        # The only time a key is ever shown in full.
+        print("\nNEW ENCRYPTION KEY (shown once, never again):\n")
+        print(f"    {report.generated_key}\n")
+        print("Store it offline now (password manager or paper in a safe): without it the "
+              "data and every backup are unreadable if this machine or its keyring is lost.")
+    print("Encrypted canary written; check with: "
+          f"python {PROG} --check-keys")
+    return 0
+
+
+def cmd_check_keys(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    report = app.check_keys()
+    width = max(len(c.name) for c in report.checks)
+    for check in report.checks:
+        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}")
+    print("Result: " + ("sound" if report.sound else "NOT sound: fix the FAIL lines above"))
+    return 0 if report.sound else 3
+
+
+def read_symbols(args: argparse.Namespace) -> list[str]:
+    """Symbols from the command line and --symbols-file (one or more a line, # comments)."""
+    symbols = list(args.symbols)
+    if args.symbols_file:
+        try:
+            text = open(args.symbols_file, encoding="utf-8").read()
+        except OSError as exc:
+            raise UsageError(f"cannot read --symbols-file {args.symbols_file}: {exc.strerror}.") from None
+        for line in text.splitlines():
+            symbols += [s for s in line.split("#", 1)[0].replace(",", " ").split()]
+    if not symbols:
+        raise UsageError("give at least one SYMBOL or --symbols-file FILE.")
+    return symbols
+
+
+def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    symbols = read_symbols(args)
+    bar = None
+    if sys.stderr.isatty():  # a progress bar for people; cron gets the result lines only
+        from tqdm import tqdm
+        bar = tqdm(total=len(symbols), unit="symbol", file=sys.stderr, leave=False)
+
+    def show(result: DatasetResult) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.write(result.line(), file=sys.stdout)
+        else:
+            print(result.line(), flush=True)
+
+    try:
+        report = app.download(symbols, args.interval, args.adjusted, args.full, args.month, show)
+    finally:
+        if bar is not None:
+            bar.close()
+    counts = Counter(r.outcome for r in report.results)
+    requests_made = sum(report.stats.requests.values())
+    say(f"done: {counts['updated']} updated, {counts['current']} current, {counts['failed']} "
+        f"failed, {counts['pending']} not reached; {requests_made} requests, "
+        f"{report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
+    if report.failed:
+        say("failed: " + ", ".join(r.dataset.symbol for r in report.failed))
+    if report.quota_exhausted:
+        say("the daily API quota is spent; still to do (the next run starts with these): "
+            + ", ".join(r.dataset.symbol for r in report.pending))
+    return report.exit_code
+
+
+def cmd_export(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    frame = app.load(args.symbol, args.interval, args.adjusted, args.start, args.end).reset_index()
+    data = render_export(frame, args.format)
+    if args.output == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    else:
+        write_private_file(Path(args.output), data, app.settings.file_mode)
+        say(f"wrote {len(frame)} rows to {args.output} (mode {app.settings.file_mode:04o}). "
+            "This copy is NOT encrypted: keep it as private as the licence requires.")
+    return 0
+
+
+def render_export(frame: pd.DataFrame, fmt: str) -> bytes:
+    """Decrypted bars as CSV (oldest first), JSON records or Parquet bytes."""
+    if fmt == "parquet":
+        sink = io.BytesIO()
+        frame.to_parquet(sink, index=False)
+        return sink.getvalue()
+    stamps = frame["timestamp"]
+    text = stamps.dt.strftime("%Y-%m-%d") if stamps.dt.tz is None else \
+        stamps.map(lambda t: t.isoformat(sep=" "))
+    frame = frame.assign(timestamp=text)
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=1).encode() + b"\n"
+    return frame.to_csv(index=False, lineterminator="\n").encode()
+
+
+def write_private_file(path: Path, data: bytes, file_mode: int) -> None:
+    """An export file: created with the configured mode, replaced atomically."""
+    if path.is_dir():
+        raise UsageError(f"-o {path} is a directory; give a file name.")
+    if not path.parent.exists():
+        raise UsageError(f"-o {path}: directory {path.parent} does not exist.")
+    atomic_write(path, data, file_mode)
+
+
+def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    status = app.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        rows = status["datasets"]
+        if not rows:
+            print("no datasets stored yet")
+        for row in rows:
+            if "error" in row:
+                print(f"{row['dataset']:<28} UNREADABLE: {row['error']}")
+            else:
+                partial = "  partial history" if row["partial_history"] else ""
+                print(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:19]} .. "
+                      f"{row['last_bar'][:19]}  updated {row['updated_at']}  key {row['key']}{partial}")
+        for quota in status["quota"]:
+            limit = quota["limit"] or "unlimited"
+            print(f"quota {quota['key']}: {quota['used']} of {limit} used on {quota['day']}")
+        if status["pending"]:
+            print("pending from the last run: " + ", ".join(status["pending"]))
+    return 5 if any("error" in row for row in status["datasets"]) else 0
+
+
+Handler = Callable[[SecureOHLCVDownloader, argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Handler, str, str]] = {
+    "init": (cmd_init, "create the private directories and the first encryption key",
+             f"python {PROG} --init"),
+    "check-keys": (cmd_check_keys, "prove the key store works: backend, sources, canary, round trip",
+                   f"python {PROG} --check-keys"),
+    "download": (cmd_download, "fetch what is missing for each symbol, within the rate limits",
+                 f"python {PROG} download IBM MSFT --interval daily"),
+    "export": (cmd_export, "write the decrypted bars of one symbol as CSV, JSON or Parquet",
+               f"python {PROG} export IBM --start 2024-01-01 -o ibm.csv"),
+    "status": (cmd_status, "list stored datasets and today's API quota use",
+               f"python {PROG} status --json"),
+}
+
+
+def add_dataset_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--interval", default="daily", choices=INTERVALS)
+    parser.add_argument("--adjusted", action="store_true",
+                        help="split- and dividend-adjusted series (daily, weekly, monthly)")
+
+
+def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
+    if name == "download":
+        parser.add_argument("symbols", nargs="*", metavar="SYMBOL")
+        parser.add_argument("--symbols-file", metavar="FILE",
+                            help="symbols, one or more a line; '#' starts a comment")
+        add_dataset_options(parser)
+        parser.add_argument("--full", action="store_true", help="fetch the whole history again")
+        parser.add_argument("--month", metavar="YYYY-MM", help="intraday: this month")
+    elif name == "export":
+        parser.add_argument("symbol", metavar="SYMBOL")
+        add_dataset_options(parser)
+        parser.add_argument("--format", default="csv", choices=("csv", "parquet", "json"))
+        parser.add_argument("--start", metavar="DATE", help="first day, YYYY-MM-DD")
+        parser.add_argument("--end", metavar="DATE", help="last day, YYYY-MM-DD")
+        parser.add_argument("-o", "--output", default="-", metavar="PATH",
+                            help="file to write, or - for stdout (default)")
+    elif name == "status":
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def normalise_argv(argv: Sequence[str]) -> list[str]:
+    """`--init` anywhere on the line means the `init` command, as in the operations guide."""
+    argv = list(argv)
+    flags = [a for a in argv if a.startswith("--") and a[2:] in COMMANDS]
+    if len(flags) > 1:
+        raise UsageError(f"one command at a time, got {' and '.join(flags)}.")
+    if flags and not any(a in COMMANDS for a in argv):
+        argv.remove(flags[0])
+        argv.insert(0, flags[0][2:])
+    return argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    epilog = "commands (the --flag form works too):\n" + "\n".join(
+        f"  {name:<12} {help_}\n  {'':<12} e.g. {example}" for name, (_, help_, example) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Download OHLCV bars from Alpha Vantage and keep them encrypted.",
+        epilog=epilog + "\n\nexit codes: 0 ok, 1 some work failed, 2 usage or input error, "
+        "3 configuration or key problem, 4 API quota spent (resumable), 5 integrity failure.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_, example) in COMMANDS.items():
+        add_command_options(name, sub.add_parser(name, help=help_,
+                                                 description=f"{help_}. Example: {example}"))
+    return parser
+
+
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(normalise_argv(argv))
+    except UsageError as exc:
+        say(f"error: {exc}")
+        return 2
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        settings = load_settings()
+        configure_logging(settings)
+        for warning in settings.warnings:
+            say(f"warning: {warning}")
+        app = SecureOHLCVDownloader(settings)
+        log.info("command %s started", args.command)
+        code = COMMANDS[args.command][0](app, args)
+        for warning in app.warnings[len(settings.warnings):]:
+            say(f"warning: {warning}")
+        log.info("command %s finished with exit code %d", args.command, code)
+        return code
+    except ConfigError as exc:
+        say(f"configuration error: {exc}")
+        return 3
+    except OHLCVError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        say(f"error: {exc}")
+        return exc.exit_code
+    except OSError as exc:
+        log.error("I/O error: %s", exc)
+        say(f"error: {exc.strerror or exc}"
+            + (f": {exc.filename}" if exc.filename else "") + " (nothing stored was changed)")
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted")
+        return 130
+    except Exception:  # the last boundary: a traceback goes to the (redacted) log only
+        log.exception("internal error")
+        say("internal error: see the log file for the traceback; please report it.")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

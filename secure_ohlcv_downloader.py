@@ -1,0 +1,1793 @@
+"""Secure OHLCV Downloader: Alpha Vantage bars, encrypted at rest, safe to run for years.
+
+Read top to bottom; the sections follow the data:
+
+    1. Errors          -- OHLCVError and its family, one exit code each (mapped by the CLI)
+    2. Redaction, log  -- SecretRedactor, RedactingFormatter, configure_logging
+    3. Files           -- private directories, atomic writes, the data-directory lock
+    4. Keys            -- fingerprint, KeyRing (MultiFernet), KeyringKeyStore / EnvKeyStore,
+                          read_key_sources (which store wins, and every way that can go wrong)
+    5. Rate limiting   -- DailyQuota (persisted, shared by processes), RateLimiter (per key)
+    6. Client          -- classify_response, ApiRequest, AlphaVantageClient (retries, timeouts)
+    7. Parsing         -- parse_payload (JSON or CSV to one typed table), validate_bars
+    8. Encrypted store -- DatasetId (symbol and path rules), table codec, EncryptedStore
+    9. Downloader      -- latest_session / is_current, merge_bars, DatasetDownloader,
+                          PendingQueue (what the quota left undone)
+   10. Front door      -- SecureOHLCVDownloader: init, check_keys, download, load, export, status
+
+`python secure_ohlcv_downloader.py ARGS` runs the same command line as secure_ohlcv_cli.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import logging.handlers
+import os
+import re
+import secrets
+import stat
+import math
+import random
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime, timedelta, timezone
+from datetime import time as dt_time
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+from zoneinfo import ZoneInfo
+
+import keyring
+import keyring.backend
+import keyring.errors
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import requests.adapters
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from config import KEYRING_SERVICE, ConfigError, Settings, fernet_key_problem, load_settings
+
+__all__ = ["SecureOHLCVDownloader", "OHLCVError", "load_settings"]
+
+log = logging.getLogger("secure_ohlcv")
+
+
+# =========================================================================================
+# 1. Errors
+# =========================================================================================
+
+class OHLCVError(Exception):
+    """Base of every error the tool reports to an operator. `exit_code` is its CLI exit code."""
+
+    exit_code = 1
+
+
+class UsageError(OHLCVError):
+    """Bad input from the user: an unknown option, a hostile symbol, a bad date."""
+
+    exit_code = 2
+
+
+class KeyStoreError(OHLCVError):
+    """The encryption keys cannot be found, read, trusted or stored."""
+
+    exit_code = 3
+
+
+class UnsafePathError(OHLCVError):
+    """A directory the tool would use has looser permissions than configured."""
+
+    exit_code = 3
+
+
+class LockTimeout(OHLCVError):
+    """Another run holds the data-directory lock and did not let go in time."""
+
+    exit_code = 1
+
+
+class IntegrityError(OHLCVError):
+    """Stored data does not decrypt or does not validate."""
+
+    exit_code = 5
+
+
+class QuotaExhausted(OHLCVError):
+    """The day's API quota is spent: the run stops cleanly and can be resumed."""
+
+    exit_code = 4
+
+
+class InvalidApiKey(OHLCVError):
+    """Alpha Vantage refused the API key itself."""
+
+    exit_code = 3
+
+
+class ApiError(OHLCVError):
+    """One series could not be fetched: the symbol fails, the run goes on."""
+
+
+class PremiumRequired(ApiError):
+    """The endpoint needs a premium plan for this key."""
+
+
+class PremiumParameter(ApiError):
+    """A parameter (outputsize=full) needs a premium plan; compact still works."""
+
+
+class InvalidPayload(ApiError):
+    """The answer looked like data but is not a valid series; nothing of it is stored."""
+
+
+# ConfigError lives in config.py (which must not import this module); it maps to exit 3.
+EXIT_CODES = {ConfigError: 3}
+
+
+# =========================================================================================
+# 2. Redaction and logging
+# =========================================================================================
+
+_APIKEY_PARAM = re.compile(r"(apikey=)[^&\s\"']+", re.IGNORECASE)
+
+
+class SecretRedactor:
+    """Replaces every known secret in a text. Keys register here the moment they are read."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, *values: str) -> None:
+        with self._lock:
+            self._secrets.update(v for v in values if len(v) >= 4)
+
+    def __call__(self, text: str) -> str:
+        # Longest first, so a secret that contains another is removed whole.
+        for value in sorted(self._secrets, key=len, reverse=True):
+            if value in text:
+                text = text.replace(value, "[REDACTED]")
+        # urllib3 and requests print request URLs at DEBUG; a key we were never told about
+        # (typed on a command line, say) still never reaches the log.
+        return _APIKEY_PARAM.sub(r"\1[REDACTED]", text)
+
+
+redact = SecretRedactor()
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats the whole record, traceback included, then removes secrets from the result."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def configure_logging(settings: Settings) -> None:
+    """Log to OHLCV_LOG_FILE (mode OHLCV_FILE_MODE), redacted, safe under logrotate."""
+    redact.add(*settings.secrets())
+    ensure_private_file(settings.log_file, settings.file_mode, settings.dir_mode)
+    # WatchedFileHandler reopens the file when logrotate moves it away: no line is lost.
+    handler = logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8")
+    handler.setFormatter(RedactingFormatter(LOG_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_secure_ohlcv", False):
+            root.removeHandler(old)
+            old.close()
+    handler._secure_ohlcv = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(settings.log_level)
+    logging.captureWarnings(True)
+
+
+# =========================================================================================
+# 3. Files: private directories, atomic writes, the data-directory lock
+# =========================================================================================
+
+TEMP_PREFIX = ".tmp-"
+
+
+def ensure_private_dir(path: Path, mode: int) -> Path:
+    """Create `path` (and missing parents) with exactly `mode`, whatever the umask.
+
+    An existing directory with looser permissions than `mode` is refused, never used.
+    """
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, mode)
+        os.chmod(directory, mode)
+    check_private_dir(path, mode)
+    return path
+
+
+def check_private_dir(path: Path, mode: int) -> None:
+    """Raise UnsafePathError when `path` is not a directory of ours with at most `mode`."""
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise UnsafePathError(f"{path} is not a plain directory; refusing to use it.")
+    loose = stat.S_IMODE(info.st_mode) & ~mode
+    if loose:
+        raise UnsafePathError(
+            f"{path} has mode {stat.S_IMODE(info.st_mode):04o}, looser than the configured "
+            f"{mode:04o}; other users could read or change it. Fix: chmod {mode:o} {path}")
+    if info.st_uid != os.geteuid():
+        raise UnsafePathError(f"{path} belongs to uid {info.st_uid}, not to this user "
+                              f"(uid {os.geteuid()}). Fix: chown it or choose another directory.")
+
+
+def ensure_private_file(path: Path, file_mode: int, dir_mode: int) -> None:
+    """Create `path` empty with `file_mode` if missing, and tighten its mode if it exists."""
+    if not path.parent.exists():
+        ensure_private_dir(path.parent, dir_mode)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, file_mode)
+    try:
+        os.fchmod(fd, file_mode)
+    finally:
+        os.close(fd)
+
+
+def write_env_key(path: Path, key: str, file_mode: int) -> None:
+    """Set OHLCV_ENCRYPTION_KEY in a .env file, keeping its other lines; mode `file_mode`."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    lines = [ln for ln in lines if not re.match(r"\s*(export\s+)?OHLCV_ENCRYPTION_KEY\s*=", ln)]
+    lines.append(f"OHLCV_ENCRYPTION_KEY={key}")
+    atomic_write(path, ("\n".join(lines) + "\n").encode(), file_mode)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, file_mode: int) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never half.
+
+    Temp file in the same directory (same file system, so the rename is atomic), fsync,
+    os.replace, then fsync of the directory so the rename itself survives a power cut.
+    A crash leaves at most a `.tmp-*` file, which is never taken for data and is removed
+    the next time a run takes the data-directory lock.
+    """
+    tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode)
+    try:
+        os.fchmod(fd, file_mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_temp_files(root: Path) -> list[Path]:
+    """Delete the `.tmp-*` files crashed writers left under `root`. Call only under the lock."""
+    removed = []
+    for tmp in root.rglob(f"{TEMP_PREFIX}*"):
+        if tmp.is_file() and not tmp.is_symlink():
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+class DataDirLock:
+    """One inter-process lock per data directory (flock on `<data>/.lock`).
+
+    The kernel drops a flock when its holder dies, so a crashed run never leaves a stale
+    lock: the lock file may stay, the lock does not.
+    """
+
+    def __init__(self, data_dir: Path, timeout: float, file_mode: int) -> None:
+        self.path = data_dir / ".lock"
+        self.timeout = timeout
+        self.file_mode = file_mode
+        self._fd: int | None = None
+
+    def __enter__(self) -> "DataDirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, self.file_mode)
+        os.fchmod(fd, self.file_mode)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise LockTimeout(
+                        f"another run holds the lock on {self.path.parent} ({holder}); waited "
+                        f"{self.timeout:g} s. It is released when that run ends; raise "
+                        "OHLCV_LOCK_TIMEOUT to wait longer, or schedule the jobs apart.") from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {utc_now_iso()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+# =========================================================================================
+# 4. Keys
+# =========================================================================================
+
+def fingerprint(key: str) -> str:
+    """A short, one-way name for a Fernet key: safe to print, log and store."""
+    return hashlib.sha256(b"secure-ohlcv key fingerprint\0" + key.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class StoredKey:
+    key: str = field(repr=False)
+    status: str = "primary"  # primary | retired
+    added: str = ""
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.key)
+
+
+class KeyRing:
+    """The Fernet keys of this installation, primary first. Encrypts with the primary,
+    decrypts with any (MultiFernet), so files written before a rotation stay readable."""
+
+    def __init__(self, keys: list[StoredKey]) -> None:
+        if not keys:
+            raise KeyStoreError("the key ring is empty.")
+        for stored in keys:
+            problem = fernet_key_problem(stored.key)
+            if problem:
+                raise KeyStoreError(f"a stored key {problem} (the value is not shown).")
+            redact.add(stored.key)
+        self.keys = list(keys)
+        self._singles = [Fernet(k.key) for k in keys]
+        self._fernet = MultiFernet(self._singles)
+
+    @property
+    def primary(self) -> StoredKey:
+        return self.keys[0]
+
+    def fingerprints(self) -> list[str]:
+        return [k.fingerprint for k in self.keys]
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        return self._fernet.encrypt(plaintext)
+
+    def decrypt(self, token: bytes) -> bytes:
+        """Raise InvalidToken when no key of the ring opens `token` or it was altered."""
+        return self._fernet.decrypt(token)
+
+    def decrypt_with_fingerprint(self, token: bytes, path: Path) -> tuple[bytes, str]:
+        """Decrypt trying each key alone, primary first; also say which key opened it."""
+        for stored, single in zip(self.keys, self._singles):
+            try:
+                return single.decrypt(token), stored.fingerprint
+            except InvalidToken:
+                continue
+        raise IntegrityError(f"{path} does not decrypt with the key ring "
+                             f"({', '.join(self.fingerprints())}).")
+
+    @classmethod
+    def generate(cls) -> "KeyRing":
+        return cls([StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso())])
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    usable: bool
+    secure: bool
+    problem: str = ""
+
+
+class KeyStore(Protocol):
+    """Where a key ring is kept: load it (None when nothing is stored), save it."""
+
+    label: str
+
+    def load(self) -> list[StoredKey] | None: ...
+
+    def save(self, keys: list[StoredKey]) -> None: ...
+
+
+_SECURE_BACKENDS = ("keyring.backends.SecretService", "keyring.backends.libsecret",
+                    "keyring.backends.kwallet", "keyring.backends.macOS",
+                    "keyring.backends.Windows")
+KEYRING_USERNAME = "fernet-key-ring"
+KEYRING_TIMEOUT = 15.0
+
+
+def describe_backend(backend: keyring.backend.KeyringBackend) -> BackendInfo:
+    """Name the keyring backend and say whether it can hold keys, and safely."""
+    name = f"{type(backend).__module__}.{type(backend).__qualname__}"
+    if name.startswith(("keyring.backends.fail", "keyring.backends.null")):
+        return BackendInfo(name, False, False,
+                           "no OS keyring backend is available (a headless server without a "
+                           "Secret Service?). Fix: set OHLCV_ENCRYPTION_KEY, or run a Secret "
+                           "Service (gnome-keyring) in this session.")
+    parts = getattr(backend, "backends", None)
+    if parts is not None:  # the chainer: secure only when every backend in it is
+        infos = [describe_backend(b) for b in parts]
+        insecure = [i.name for i in infos if not i.secure]
+        return BackendInfo(name + "[" + ", ".join(i.name for i in infos) + "]", bool(infos),
+                           bool(infos) and not insecure,
+                           f"insecure backend in the chain: {', '.join(insecure)}" if insecure else "")
+    if name.startswith(_SECURE_BACKENDS):
+        return BackendInfo(name, True, True)
+    return BackendInfo(name, True, False,
+                       f"{name} is not a known encrypted keyring (keyrings.alt's plaintext "
+                       "file keeps keys readable on disk). Fix: use a Secret Service "
+                       "(gnome-keyring, KWallet) or OHLCV_ENCRYPTION_KEY from a 0600 file.")
+
+
+def _with_timeout(call: Callable[[], Any], what: str) -> Any:
+    """Run a keyring call that could block on an unlock prompt no one will ever answer."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True, name="keyring-call")
+    worker.start()
+    worker.join(KEYRING_TIMEOUT)
+    if worker.is_alive():
+        raise KeyStoreError(f"the OS keyring did not answer within {KEYRING_TIMEOUT:g} s while "
+                            f"trying to {what}: it is probably locked and waiting for an "
+                            "unlock prompt. Fix: unlock it, or set OHLCV_ENCRYPTION_KEY.")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+class KeyringKeyStore:
+    """Keeps the key ring in the OS keyring: service `secure-ohlcv-downloader`, one entry."""
+
+    label = "OS keyring"
+
+    def __init__(self, backend: keyring.backend.KeyringBackend | None = None) -> None:
+        self.backend = backend if backend is not None else keyring.get_keyring()
+        self.info = describe_backend(self.backend)
+
+    def load(self) -> list[StoredKey] | None:
+        raw = self._call(lambda: self.backend.get_password(KEYRING_SERVICE, KEYRING_USERNAME),
+                         "read the key ring")
+        if raw is None:
+            return None
+        redact.add(raw)
+        try:
+            entries = json.loads(raw)["keys"]
+            keys = [StoredKey(e["key"], e.get("status", "retired"), e.get("added", ""))
+                    for e in entries]
+        except (ValueError, KeyError, TypeError):
+            raise KeyStoreError(
+                f"the keyring entry {KEYRING_SERVICE}/{KEYRING_USERNAME} is not a key ring "
+                "written by this tool (content not shown). Fix: remove it with your keyring "
+                "tool and run --recover with the key from your offline copy.") from None
+        for k in keys:
+            redact.add(k.key)
+        return keys
+
+    def save(self, keys: list[StoredKey]) -> None:
+        payload = json.dumps({"format": 1, "keys": [
+            {"key": k.key, "status": k.status, "added": k.added} for k in keys]})
+        redact.add(payload)
+        self._call(lambda: self.backend.set_password(KEYRING_SERVICE, KEYRING_USERNAME, payload),
+                   "store the key ring")
+        if self.load() != keys:
+            raise KeyStoreError("the OS keyring accepted the key ring but gave back something "
+                                "else; it cannot be trusted with keys. Use OHLCV_ENCRYPTION_KEY.")
+
+    def _call(self, call: Callable[[], Any], what: str) -> Any:
+        if not self.info.usable:
+            raise KeyStoreError(self.info.problem)
+        try:
+            return _with_timeout(call, what)
+        except keyring.errors.KeyringLocked:
+            raise KeyStoreError(
+                "the OS keyring is locked. Fix: unlock it (log in to the desktop session, or "
+                "`gnome-keyring-daemon --unlock` on a server), or set OHLCV_ENCRYPTION_KEY."
+            ) from None
+        except keyring.errors.KeyringError as exc:
+            raise KeyStoreError(f"the OS keyring refused to {what}: "
+                                f"{type(exc).__name__}: {redact(str(exc))}. Fix: check the "
+                                "keyring service, or set OHLCV_ENCRYPTION_KEY.") from None
+
+
+class EnvKeyStore:
+    """The key ring given in OHLCV_ENCRYPTION_KEY (primary first). It cannot be written."""
+
+    label = "OHLCV_ENCRYPTION_KEY"
+
+    def __init__(self, settings: Settings) -> None:
+        self._keys = [StoredKey(s.reveal(), "primary" if i == 0 else "retired")
+                      for i, s in enumerate(settings.encryption_keys)]
+
+    def load(self) -> list[StoredKey] | None:
+        return list(self._keys) or None
+
+    def save(self, keys: list[StoredKey]) -> None:
+        raise KeyStoreError("OHLCV_ENCRYPTION_KEY is read-only to this program; set it yourself.")
+
+
+@dataclass
+class KeySources:
+    """What each key store holds, and which one the run uses."""
+
+    backend: BackendInfo
+    keyring_keys: list[StoredKey] | None
+    keyring_problem: str
+    env_keys: list[StoredKey] | None
+    warnings: list[str] = field(default_factory=list)
+
+    def choose(self) -> tuple[KeyRing, str]:
+        """The key ring to use and its source; raise KeyStoreError with the fix otherwise."""
+        kr, env = self.keyring_keys, self.env_keys
+        if kr and env and kr[0].key != env[0].key:
+            raise KeyStoreError(
+                f"the OS keyring (primary key {kr[0].fingerprint}) and OHLCV_ENCRYPTION_KEY "
+                f"(primary key {env[0].fingerprint}) disagree. Fix: if the keyring is right, "
+                "unset OHLCV_ENCRYPTION_KEY or set it to the value printed by the last "
+                "--rotate-key; if the variable is right, run --recover to re-link the keyring.")
+        if kr:
+            return KeyRing(kr), KeyringKeyStore.label
+        if env:
+            return KeyRing(env), EnvKeyStore.label
+        if self.keyring_problem:
+            raise KeyStoreError(f"no encryption key: {self.keyring_problem}")
+        raise KeyStoreError("no encryption key is stored yet. Fix: run "
+                            "`python secure_ohlcv_downloader.py --init`.")
+
+
+def read_key_sources(settings: Settings, keyring_store: KeyringKeyStore) -> KeySources:
+    """Look in both key stores; a failing keyring is recorded, not raised, so the variable
+    can still serve (the headless and cron case)."""
+    env = EnvKeyStore(settings).load()
+    info = keyring_store.info
+    keys, problem, warnings = None, "", []
+    if not info.usable:
+        problem = info.problem
+    else:
+        if not info.secure:
+            warnings.append(f"insecure keyring backend: {info.problem}")
+        try:
+            keys = keyring_store.load()
+        except KeyStoreError as exc:
+            problem = str(exc)
+    if problem and env:
+        warnings.append(f"OS keyring not used ({problem.split('. Fix')[0]}); "
+                        "keys come from OHLCV_ENCRYPTION_KEY.")
+    return KeySources(info, keys, problem, env, warnings)
+
+
+# =========================================================================================
+# 5. Rate limiting
+# =========================================================================================
+
+MARKET_TZ = ZoneInfo("America/New_York")
+# Spacing is stretched by this much so that jitter between our clock and the server's never
+# puts one request too many into the server's window; it costs 2% of a plan's throughput.
+RATE_SLACK = 1.02
+
+
+def market_today() -> date:
+    """The quota day. Alpha Vantage does not document its reset; we use the market's day."""
+    return datetime.now(MARKET_TZ).date()
+
+
+class DailyQuota:
+    """One API key's count of today's requests, in the state directory, shared by every
+    process (flock on the file), so consecutive cron runs spend one budget."""
+
+    def __init__(self, settings: Settings, key_fp: str) -> None:
+        self.path = settings.state_dir / "quota" / f"{key_fp}.json"
+        self.per_day = settings.rate_limit_per_day
+        self.file_mode = settings.file_mode
+        self.dir_mode = settings.dir_mode
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, Any]]:
+        ensure_private_dir(self.path.parent, self.dir_mode)
+        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                     self.file_mode)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            state = self.read()
+            before = dict(state)
+            yield state
+            if state != before:
+                atomic_write(self.path, json.dumps(state).encode(), self.file_mode)
+        finally:
+            os.close(fd)  # closing drops the flock
+
+    def read(self) -> dict[str, Any]:
+        today = market_today().isoformat()
+        try:
+            state = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            state = {}
+        if state.get("day") != today:
+            state = {"day": today, "used": 0, "exhausted": False,
+                     "last_request": state.get("last_request", 0.0),
+                     "recent": state.get("recent", [])}
+        return state
+
+    def take(self) -> bool:
+        """Count one request; False (and nothing counted) when today's budget is spent."""
+        with self._locked() as state:
+            if state["exhausted"] or (self.per_day and state["used"] >= self.per_day):
+                return False
+            state["used"] += 1
+            state["last_request"] = time.time()
+            return True
+
+    def mark_exhausted(self) -> None:
+        """The server said the day's quota is spent, whatever our count says."""
+        with self._locked() as state:
+            state["exhausted"] = True
+
+    def save_recent(self, stamps: list[float]) -> None:
+        """Keep the last minute's send times, so the next run starts inside the limits."""
+        with self._locked() as state:
+            state["recent"] = [round(t, 3) for t in stamps]
+
+    def left(self) -> int | None:
+        state = self.read()
+        if state["exhausted"]:
+            return 0
+        return max(self.per_day - state["used"], 0) if self.per_day else None
+
+
+@dataclass
+class ApiKey:
+    secret: str = field(repr=False)
+    fingerprint: str = ""
+
+
+class RateLimiter:
+    """Per-key caps for every request: per second and per minute in sliding windows here,
+    per day through DailyQuota. `acquire` blocks until some key may send and returns it;
+    several keys share the load, the one free soonest first."""
+
+    def __init__(self, settings: Settings, api_keys: list[str], monotonic: Callable[[], float]
+                 = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.spacing = RATE_SLACK / settings.rate_limit_per_second
+        self.per_minute = settings.rate_limit_per_minute
+        self.keys = [ApiKey(k, api_key_fingerprint(k)) for k in api_keys]
+        self.quotas = {k.fingerprint: DailyQuota(settings, k.fingerprint) for k in self.keys}
+        self._monotonic, self._sleep = monotonic, sleep
+        self._lock = threading.Lock()
+        self._sent: dict[str, deque[float]] = {}
+        self._exhausted: set[str] = set()
+        self._penalty_until: dict[str, float] = {}
+        self.waited = 0.0
+        offset = time.time() - monotonic()  # wall clock -> our monotonic clock
+        for key in self.keys:
+            state = self.quotas[key.fingerprint].read()
+            recent = sorted(state.get("recent", []) + [state.get("last_request", 0.0)])
+            self._sent[key.fingerprint] = deque(t - offset for t in recent if t - offset >
+                                                monotonic() - 60 * RATE_SLACK)
+            if state["exhausted"]:
+                self._exhausted.add(key.fingerprint)
+
+    def _next_slot(self, fp: str, now: float) -> float:
+        sent = self._sent[fp]
+        window = 60 * RATE_SLACK
+        while sent and sent[0] <= now - window:
+            sent.popleft()
+        slot = max(now, self._penalty_until.get(fp, now))
+        if sent:
+            slot = max(slot, sent[-1] + self.spacing)
+        if self.per_minute and len(sent) >= self.per_minute:
+            slot = max(slot, sent[-self.per_minute] + window)
+        return slot
+
+    def acquire(self) -> ApiKey:
+        """Wait for a free slot and take it. QuotaExhausted when every key is spent today."""
+        while True:
+            with self._lock:
+                usable = [k for k in self.keys if k.fingerprint not in self._exhausted]
+                if not usable:
+                    raise QuotaExhausted("the daily API quota of every configured key is spent.")
+                now = self._monotonic()
+                slot, key = min((self._next_slot(k.fingerprint, now), i)
+                                for i, k in enumerate(usable))
+                key = usable[key]
+                if slot <= now:
+                    if not self.quotas[key.fingerprint].take():
+                        self._exhausted.add(key.fingerprint)
+                        log.warning("rate limit: key %s reached its daily budget", key.fingerprint)
+                        continue
+                    self._sent[key.fingerprint].append(now)
+                    log.debug("rate limit: key %s sends (%d in the last minute)",
+                              key.fingerprint, len(self._sent[key.fingerprint]))
+                    return key
+            wait = slot - now
+            self.waited += wait
+            log.debug("rate limit: waiting %.3f s for key %s", wait, key.fingerprint)
+            self._sleep(wait)
+
+    def throttled(self, key: ApiKey, pause: float) -> None:
+        """The server throttled this key: it sends nothing more for `pause` seconds."""
+        with self._lock:
+            self._penalty_until[key.fingerprint] = self._monotonic() + pause
+        log.warning("rate limit: key %s throttled by the server; pausing it %.1f s",
+                    key.fingerprint, pause)
+
+    def exhausted(self, key: ApiKey) -> None:
+        with self._lock:
+            self._exhausted.add(key.fingerprint)
+        self.quotas[key.fingerprint].mark_exhausted()
+        log.warning("rate limit: the server says key %s has spent its daily quota", key.fingerprint)
+
+    def close(self) -> None:
+        """Persist each key's last minute of sends for the next run."""
+        offset = time.time() - self._monotonic()
+        for key in self.keys:
+            with self._lock:
+                stamps = [t + offset for t in self._sent[key.fingerprint]]
+            self.quotas[key.fingerprint].save_recent(stamps)
+
+
+def api_key_fingerprint(api_key: str) -> str:
+    return "av-" + hashlib.sha256(b"secure-ohlcv api key\0" + api_key.encode()).hexdigest()[:8]
+
+
+# =========================================================================================
+# 6. Alpha Vantage client
+# =========================================================================================
+
+class Outcome(str, Enum):
+    """What an Alpha Vantage body means. The API says nearly everything with HTTP 200."""
+
+    DATA = "data"
+    THROTTLED = "throttled"
+    QUOTA_SPENT = "quota_spent"
+    PREMIUM_ENDPOINT = "premium_endpoint"
+    PREMIUM_PARAMETER = "premium_parameter"
+    DEMO_KEY = "demo_key"
+    INVALID_KEY = "invalid_key"
+    INVALID_REQUEST = "invalid_request"
+    EMPTY = "empty"
+    NOT_JSON = "not_json"
+
+
+@dataclass(frozen=True)
+class Classified:
+    outcome: Outcome
+    message: str = ""
+    payload: Any = None
+
+
+def classify_response(body: bytes) -> Classified:
+    """Read a body before trusting it. `Information` is ambiguous (rate limit, premium,
+    demo), so its text decides; `Note` is the legacy rate limit; `Error Message` a bad call."""
+    text = body.lstrip()[:1]
+    if text not in (b"{", b"["):
+        if body.startswith(b"timestamp,") or body.startswith(b"\xef\xbb\xbftimestamp,"):
+            return Classified(Outcome.DATA, payload=body)
+        return Classified(Outcome.NOT_JSON, "the body is neither JSON nor our CSV "
+                          f"(starts with {body[:40]!r})")
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        return Classified(Outcome.NOT_JSON, f"malformed JSON ({exc.msg} at byte {exc.pos})")
+    if not isinstance(payload, dict) or not payload:
+        return Classified(Outcome.EMPTY, "the API returned no data ({})")
+    if "Error Message" in payload:
+        message = str(payload["Error Message"])
+        kind = Outcome.INVALID_KEY if "apikey" in message.lower() else Outcome.INVALID_REQUEST
+        return Classified(kind, message)
+    if "Note" in payload:
+        return Classified(Outcome.THROTTLED, str(payload["Note"]))
+    if "Information" in payload:
+        message = str(payload["Information"])
+        lower = message.lower()
+        # Order matters: the burst text also names the daily figure and "premium plans".
+        if "spreading out" in lower or "burst pattern" in lower:
+            kind = Outcome.THROTTLED
+        elif "rate limit is" in lower and "per day" in lower:
+            kind = Outcome.QUOTA_SPENT
+        elif "premium endpoint" in lower:
+            kind = Outcome.PREMIUM_ENDPOINT
+        elif "premium feature" in lower:
+            kind = Outcome.PREMIUM_PARAMETER
+        elif "demo" in lower:
+            kind = Outcome.DEMO_KEY
+        else:  # "higher API call volume" and texts not seen yet: treat as a rate limit
+            kind = Outcome.THROTTLED
+        return Classified(kind, message)
+    series = [k for k in payload if k.startswith(("Time Series", "Weekly", "Monthly"))]
+    if not series:
+        return Classified(Outcome.EMPTY, f"no time series in the answer (keys: {sorted(payload)[:5]})")
+    if not payload[series[0]]:
+        return Classified(Outcome.EMPTY, "the time series is empty")
+    return Classified(Outcome.DATA, payload=payload[series[0]])
+
+
+FUNCTIONS = {
+    ("daily", False): "TIME_SERIES_DAILY", ("daily", True): "TIME_SERIES_DAILY_ADJUSTED",
+    ("weekly", False): "TIME_SERIES_WEEKLY", ("weekly", True): "TIME_SERIES_WEEKLY_ADJUSTED",
+    ("monthly", False): "TIME_SERIES_MONTHLY", ("monthly", True): "TIME_SERIES_MONTHLY_ADJUSTED",
+}
+MAX_BODY_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    symbol: str
+    interval: str
+    adjusted: bool = False
+    outputsize: str | None = None  # compact | full; None for weekly and monthly
+    month: str | None = None
+
+    @property
+    def function(self) -> str:
+        return "TIME_SERIES_INTRADAY" if self.interval in INTRADAY \
+            else FUNCTIONS[(self.interval, self.adjusted)]
+
+    def params(self, datatype: str) -> dict[str, str]:
+        params = {"function": self.function, "symbol": self.symbol, "datatype": datatype}
+        if self.interval in INTRADAY:
+            params["interval"] = self.interval
+        if self.outputsize:
+            params["outputsize"] = self.outputsize
+        if self.month:
+            params["month"] = self.month
+        return params
+
+
+@dataclass
+class RunStats:
+    """Counters of one run, for the log, the summary and the metrics file."""
+
+    requests: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    bytes_downloaded: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, outcome: str, size: int = 0) -> None:
+        with self._lock:
+            self.requests[outcome] += 1
+            self.bytes_downloaded += size
+
+    def retried(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+
+class AlphaVantageClient:
+    """Fetches one series: rate-limited, timed out, retried with backoff, classified.
+
+    Retries are written here rather than left to urllib3's Retry because every attempt,
+    retries included, must pass the rate limiter and count against the day's quota.
+    `Error Message` answers are never retried: the same call would fail the same way.
+    """
+
+    def __init__(self, settings: Settings, limiter: RateLimiter, stats: RunStats) -> None:
+        self.url = settings.base_url
+        self.timeout = (settings.connect_timeout, settings.request_timeout)
+        self.max_retries = settings.max_retries
+        self.backoff = settings.backoff_seconds
+        self.datatype = settings.datatype
+        self.limiter = limiter
+        self.stats = stats
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = "secure-ohlcv-downloader/1"
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1,
+                                                pool_maxsize=max(settings.max_workers, 1))
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def close(self) -> None:
+        self.session.close()
+
+    def fetch(self, request: ApiRequest) -> Classified:
+        """The data of `request` (Outcome.DATA), or an ApiError saying why not."""
+        problem = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self.stats.retried()
+                delay = min(60.0, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                log.info("%s %s: retry %d/%d in %.1f s after %s", request.symbol,
+                         request.function, attempt, self.max_retries, delay, problem)
+                time.sleep(delay)
+            key = self.limiter.acquire()
+            started = time.monotonic()
+            try:
+                status, body = self._get(request, key)
+            except requests.RequestException as exc:
+                problem = f"network error ({type(exc).__name__})"
+                self.stats.count("network_error")
+                log.debug("%s: %s: %s", request.symbol, problem, exc)
+                continue
+            log.debug("%s %s: HTTP %d, %d bytes in %.3f s via key %s", request.symbol,
+                      request.function, status, len(body), time.monotonic() - started,
+                      key.fingerprint)
+            if status >= 500 or status == 429:
+                problem = f"HTTP {status}"
+                self.stats.count("http_error", len(body))
+                continue
+            if status != 200:
+                self.stats.count("http_error", len(body))
+                raise ApiError(f"HTTP {status} from {self.url}; not retried.")
+            answer = classify_response(body)
+            self.stats.count(answer.outcome.value, len(body))
+            if answer.outcome is Outcome.DATA:
+                return answer
+            if answer.outcome in (Outcome.NOT_JSON, Outcome.THROTTLED):
+                problem = answer.message[:120]
+                if answer.outcome is Outcome.THROTTLED:
+                    self.limiter.throttled(key, self.backoff * 2 ** attempt)
+                continue
+            if answer.outcome is Outcome.QUOTA_SPENT:
+                self.limiter.exhausted(key)
+                return self.fetch(request)  # another key may still have quota
+            raise _refusal(answer, request)
+        raise ApiError(f"gave up after {self.max_retries + 1} attempts: {problem}.")
+
+    def _get(self, request: ApiRequest, key: ApiKey) -> tuple[int, bytes]:
+        params = request.params(self.datatype) | {"apikey": key.secret}
+        with self.session.get(self.url, params=params, timeout=self.timeout, stream=True) as resp:
+            chunks, size = [], 0
+            for chunk in resp.iter_content(256 * 1024):
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise ApiError(f"the answer exceeds {MAX_BODY_BYTES // 2**20} MiB; refused.")
+                chunks.append(chunk)
+            return resp.status_code, b"".join(chunks)
+
+
+def _refusal(answer: Classified, request: ApiRequest) -> OHLCVError:
+    quoted = f"Alpha Vantage: {answer.message!r}"
+    if answer.outcome is Outcome.INVALID_KEY:
+        return InvalidApiKey(f"the API key was refused ({quoted}). Fix: check ALPHA_VANTAGE_API_KEY.")
+    if answer.outcome is Outcome.PREMIUM_ENDPOINT:
+        return PremiumRequired(f"{request.function} needs a premium plan for this key ({quoted}).")
+    if answer.outcome is Outcome.PREMIUM_PARAMETER:
+        return PremiumParameter(f"outputsize=full needs a premium plan ({quoted}).")
+    if answer.outcome is Outcome.DEMO_KEY:
+        return ApiError(f"the demo key serves IBM only; set ALPHA_VANTAGE_API_KEY ({quoted}).")
+    if answer.outcome is Outcome.INVALID_REQUEST:
+        return ApiError(f"invalid symbol or request ({quoted}).")
+    return ApiError(answer.message)
+
+
+# =========================================================================================
+# 7. Parsing and validation
+# =========================================================================================
+
+PRICE_COLUMNS = ["open", "high", "low", "close"]
+BASE_COLUMNS = ["timestamp", *PRICE_COLUMNS, "volume"]
+ADJUSTED_COLUMNS = {"daily": ["adjusted_close", "dividend_amount", "split_coefficient"],
+                    "weekly": ["adjusted_close", "dividend_amount"],
+                    "monthly": ["adjusted_close", "dividend_amount"]}
+
+
+def columns_for(dataset: DatasetId) -> list[str]:
+    return BASE_COLUMNS + (ADJUSTED_COLUMNS[dataset.interval] if dataset.adjusted else [])
+
+
+def _wire_name(name: str) -> str:
+    """'5. adjusted close' and 'adjusted close' become 'adjusted_close'."""
+    return re.sub(r"^\d+[a-z]?\.\s*", "", name.strip()).replace(" ", "_").lower()
+
+
+def parse_payload(answer: Classified, dataset: DatasetId) -> pd.DataFrame:
+    """A DATA answer (JSON series or CSV body) as our typed table, oldest first.
+
+    Refuses, with the reason, anything that is not a valid series: missing fields,
+    non-numeric values, high or low inconsistent with open and close, negative prices or
+    volume, duplicate timestamps. A refused payload stores nothing.
+    """
+    if isinstance(answer.payload, (bytes, bytearray)):
+        try:
+            raw = pd.read_csv(io.BytesIO(answer.payload), dtype=str, keep_default_na=False,
+                              encoding="utf-8-sig")
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise InvalidPayload(f"unreadable CSV: {exc}") from None
+        raw.columns = [_wire_name(c) for c in raw.columns]
+    elif isinstance(answer.payload, dict):
+        raw = pd.DataFrame.from_dict(answer.payload, orient="index", dtype=str)
+        raw.columns = [_wire_name(c) for c in raw.columns]
+        raw.index.name = "timestamp"
+        raw = raw.reset_index()
+    else:
+        raise InvalidPayload("the series is not a table.")
+    wanted = columns_for(dataset)
+    missing = [c for c in wanted if c not in raw.columns]
+    if missing:
+        raise InvalidPayload(f"missing fields: {', '.join(missing)}.")
+    frame = pd.DataFrame({"timestamp": _parse_timestamps(raw["timestamp"], dataset)})
+    for column in wanted[1:]:
+        values = pd.to_numeric(raw[column].str.strip(), errors="coerce")
+        bad = values.isna() | ~values.map(math.isfinite, na_action="ignore").fillna(False)
+        if bad.any():
+            row = raw.loc[bad.idxmax()]
+            raise InvalidPayload(f"non-numeric {column} {row[column]!r} at {row['timestamp']}.")
+        frame[column] = values.astype("int64" if column == "volume" else "float64")
+        if column == "volume" and not (values == values.round()).all():
+            raise InvalidPayload("volume must be a whole number.")
+    frame = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
+    validate_bars(frame)
+    return frame
+
+
+def _parse_timestamps(values: pd.Series, dataset: DatasetId) -> pd.Series:
+    text = values.str.strip()
+    try:
+        if dataset.interval in INTRADAY:
+            stamps = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S")
+            return stamps.dt.tz_localize(MARKET_TZ, ambiguous="raise", nonexistent="raise")
+        # A daily series may be stamped with a time for the session in progress.
+        return pd.to_datetime(text.str.slice(0, 10), format="%Y-%m-%d").dt.normalize()
+    except (ValueError, TypeError) as exc:
+        raise InvalidPayload(f"bad timestamp: {exc}") from None
+
+
+def validate_bars(frame: pd.DataFrame) -> None:
+    """Raise InvalidPayload naming the first bar that is not a plausible OHLCV bar."""
+    checks = [
+        (frame["timestamp"].duplicated(), "duplicate timestamp"),
+        ((frame[PRICE_COLUMNS] < 0).any(axis=1) | (frame["volume"] < 0), "negative price or volume"),
+        (frame["high"] < frame[["open", "close"]].max(axis=1), "high below max(open, close)"),
+        (frame["low"] > frame[["open", "close"]].min(axis=1), "low above min(open, close)"),
+    ]
+    for bad, reason in checks:
+        if bad.any():
+            raise InvalidPayload(f"{reason} at {frame['timestamp'][bad.idxmax()]}.")
+
+
+# =========================================================================================
+# 8. Encrypted store
+# =========================================================================================
+
+# Letters, digits, '.' and '-' as Alpha Vantage uses them (BRK.B, TSCO.LON, 600104.SHH),
+# ASCII only, starting with a letter or digit: no path separator, no '..', no look-alikes.
+SYMBOL_PATTERN = re.compile(r"[A-Z0-9][A-Z0-9.\-]{0,19}", re.ASCII)
+INTERVALS = ("daily", "weekly", "monthly", "1min", "5min", "15min", "30min", "60min")
+INTRADAY = INTERVALS[3:]
+MONTH_PATTERN = re.compile(r"(\d{4})-(0[1-9]|1[0-2])", re.ASCII)
+FILE_SUFFIX = ".fernet"
+SCHEMA_VERSION = 1
+
+
+def validate_symbol(symbol: str) -> str:
+    """The symbol in upper case, or UsageError when it could not be a ticker."""
+    upper = symbol.upper() if symbol.isascii() else symbol
+    if not SYMBOL_PATTERN.fullmatch(upper) or ".." in upper:
+        shown = symbol if symbol.isprintable() and len(symbol) <= 40 else repr(symbol[:40])
+        raise UsageError(f"invalid symbol {shown!r}: use 1-20 ASCII letters, digits, '.' "
+                         "or '-', starting with a letter or digit (e.g. IBM, BRK.B, TSCO.LON).")
+    return upper
+
+
+@dataclass(frozen=True)
+class DatasetId:
+    """One stored series: a symbol at an interval, adjusted or not; intraday by month."""
+
+    symbol: str
+    interval: str = "daily"
+    adjusted: bool = False
+    month: str | None = None  # YYYY-MM, intraday only
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "symbol", validate_symbol(self.symbol))
+        if self.interval not in INTERVALS:
+            raise UsageError(f"unknown interval {self.interval!r}: use one of {', '.join(INTERVALS)}.")
+        intraday = self.interval in INTRADAY
+        if intraday and self.adjusted:
+            raise UsageError("--adjusted applies to daily, weekly and monthly bars only.")
+        if intraday != (self.month is not None):
+            raise UsageError("intraday datasets are stored by month (YYYY-MM); "
+                             "daily, weekly and monthly ones are not.")
+        if self.month is not None and not MONTH_PATTERN.fullmatch(self.month):
+            raise UsageError(f"invalid month {self.month!r}: use YYYY-MM.")
+
+    @property
+    def name(self) -> str:
+        """The dataset directory: daily, daily_adjusted, ..., intraday_5min."""
+        if self.interval in INTRADAY:
+            return f"intraday_{self.interval}"
+        return self.interval + ("_adjusted" if self.adjusted else "")
+
+    def relative_path(self) -> Path:
+        if self.month is not None:
+            return Path(self.name, self.symbol, self.month + FILE_SUFFIX)
+        return Path(self.name, self.symbol + FILE_SUFFIX)
+
+    @classmethod
+    def from_relative_path(cls, rel: Path) -> "DatasetId":
+        """The inverse of relative_path; UsageError for a path the store did not write."""
+        parts = rel.parts
+        if not parts or not parts[-1].endswith(FILE_SUFFIX):
+            raise UsageError(f"{rel} is not a dataset file.")
+        stem = parts[-1][: -len(FILE_SUFFIX)]
+        if len(parts) == 3 and parts[0].startswith("intraday_"):
+            return cls(parts[1], parts[0][len("intraday_"):], False, stem)
+        if len(parts) == 2:
+            interval, _, adjusted = parts[0].partition("_")
+            if adjusted not in ("", "adjusted"):
+                raise UsageError(f"{rel} is not a dataset file.")
+            return cls(stem, interval, adjusted == "adjusted")
+        raise UsageError(f"{rel} is not a dataset file.")
+
+    def __str__(self) -> str:
+        return f"{self.symbol} {self.name}" + (f" {self.month}" if self.month else "")
+
+
+_META_KEY = b"secure_ohlcv"
+
+
+def encode_table(frame: pd.DataFrame, meta: dict[str, Any]) -> bytes:
+    """A frame as Parquet bytes, with our schema version and `meta` in the file metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    payload = dict(meta, schema_version=SCHEMA_VERSION)
+    table = table.replace_schema_metadata({_META_KEY: json.dumps(payload).encode()})
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def decode_table(data: bytes) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The inverse of encode_table; ValueError for anything that is not our table."""
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowException, OSError) as exc:
+        raise ValueError(f"not a Parquet table ({exc})") from None
+    raw = (table.schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ValueError("no secure_ohlcv metadata")
+    meta = json.loads(raw)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"schema version {meta.get('schema_version')!r}, "
+                         f"this program reads {SCHEMA_VERSION}")
+    return table.to_pandas(), meta
+
+
+class EncryptedStore:
+    """Datasets on disk: one Fernet token per file, written atomically, 0600 in 0700 dirs."""
+
+    def __init__(self, settings: Settings, key_ring: KeyRing) -> None:
+        self.root = settings.data_dir
+        self.key_ring = key_ring
+        self.file_mode = settings.file_mode
+        self.dir_mode = settings.dir_mode
+        self.lock_timeout = settings.lock_timeout
+
+    def path(self, dataset: DatasetId) -> Path:
+        return self.root / dataset.relative_path()
+
+    def lock(self) -> DataDirLock:
+        """The exclusive write lock of this data directory."""
+        check_private_dir(self.root, self.dir_mode)
+        return DataDirLock(self.root, self.lock_timeout, self.file_mode)
+
+    def write(self, dataset: DatasetId, frame: pd.DataFrame, meta: dict[str, Any]) -> int:
+        """Encrypt and store `frame`; returns the bytes written. Hold `lock()` around it."""
+        path = self.path(dataset)
+        ensure_private_dir(path.parent, self.dir_mode)
+        meta = dict(meta, symbol=dataset.symbol, dataset=dataset.name, written_at=utc_now_iso())
+        token = self.key_ring.encrypt(encode_table(frame, meta))
+        atomic_write(path, token, self.file_mode)
+        return len(token)
+
+    def read(self, dataset: DatasetId) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """Decrypt a dataset. FileNotFoundError when absent, IntegrityError when unreadable."""
+        return self.read_file(self.path(dataset))
+
+    def read_file(self, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+        token = path.read_bytes()
+        try:
+            return decode_table(self.key_ring.decrypt(token))
+        except InvalidToken:
+            raise IntegrityError(f"{path} does not decrypt with the key ring "
+                                 f"({', '.join(self.key_ring.fingerprints())}): altered, "
+                                 "truncated, or written under a key that is not in the ring.") from None
+        except ValueError as exc:
+            raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
+
+    def read_with_key(self, dataset: DatasetId) -> tuple[pd.DataFrame, dict[str, Any], str]:
+        """Like read, and also the fingerprint of the key that opened the file."""
+        path = self.path(dataset)
+        plaintext, key_fp = self.key_ring.decrypt_with_fingerprint(path.read_bytes(), path)
+        try:
+            frame, meta = decode_table(plaintext)
+        except ValueError as exc:
+            raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
+        return frame, meta, key_fp
+
+    def datasets(self) -> Iterator[DatasetId]:
+        """Every dataset file in the store, in path order; temp files are never listed."""
+        if not self.root.exists():
+            return
+        for path in sorted(self.root.rglob(f"*{FILE_SUFFIX}")):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            with contextlib.suppress(UsageError):
+                yield DatasetId.from_relative_path(path.relative_to(self.root))
+
+
+# =========================================================================================
+# 9. Downloader: what to fetch, how to merge, what is left
+# =========================================================================================
+
+# Alpha Vantage publishes a session's daily bar after the close; a check made this long
+# after the close that found no new bar means there was no session (a holiday).
+SESSION_CLOSE = dt_time(16, 30)
+HOLIDAY_GRACE = timedelta(hours=2)
+COMPACT_BARS = 100
+COMPACT_MAX_GAP = 90  # weekdays; leaves room for holidays inside the 100-bar window
+
+
+def latest_session(now: datetime | None = None) -> date:
+    """The newest trading day whose bar should be published by `now` (weekends skipped;
+    exchange holidays are learned from the API, see is_current)."""
+    now = (now or datetime.now(timezone.utc)).astimezone(MARKET_TZ)
+    day = now.date() if now.time() >= SESSION_CLOSE else now.date() - timedelta(days=1)
+    while day.weekday() >= 5:
+        day -= timedelta(days=1)
+    return day
+
+
+def weekdays_between(start: date, end: date) -> int:
+    """Weekdays after `start` up to and including `end`."""
+    return int(np.busday_count(start + timedelta(days=1), end + timedelta(days=1)))
+
+
+def is_current(last_bar: date | None, checked_at: str | None, now: datetime) -> bool:
+    expected = latest_session(now)
+    if last_bar is not None and last_bar >= expected:
+        return True
+    if checked_at:
+        close = datetime.combine(expected, SESSION_CLOSE, MARKET_TZ) + HOLIDAY_GRACE
+        return datetime.fromisoformat(checked_at) >= close
+    return False
+
+
+@dataclass
+class DatasetResult:
+    """What one dataset's download did: one line of the command's output."""
+
+    dataset: DatasetId
+    outcome: str  # updated | current | failed | pending
+    rows: int = 0
+    added: int = 0
+    last_bar: str = ""
+    mode: str = ""  # compact | full | none
+    seconds: float = 0.0
+    error: str = ""
+    partial_history: bool = False
+
+    def line(self) -> str:
+        head = f"{self.dataset}: "
+        if self.outcome == "failed":
+            return head + f"FAILED: {self.error}"
+        if self.outcome == "pending":
+            return head + "not done: the daily API quota is spent; the next run does it first"
+        if self.outcome == "current":
+            return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
+        note = " (partial history: full history needs a premium key)" if self.partial_history else ""
+        return (head + f"updated, {self.rows} rows (+{self.added}), last bar {self.last_bar} "
+                f"[{self.mode}, {self.seconds:.2f} s]{note}")
+
+
+@dataclass
+class DownloadReport:
+    results: list[DatasetResult]
+    stats: RunStats
+    quota_exhausted: bool = False
+
+    @property
+    def failed(self) -> list[DatasetResult]:
+        return [r for r in self.results if r.outcome == "failed"]
+
+    @property
+    def pending(self) -> list[DatasetResult]:
+        return [r for r in self.results if r.outcome == "pending"]
+
+    @property
+    def exit_code(self) -> int:
+        return 4 if self.quota_exhausted else 1 if self.failed else 0
+
+
+def merge_bars(stored: pd.DataFrame | None, fresh: pd.DataFrame, dataset: DatasetId) -> pd.DataFrame:
+    """Stored bars plus fresh ones; where both have a bar, the fresh one wins (corrections).
+
+    Weekly and monthly bars are matched by period, not date: the bar of the week in
+    progress is re-dated every day (keyed by its latest trading day) and must replace,
+    not join, yesterday's version of itself.
+    """
+    if stored is None or stored.empty:
+        return fresh
+    combined = pd.concat([stored, fresh], ignore_index=True)
+    if dataset.interval in ("weekly", "monthly"):
+        stamps = combined["timestamp"].dt.tz_localize(None) if combined["timestamp"].dt.tz else combined["timestamp"]
+        key = stamps.dt.to_period("W" if dataset.interval == "weekly" else "M")
+    else:
+        key = combined["timestamp"]
+    combined = combined[~key.duplicated(keep="last")]
+    return combined.sort_values("timestamp", kind="stable").reset_index(drop=True)
+
+
+class DatasetDownloader:
+    """Brings one dataset up to date: decide the request, fetch, parse, merge, store.
+
+    Shared by the worker threads of a run; each call touches one dataset file only, so
+    writes to one file are never concurrent."""
+
+    def __init__(self, store: EncryptedStore, client: AlphaVantageClient, demo: bool,
+                 premium: bool) -> None:
+        self.store = store
+        self.client = client
+        self.demo = demo
+        self.full_refused = False  # learned once per run: this key's plan has no full history
+        self.refused_functions: dict[str, str] = {}
+        self._warned = threading.Lock()
+        self.premium = premium
+
+    def run(self, dataset: DatasetId, force_full: bool, now: datetime) -> DatasetResult:
+        started = time.monotonic()
+        stored, meta = self._read(dataset)
+        last_bar = None if stored is None or stored.empty else stored["timestamp"].iloc[-1].date()
+        if not force_full and stored is not None and is_current(last_bar, meta.get("checked_at"), now):
+            return DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")
+        request = self._plan(dataset, last_bar, force_full, now)
+        if request.function in self.refused_functions:
+            raise PremiumRequired(self.refused_functions[request.function])
+        partial = bool(meta.get("partial_history")) if stored is not None else False
+        try:
+            fresh = self._fetch(request, dataset)
+        except PremiumParameter:
+            self._note_full_refused()
+            request = replace(request, outputsize="compact")
+            fresh = self._fetch(request, dataset)
+            partial = True
+        except PremiumRequired as exc:
+            self.refused_functions[request.function] = str(exc)
+            raise
+        if request.outputsize == "full" and not request.month:
+            partial = False
+        if (dataset.adjusted and request.outputsize == "compact" and stored is not None
+                and self._corporate_action_since(fresh, last_bar)):
+            # Adjusted history changes backwards after a split or dividend: refetch it all.
+            log.info("%s: split or dividend in the new bars; fetching the full history", dataset)
+            request = replace(request, outputsize="full")
+            fresh, stored, partial = self._fetch(request, dataset), None, False
+        merged = merge_bars(stored, fresh, dataset)
+        added = len(merged) - (0 if stored is None else len(stored))
+        self.store.write(dataset, merged, {"checked_at": utc_now_iso(), "partial_history": partial,
+                                           "function": request.function})
+        return DatasetResult(dataset, "updated", len(merged), added,
+                             str(merged["timestamp"].iloc[-1].date()), request.outputsize or "full",
+                             time.monotonic() - started, partial_history=partial)
+
+    def _read(self, dataset: DatasetId) -> tuple[pd.DataFrame | None, dict[str, Any]]:
+        try:
+            return self.store.read(dataset)
+        except FileNotFoundError:
+            return None, {}
+
+    def _plan(self, dataset: DatasetId, last_bar: date | None, force_full: bool,
+              now: datetime) -> ApiRequest:
+        symbol, interval = dataset.symbol, dataset.interval
+        if interval in ("weekly", "monthly"):
+            return ApiRequest(symbol, interval, dataset.adjusted)  # always the whole history
+        if interval in INTRADAY:
+            return ApiRequest(symbol, interval, outputsize="full", month=dataset.month)
+        small_gap = last_bar is not None and weekdays_between(last_bar, latest_session(now)) <= COMPACT_MAX_GAP
+        compact = not force_full and (small_gap or self.full_refused)
+        return ApiRequest(symbol, interval, dataset.adjusted, "compact" if compact else "full")
+
+    def _fetch(self, request: ApiRequest, dataset: DatasetId) -> pd.DataFrame:
+        frame = parse_payload(self.client.fetch(request), dataset)
+        if dataset.month:
+            frame = frame[frame["timestamp"].dt.strftime("%Y-%m") == dataset.month]
+            if frame.empty:
+                raise ApiError(f"no bars for {dataset.month} in the answer.")
+        return frame.reset_index(drop=True)
+
+    def _note_full_refused(self) -> None:
+        with self._warned:
+            if not self.full_refused:
+                self.full_refused = True
+                log.warning("outputsize=full is a premium feature for this key: falling back to "
+                            "compact (latest %d bars); datasets are marked partial", COMPACT_BARS)
+
+    @staticmethod
+    def _corporate_action_since(fresh: pd.DataFrame, last_bar: date | None) -> bool:
+        new = fresh[fresh["timestamp"].dt.date > last_bar] if last_bar else fresh
+        events = new["dividend_amount"] != 0
+        if "split_coefficient" in new:
+            events |= new["split_coefficient"] != 1
+        return bool(events.any())
+
+
+PENDING_NAME = "pending.json"
+
+
+class PendingQueue:
+    """Datasets a run could not reach before the quota ran out; the next run does them first."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.state_dir / PENDING_NAME
+        self.file_mode = settings.file_mode
+
+    def load(self) -> set[str]:
+        try:
+            return set(json.loads(self.path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return set()
+
+    def order(self, datasets: list[DatasetId]) -> list[DatasetId]:
+        pending = self.load()
+        return sorted(datasets, key=lambda d: str(d) not in pending)  # stable: pending first
+
+    def save(self, report: DownloadReport) -> None:
+        pending = self.load()
+        pending -= {str(r.dataset) for r in report.results if r.outcome != "pending"}
+        pending |= {str(r.dataset) for r in report.pending}
+        atomic_write(self.path, json.dumps(sorted(pending)).encode(), self.file_mode)
+
+
+# =========================================================================================
+# 10. The library's front door
+# =========================================================================================
+
+CANARY_NAME = "canary.fernet"
+CANARY_TEXT = b"secure-ohlcv-downloader canary v1"
+
+
+@dataclass
+class InitReport:
+    created_dirs: list[Path]
+    already_initialised: bool
+    key_source: str
+    fingerprints: list[str]
+    generated_key: str | None = field(default=None, repr=False)
+    stored_in_keyring: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class KeyCheckReport:
+    checks: list[Check]
+    warnings: list[str]
+
+    @property
+    def sound(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+
+class SecureOHLCVDownloader:
+    """The library's front door: one object per run, built from Settings."""
+
+    def __init__(self, settings: Settings, keyring_store: KeyringKeyStore | None = None) -> None:
+        self.settings = settings
+        redact.add(*settings.secrets())
+        self.keyring_store = keyring_store if keyring_store is not None else KeyringKeyStore()
+        self._key_ring: KeyRing | None = None
+        self.key_source = ""
+        self.warnings: list[str] = list(settings.warnings)
+
+    @classmethod
+    def from_env(cls) -> "SecureOHLCVDownloader":
+        """Settings from the environment and `.env`; the keyring picked by `keyring`."""
+        return cls(load_settings())
+
+    # -- keys ----------------------------------------------------------------------------
+
+    @property
+    def canary_path(self) -> Path:
+        return self.settings.state_dir / CANARY_NAME
+
+    def key_ring(self) -> KeyRing:
+        """The key ring in use (read once per run)."""
+        if self._key_ring is None:
+            sources = read_key_sources(self.settings, self.keyring_store)
+            self.warnings += sources.warnings
+            self._key_ring, self.key_source = sources.choose()
+            log.info("key ring from %s, primary %s, %d key(s)", self.key_source,
+                     self._key_ring.primary.fingerprint, len(self._key_ring.keys))
+        return self._key_ring
+
+    def store(self) -> EncryptedStore:
+        check_private_dir(self.settings.data_dir, self.settings.dir_mode)
+        return EncryptedStore(self.settings, self.key_ring())
+
+    def init(self) -> InitReport:
+        """Create the private directories and the first key; a second run changes nothing."""
+        s = self.settings
+        created = [d for d in (s.data_dir, s.backup_dir, s.state_dir) if not d.exists()]
+        for directory in (s.data_dir, s.backup_dir, s.state_dir):
+            ensure_private_dir(directory, s.dir_mode)
+        sources = read_key_sources(s, self.keyring_store)
+        self.warnings += sources.warnings
+
+        if self.canary_path.exists():
+            ring, source = sources.choose()
+            self._check_canary(ring)
+            return InitReport(created, True, source, ring.fingerprints(), warnings=self.warnings)
+
+        generated = None
+        if sources.keyring_keys:
+            ring, source = sources.choose()  # never replace a key the keyring already holds
+        elif sources.env_keys:
+            ring, source = KeyRing(sources.env_keys), EnvKeyStore.label
+        elif sources.keyring_problem and sources.backend.usable:
+            # A keyring exists but fails (locked, refusing): a key generated now could be
+            # kept nowhere, so stop and let the operator fix the keyring first.
+            raise KeyStoreError(sources.keyring_problem)
+        else:
+            ring, source = KeyRing.generate(), "generated"
+            generated = ring.primary.key
+        stored = False
+        if not sources.keyring_keys and sources.backend.usable and not sources.keyring_problem:
+            self.keyring_store.save(ring.keys)
+            stored = True
+        elif generated:
+            # Headless: the guide's own fallback is OHLCV_ENCRYPTION_KEY in a 0600 .env.
+            write_env_key(s.env_file, generated, s.file_mode)
+            self.warnings.append(f"no usable OS keyring: the new key was written to "
+                                 f"{s.env_file} (mode {s.file_mode:04o}) as "
+                                 "OHLCV_ENCRYPTION_KEY. Cron jobs must run in this directory "
+                                 "or get the variable another way.")
+        atomic_write(self.canary_path, ring.encrypt(CANARY_TEXT), s.file_mode)
+        fsync_dir(self.canary_path.parent)
+        log.info("initialised: key ring from %s, primary %s, stored in keyring: %s",
+                 source, ring.primary.fingerprint, stored)
+        self._key_ring, self.key_source = ring, source
+        return InitReport(created, False, source, ring.fingerprints(), generated, stored,
+                          self.warnings)
+
+    def _check_canary(self, ring: KeyRing) -> str:
+        try:
+            if ring.decrypt(self.canary_path.read_bytes()) != CANARY_TEXT:
+                raise InvalidToken
+        except InvalidToken:
+            raise KeyStoreError(
+                f"the key ring ({', '.join(ring.fingerprints())}) does not open the canary "
+                f"{self.canary_path}: these are not the keys this store was initialised "
+                "with. Fix: use the key from your offline copy (OHLCV_ENCRYPTION_KEY) and "
+                "run --recover.") from None
+        return "decrypts with the key ring"
+
+    def check_keys(self) -> KeyCheckReport:
+        """Prove the key store end to end; every check says what it found."""
+        s = self.settings
+        sources = read_key_sources(s, self.keyring_store)
+        checks = []
+        backend = sources.backend
+        # No backend is sound when the variable holds the keys (the headless case); an
+        # insecure one is sound but warned about (read_key_sources adds the warning).
+        checks.append(Check("keyring backend", backend.usable or bool(sources.env_keys),
+                            f"{backend.name}: " + ("secure" if backend.secure else
+                                                   backend.problem)))
+        kr = sources.keyring_keys
+        checks.append(Check("keyring entry", not sources.keyring_problem or bool(sources.env_keys),
+                            f"{len(kr)} key(s), primary {kr[0].fingerprint}" if kr
+                            else sources.keyring_problem or "empty"))
+        env = sources.env_keys
+        checks.append(Check("OHLCV_ENCRYPTION_KEY", True,
+                            f"{len(env)} key(s), primary {env[0].fingerprint}" if env else "not set"))
+        try:
+            ring, source = sources.choose()
+        except KeyStoreError as exc:
+            checks.append(Check("key ring in use", False, str(exc)))
+            return KeyCheckReport(checks, self.warnings + sources.warnings)
+        agree = "agree" if kr and env else "only one source"
+        checks.append(Check("key ring in use", True,
+                            f"from {source}: {', '.join(ring.fingerprints())} "
+                            f"(primary first; keyring and variable: {agree})"))
+        if self.canary_path.exists():
+            try:
+                checks.append(Check("canary", True, self._check_canary(ring)))
+            except KeyStoreError as exc:
+                checks.append(Check("canary", False, str(exc)))
+        else:
+            checks.append(Check("canary", False, f"{self.canary_path} is missing. Fix: run --init."))
+        probe = secrets.token_bytes(32)
+        checks.append(Check("round trip", ring.decrypt(ring.encrypt(probe)) == probe,
+                            "fresh encrypt/decrypt with the primary key"))
+        for label, directory in (("data directory", s.data_dir), ("backup directory", s.backup_dir),
+                                 ("state directory", s.state_dir)):
+            try:
+                check_private_dir(directory, s.dir_mode)
+                checks.append(Check(label, True, f"{directory} (mode within {s.dir_mode:04o})"))
+            except FileNotFoundError:
+                checks.append(Check(label, False, f"{directory} is missing. Fix: run --init."))
+            except UnsafePathError as exc:
+                checks.append(Check(label, False, str(exc)))
+        return KeyCheckReport(checks, self.warnings + sources.warnings)
+
+    # -- data ----------------------------------------------------------------------------
+
+    def download(self, symbols: list[str], interval: str = "daily", adjusted: bool = False,
+                 full: bool = False, month: str | None = None,
+                 on_result: Callable[[DatasetResult], None] | None = None) -> DownloadReport:
+        """Bring each symbol's dataset up to date, within the rate limits. Per-symbol
+        failures are in the report; the quota running out stops the run cleanly."""
+        if interval in INTRADAY and month is None:
+            month = datetime.now(MARKET_TZ).strftime("%Y-%m")
+        elif interval not in INTRADAY and month is not None:
+            raise UsageError("--month applies to intraday intervals only.")
+        datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
+        if not datasets:
+            raise UsageError("no symbols given.")
+        store = self.store()
+        pending = PendingQueue(self.settings)
+        api_keys = [k.reveal() for k in self.settings.api_keys]
+        if not api_keys:
+            self.warnings.append("ALPHA_VANTAGE_API_KEY is not set: using the public demo key, "
+                                 "which serves IBM only. Claim a free key at "
+                                 "https://www.alphavantage.co/support/#api-key.")
+            api_keys = ["demo"]
+        stats = RunStats()
+        now = datetime.now(timezone.utc)
+        results: list[DatasetResult] = []
+        with store.lock():
+            remove_temp_files(store.root)
+            limiter = RateLimiter(self.settings, api_keys)
+            client = AlphaVantageClient(self.settings, limiter, stats)
+            worker = DatasetDownloader(store, client, demo=api_keys == ["demo"],
+                                       premium=self.settings.rate_limit_per_minute > 0)
+            stop = threading.Event()
+            fatal: list[OHLCVError] = []
+
+            def job(dataset: DatasetId) -> DatasetResult:
+                if stop.is_set():
+                    return DatasetResult(dataset, "pending")
+                try:
+                    return worker.run(dataset, full, now)
+                except QuotaExhausted:
+                    stop.set()
+                    return DatasetResult(dataset, "pending")
+                except InvalidApiKey as exc:
+                    stop.set()
+                    fatal.append(exc)
+                    return DatasetResult(dataset, "failed", error=str(exc))
+                except ApiError as exc:
+                    log.warning("%s: failed: %s", dataset, exc)
+                    return DatasetResult(dataset, "failed", error=str(exc))
+
+            try:
+                with ThreadPoolExecutor(self.settings.max_workers, "download") as pool:
+                    futures = [pool.submit(job, d) for d in pending.order(datasets)]
+                    for future in as_completed(futures):
+                        result = future.result()
+                        log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
+                                 result.outcome, result.mode, result.rows, result.added,
+                                 result.seconds, f" error={result.error}" if result.error else "")
+                        results.append(result)
+                        if on_result:
+                            on_result(result)
+            finally:
+                limiter.close()
+                client.close()
+            report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal)
+            pending.save(report)
+        if fatal:
+            raise fatal[0]
+        return report
+
+    def load(self, symbol: str, interval: str = "daily", adjusted: bool = False,
+             start: str | date | None = None, end: str | date | None = None) -> pd.DataFrame:
+        """The stored bars of one symbol as a DataFrame indexed by timestamp, oldest first."""
+        frame = self._stored_frame(symbol, interval, adjusted)
+        stamps = frame["timestamp"]
+        if start is not None:
+            frame = frame[stamps >= _bound(start, stamps)]
+        if end is not None:
+            frame = frame[frame["timestamp"] < _bound(end, stamps) + pd.Timedelta(days=1)]
+        return frame.set_index("timestamp")
+
+    def _stored_frame(self, symbol: str, interval: str, adjusted: bool) -> pd.DataFrame:
+        """One dataset's table; for intraday, its month files joined in order."""
+        store = self.store()
+        if interval not in INTRADAY:
+            dataset = DatasetId(symbol, interval, adjusted)
+            try:
+                return store.read(dataset)[0]
+            except FileNotFoundError:
+                raise UsageError(f"nothing stored for {dataset}: download it first.") from None
+        symbol = validate_symbol(symbol)
+        months = sorted((d for d in store.datasets() if d.symbol == symbol and d.interval == interval),
+                        key=lambda d: d.month or "")
+        if not months:
+            raise UsageError(f"nothing stored for {symbol} intraday_{interval}: download it first.")
+        return pd.concat([store.read(d)[0] for d in months], ignore_index=True)
+
+    def status(self) -> dict[str, Any]:
+        """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
+        store = self.store()
+        datasets = []
+        for dataset in store.datasets():
+            entry: dict[str, Any] = {"dataset": str(dataset), "path": str(dataset.relative_path())}
+            try:
+                frame, meta, key_fp = store.read_with_key(dataset)
+                entry |= {"rows": len(frame), "first_bar": str(frame["timestamp"].iloc[0]),
+                          "last_bar": str(frame["timestamp"].iloc[-1]),
+                          "updated_at": meta.get("written_at"), "key": key_fp,
+                          "partial_history": bool(meta.get("partial_history"))}
+            except IntegrityError as exc:
+                entry["error"] = str(exc)
+            datasets.append(entry)
+        quota = []
+        for api_key in [k.reveal() for k in self.settings.api_keys] or ["demo"]:
+            fp = api_key_fingerprint(api_key)
+            daily = DailyQuota(self.settings, fp)
+            state = daily.read()
+            quota.append({"key": fp, "day": state["day"], "used": state["used"],
+                          "limit": self.settings.rate_limit_per_day or None, "left": daily.left()})
+        return {"datasets": datasets, "quota": quota, "pending": sorted(PendingQueue(self.settings).load())}
+
+
+def _bound(value: str | date, stamps: pd.Series) -> pd.Timestamp:
+    try:
+        bound = pd.Timestamp(value)
+    except ValueError:
+        raise UsageError(f"invalid date {value!r}: use YYYY-MM-DD.") from None
+    if stamps.dt.tz is not None and bound.tz is None:
+        bound = bound.tz_localize(stamps.dt.tz)
+    return bound
+
+
+if __name__ == "__main__":
+    import sys
+
+    from secure_ohlcv_cli import main
+
+    sys.exit(main())
