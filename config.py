@@ -145,6 +145,7 @@ class Settings:
     dir_mode: int
     file_mode: int
     env_file: Path = Path(ENV_FILE)
+    encryption_key_in_env_file: bool = False  # OHLCV_ENCRYPTION_KEY came from .env, not the environment
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def secrets(self) -> tuple[str, ...]:
@@ -331,5 +332,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
         dir_mode=_mode("OHLCV_DIR_MODE", get("OHLCV_DIR_MODE"), directory=True),
         file_mode=_mode("OHLCV_FILE_MODE", get("OHLCV_FILE_MODE"), directory=False),
         env_file=cwd / ENV_FILE,
+        encryption_key_in_env_file="OHLCV_ENCRYPTION_KEY" not in environ
+        and bool(file_values.get("OHLCV_ENCRYPTION_KEY", "").strip()),
         warnings=tuple(warnings),
     )

@@ -186,6 +186,92 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     return 5 if any("error" in row for row in status["datasets"]) else 0
 
 
+def cmd_rotate_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    report = app.rotate_key()
+    if report.awaiting_env_update:
+        print(f"New primary key {report.new_fingerprint} generated; old key "
+              f"{report.old_fingerprint} kept as retired. Your keys come from "
+              "OHLCV_ENCRYPTION_KEY set outside this directory, so nothing was re-encrypted yet.")
+        print("\nSet it to this value where it is defined (service environment file, "
+              "credential store), shown once:\n")
+        print(f"    OHLCV_ENCRYPTION_KEY={report.new_env_value}\n")
+        print(f"Then run `python {PROG} --rotate-key` again to re-encrypt every dataset.")
+        return 0
+    print(f"Rotated {report.rotated} dataset(s) ({report.already_done} already under the new "
+          f"key) in {report.seconds:.1f} s: key {report.old_fingerprint} -> "
+          f"{report.new_fingerprint}. Every file opens under the new key alone.")
+    print("The old key stays in the ring, retired, so older backups stay readable.")
+    if report.env_file_updated:
+        print(f"{report.env_file_updated} now holds the new key ring (new key first).")
+    if report.new_env_value:
+        print("\nOHLCV_ENCRYPTION_KEY is also set: update it to this value (shown once), or "
+              "every run will stop because keyring and variable disagree:\n")
+        print(f"    OHLCV_ENCRYPTION_KEY={report.new_env_value}\n")
+    print("Store the new key offline, as you did the first one.")
+    return 0
+
+
+def cmd_remove_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    needed, removed = app.remove_key(args.fingerprint, args.yes)
+    for name in needed:
+        print(f"needs {args.fingerprint} (or could not be read): {name}")
+    if not removed:
+        print(f"{len(needed)} backup(s) above would become unreadable. Nothing removed; "
+              "run again with --yes to remove the key.")
+        return 1
+    print(f"Removed retired key {args.fingerprint} from the key ring.")
+    return 0
+
+
+def cmd_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    report = app.backup(Path(args.dest) if args.dest else None)
+    print(f"wrote {report.path} ({report.datasets} datasets, {report.bytes} bytes)")
+    for path in report.pruned:
+        print(f"pruned {path}")
+    return 0
+
+
+def cmd_verify_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    sample = None if args.all else args.sample
+    report = app.verify_backup(Path(args.archive) if args.archive else None, sample)
+    print(f"{report.archive.name}: {report.members_checked} members checked, "
+          f"{report.datasets_decrypted} datasets decrypted, {len(report.problems)} problem(s)")
+    for problem in report.problems:
+        print(f"  PROBLEM {problem}")
+    return 0 if report.sound else 5
+
+
+def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    prompt = None
+    if sys.stdin.isatty():
+        import getpass
+        prompt = lambda: getpass.getpass("Encryption key (primary first; comma-separated): ")  # noqa: E731
+    report = app.recover(Path(args.from_backup) if args.from_backup else None,
+                         Path(args.key_file) if args.key_file else None, prompt)
+    print(f"keys from {report.key_source}" + ("; re-linked into the OS keyring" if report.relinked else ""))
+    for warning in report.warnings:
+        say(f"warning: {warning}")
+    print(f"{report.checked} dataset(s) checked in the store, {len(report.restored)} restored "
+          f"from the backup, {len(report.failed)} could not be recovered")
+    for rel in report.restored:
+        print(f"  restored {rel}")
+    for problem in report.failed:
+        print(f"  NOT RECOVERED {problem}")
+    return 5 if report.failed else 0
+
+
+def cmd_cleanup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    report = app.cleanup(args.dry_run)
+    verb = "would remove" if report.dry_run else "removed"
+    for dataset, rows in report.trimmed:
+        print(f"{verb} {rows} row(s) older than the retention window from {dataset}")
+    for path in report.removed_files + report.pruned_backups + report.temp_files:
+        print(f"{verb} {path}")
+    print(f"{'would free' if report.dry_run else 'freed'} {report.bytes_freed} bytes"
+          + (" (dry run: nothing changed)" if report.dry_run else ""))
+    return 0
+
+
 Handler = Callable[[SecureOHLCVDownloader, argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Handler, str, str]] = {
     "init": (cmd_init, "create the private directories and the first encryption key",
@@ -198,6 +284,18 @@ COMMANDS: dict[str, tuple[Handler, str, str]] = {
                f"python {PROG} export IBM --start 2024-01-01 -o ibm.csv"),
     "status": (cmd_status, "list stored datasets and today's API quota use",
                f"python {PROG} status --json"),
+    "rotate-key": (cmd_rotate_key, "new primary key; re-encrypt every dataset (resumable)",
+                   f"python {PROG} --rotate-key"),
+    "remove-key": (cmd_remove_key, "remove a retired key after listing the backups that need it",
+                   f"python {PROG} remove-key 0123456789ab --yes"),
+    "backup": (cmd_backup, "write one encrypted archive of the store; keep the newest OHLCV_BACKUP_KEEP",
+               f"python {PROG} backup --dest /mnt/offsite"),
+    "verify-backup": (cmd_verify_backup, "check an archive against its manifest and decrypt a sample",
+                      f"python {PROG} --verify-backup --all"),
+    "recover": (cmd_recover, "re-link keys on a new machine, check every dataset, restore from a backup",
+                f"python {PROG} --recover --from-backup backups/ohlcv-backup-....tar"),
+    "cleanup": (cmd_cleanup, "apply the retention window, prune archives, remove crashed temp files",
+                f"python {PROG} --cleanup --dry-run"),
 }
 
 
@@ -225,6 +323,23 @@ def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
                             help="file to write, or - for stdout (default)")
     elif name == "status":
         parser.add_argument("--json", action="store_true", help="machine-readable output")
+    elif name == "remove-key":
+        parser.add_argument("fingerprint", metavar="FINGERPRINT")
+        parser.add_argument("--yes", action="store_true", help="really remove it")
+    elif name == "backup":
+        parser.add_argument("--dest", metavar="DIR", help="directory (default OHLCV_BACKUP_DIR)")
+    elif name == "verify-backup":
+        parser.add_argument("archive", nargs="?", metavar="ARCHIVE", help="default: the newest")
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--sample", type=int, default=5, metavar="N",
+                           help="decrypt N random datasets (default 5)")
+        group.add_argument("--all", action="store_true", help="decrypt every dataset")
+    elif name == "recover":
+        parser.add_argument("--from-backup", metavar="ARCHIVE",
+                            help="restore missing or broken datasets from this archive")
+        parser.add_argument("--key-file", metavar="FILE", help="file holding the key(s)")
+    elif name == "cleanup":
+        parser.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
 
 
 def normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -241,7 +356,7 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     epilog = "commands (the --flag form works too):\n" + "\n".join(
-        f"  {name:<12} {help_}\n  {'':<12} e.g. {example}" for name, (_, help_, example) in COMMANDS.items())
+        f"  {name:<14} {help_}\n  {'':<14} e.g. {example}" for name, (_, help_, example) in COMMANDS.items())
     parser = argparse.ArgumentParser(
         prog=PROG, description="Download OHLCV bars from Alpha Vantage and keep them encrypted.",
         epilog=epilog + "\n\nexit codes: 0 ok, 1 some work failed, 2 usage or input error, "

@@ -13,16 +13,17 @@ Read top to bottom; the sections follow the data:
     8. Encrypted store -- DatasetId (symbol and path rules), table codec, EncryptedStore
     9. Downloader      -- latest_session / is_current, merge_bars, DatasetDownloader,
                           PendingQueue (what the quota left undone)
-   10. Front door      -- SecureOHLCVDownloader: init, check_keys, download, load, export, status
+   10. Lifecycle       -- KeyRotation, BackupWriter, BackupArchive (hostile-archive safe),
+                          verify_backup, retention and pruning helpers
+   11. Front door      -- SecureOHLCVDownloader: init, check_keys, download, load, status,
+                          rotate_key, remove_key, backup, verify_backup, recover, cleanup
 
 `python secure_ohlcv_downloader.py ARGS` runs the same command line as secure_ohlcv_cli.py.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import errno
 import fcntl
 import hashlib
 import io
@@ -33,6 +34,7 @@ import os
 import re
 import secrets
 import stat
+import tarfile
 import math
 import random
 import threading
@@ -311,10 +313,11 @@ class DataDirLock:
     lock: the lock file may stay, the lock does not.
     """
 
-    def __init__(self, data_dir: Path, timeout: float, file_mode: int) -> None:
+    def __init__(self, data_dir: Path, timeout: float, file_mode: int, record: bool = True) -> None:
         self.path = data_dir / ".lock"
         self.timeout = timeout
         self.file_mode = file_mode
+        self.record = record  # write the holder's pid (not in --dry-run: it changes nothing)
         self._fd: int | None = None
 
     def __enter__(self) -> "DataDirLock":
@@ -334,14 +337,16 @@ class DataDirLock:
                         f"{self.timeout:g} s. It is released when that run ends; raise "
                         "OHLCV_LOCK_TIMEOUT to wait longer, or schedule the jobs apart.") from None
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {utc_now_iso()}\n".encode(), 0)
+        if self.record:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} since {utc_now_iso()}\n".encode(), 0)
         self._fd = fd
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            if self.record:
+                os.ftruncate(self._fd, 0)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -400,6 +405,10 @@ class KeyRing:
     def decrypt(self, token: bytes) -> bytes:
         """Raise InvalidToken when no key of the ring opens `token` or it was altered."""
         return self._fernet.decrypt(token)
+
+    def rotate(self, token: bytes) -> bytes:
+        """The same plaintext as a token under the primary key (InvalidToken if unreadable)."""
+        return self._fernet.rotate(token)
 
     def decrypt_with_fingerprint(self, token: bytes, path: Path) -> tuple[bytes, str]:
         """Decrypt trying each key alone, primary first; also say which key opened it."""
@@ -600,7 +609,7 @@ def read_key_sources(settings: Settings, keyring_store: KeyringKeyStore) -> KeyS
             keys = keyring_store.load()
         except KeyStoreError as exc:
             problem = str(exc)
-    if problem and env:
+    if problem and env and info.usable:  # no backend at all is the headless norm: no warning
         warnings.append(f"OS keyring not used ({problem.split('. Fix')[0]}); "
                         "keys come from OHLCV_ENCRYPTION_KEY.")
     return KeySources(info, keys, problem, env, warnings)
@@ -1291,6 +1300,16 @@ def is_current(last_bar: date | None, checked_at: str | None, now: datetime) -> 
     return False
 
 
+def _month_complete(month: str | None, checked_at: str | None) -> bool:
+    """An intraday month checked after it ended (plus the publishing grace) is final."""
+    if month is None or not checked_at:
+        return False
+    year, number = map(int, month.split("-"))
+    following = date(year + number // 12, number % 12 + 1, 1)
+    ended = datetime.combine(following, dt_time(0), MARKET_TZ) + HOLIDAY_GRACE
+    return datetime.fromisoformat(checked_at) >= ended
+
+
 @dataclass
 class DatasetResult:
     """What one dataset's download did: one line of the command's output."""
@@ -1362,23 +1381,27 @@ class DatasetDownloader:
     Shared by the worker threads of a run; each call touches one dataset file only, so
     writes to one file are never concurrent."""
 
-    def __init__(self, store: EncryptedStore, client: AlphaVantageClient, demo: bool,
-                 premium: bool) -> None:
+    def __init__(self, store: EncryptedStore, client: AlphaVantageClient) -> None:
         self.store = store
         self.client = client
-        self.demo = demo
         self.full_refused = False  # learned once per run: this key's plan has no full history
         self.refused_functions: dict[str, str] = {}
         self._warned = threading.Lock()
-        self.premium = premium
 
-    def run(self, dataset: DatasetId, force_full: bool, now: datetime) -> DatasetResult:
+    def run(self, dataset: DatasetId, force_full: bool, now: datetime,
+            trailing: bool = False) -> DatasetResult:
+        """Bring `dataset` up to date. `trailing` (intraday without --month): fetch the
+        trailing 30 days and store every month they touch, so no month end is lost."""
         started = time.monotonic()
         stored, meta = self._read(dataset)
         last_bar = None if stored is None or stored.empty else stored["timestamp"].iloc[-1].date()
-        if not force_full and stored is not None and is_current(last_bar, meta.get("checked_at"), now):
+        if not force_full and stored is not None and (
+                is_current(last_bar, meta.get("checked_at"), now)
+                or _month_complete(dataset.month, meta.get("checked_at"))):
             return DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")
         request = self._plan(dataset, last_bar, force_full, now)
+        if trailing:
+            request = replace(request, month=None)
         if request.function in self.refused_functions:
             raise PremiumRequired(self.refused_functions[request.function])
         partial = bool(meta.get("partial_history")) if stored is not None else False
@@ -1400,10 +1423,24 @@ class DatasetDownloader:
             log.info("%s: split or dividend in the new bars; fetching the full history", dataset)
             request = replace(request, outputsize="full")
             fresh, stored, partial = self._fetch(request, dataset), None, False
+        meta = {"checked_at": utc_now_iso(), "partial_history": partial,
+                "function": request.function}
+        added = 0
+        if trailing:  # other months the trailing window touched: merge into their files
+            for month, part in fresh.groupby(fresh["timestamp"].dt.strftime("%Y-%m")):
+                if month != dataset.month:
+                    other = replace(dataset, month=month)
+                    before = self._read(other)[0]
+                    merged = merge_bars(before, part.reset_index(drop=True), other)
+                    added += len(merged) - (0 if before is None else len(before))
+                    self.store.write(other, merged, meta)
+            fresh = fresh[fresh["timestamp"].dt.strftime("%Y-%m") == dataset.month]
+            fresh = fresh.reset_index(drop=True)
         merged = merge_bars(stored, fresh, dataset)
-        added = len(merged) - (0 if stored is None else len(stored))
-        self.store.write(dataset, merged, {"checked_at": utc_now_iso(), "partial_history": partial,
-                                           "function": request.function})
+        added += len(merged) - (0 if stored is None else len(stored))
+        if merged.empty:
+            raise ApiError(f"no bars for {dataset.month} in the answer.")
+        self.store.write(dataset, merged, meta)
         return DatasetResult(dataset, "updated", len(merged), added,
                              str(merged["timestamp"].iloc[-1].date()), request.outputsize or "full",
                              time.monotonic() - started, partial_history=partial)
@@ -1427,10 +1464,10 @@ class DatasetDownloader:
 
     def _fetch(self, request: ApiRequest, dataset: DatasetId) -> pd.DataFrame:
         frame = parse_payload(self.client.fetch(request), dataset)
-        if dataset.month:
-            frame = frame[frame["timestamp"].dt.strftime("%Y-%m") == dataset.month]
+        if request.month:
+            frame = frame[frame["timestamp"].dt.strftime("%Y-%m") == request.month]
             if frame.empty:
-                raise ApiError(f"no bars for {dataset.month} in the answer.")
+                raise ApiError(f"no bars for {request.month} in the answer.")
         return frame.reset_index(drop=True)
 
     def _note_full_refused(self) -> None:
@@ -1477,7 +1514,368 @@ class PendingQueue:
 
 
 # =========================================================================================
-# 10. The library's front door
+# 10. Lifecycle: rotate keys, back up, verify, recover, clean up
+# =========================================================================================
+
+def dataset_files(root: Path) -> list[Path]:
+    """Every dataset file below `root`, sorted; temp files and foreign files excluded."""
+    found = []
+    for path in sorted(root.rglob(f"*{FILE_SUFFIX}")) if root.exists() else []:
+        if path.is_file() and not path.is_symlink() and not path.name.startswith("."):
+            with contextlib.suppress(UsageError):
+                DatasetId.from_relative_path(path.relative_to(root))
+                found.append(path)
+    return found
+
+
+@dataclass
+class RotationReport:
+    old_fingerprint: str
+    new_fingerprint: str
+    rotated: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+    new_env_value: str | None = field(default=None, repr=False)  # shown once, then forgotten
+    awaiting_env_update: bool = False
+    env_file_updated: Path | None = None
+
+
+class KeyRotation:
+    """Re-encrypt every dataset under a new primary key, crash-safely and resumably.
+
+    Order is what makes it safe: (1) the new key ring, old keys kept as retired, is stored
+    where keys are kept *before* any file changes; (2) each dataset is re-encrypted with
+    MultiFernet.rotate and replaced atomically, skipping files the new key already opens;
+    (3) the canary is rotated last, so a canary still under an old key means "unfinished"
+    and a re-run completes the job; (4) every file must then open under the new key alone.
+    """
+
+    def __init__(self, app: "SecureOHLCVDownloader") -> None:
+        self.app = app
+        self.settings = app.settings
+
+    def run(self) -> RotationReport:
+        started = time.monotonic()
+        ring = self.app.key_ring()
+        with DataDirLock(self.settings.data_dir, self.settings.lock_timeout, self.settings.file_mode):
+            remove_temp_files(self.settings.data_dir)
+            canary_fp = ring.decrypt_with_fingerprint(self.app.canary_path.read_bytes(),
+                                                      self.app.canary_path)[1]
+            if canary_fp == ring.primary.fingerprint:  # no rotation under way: start one
+                report = self._new_primary(ring)
+                if report.awaiting_env_update:
+                    return report
+                ring = self.app.key_ring()
+            else:
+                old = next(k for k in ring.keys if k.fingerprint == canary_fp)
+                report = RotationReport(old.fingerprint, ring.primary.fingerprint)
+                log.info("resuming the rotation to key %s", ring.primary.fingerprint)
+            primary_only = KeyRing([ring.primary])
+            for path in dataset_files(self.settings.data_dir) + [self.app.canary_path]:
+                token = path.read_bytes()
+                try:
+                    primary_only.decrypt(token)
+                    report.already_done += path != self.app.canary_path
+                    continue
+                except InvalidToken:
+                    pass
+                try:
+                    rotated = ring.rotate(token)
+                except InvalidToken:
+                    raise IntegrityError(f"{path} does not decrypt with the key ring; the "
+                                         "rotation stopped before touching it. Run "
+                                         "--recover to restore it from a backup.") from None
+                atomic_write(path, rotated, self.settings.file_mode)
+                report.rotated += path != self.app.canary_path
+            for path in dataset_files(self.settings.data_dir) + [self.app.canary_path]:
+                try:
+                    primary_only.decrypt(path.read_bytes())
+                except InvalidToken:
+                    raise IntegrityError(f"{path} does not open under the new key alone "
+                                         "after rotation; run --rotate-key again.") from None
+        report.seconds = time.monotonic() - started
+        log.info("rotation done: %d files re-encrypted, %d already done, %s -> %s in %.1f s",
+                 report.rotated, report.already_done, report.old_fingerprint,
+                 report.new_fingerprint, report.seconds)
+        return report
+
+    def _new_primary(self, ring: KeyRing) -> RotationReport:
+        """Store a ring with a new primary (old keys retired) where the keys are kept."""
+        new = StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso())
+        redact.add(new.key)
+        keys = [new] + [replace(k, status="retired") for k in ring.keys]
+        report = RotationReport(ring.primary.fingerprint, new.fingerprint)
+        env_value = ",".join(k.key for k in keys)
+        if self.app.key_source == KeyringKeyStore.label:
+            self.app.keyring_store.save(keys)
+            if self.settings.encryption_keys:  # the variable must follow, or they disagree
+                report.new_env_value = env_value
+        elif self.settings.encryption_key_in_env_file:
+            write_env_key(self.settings.env_file, env_value, self.settings.file_mode)
+            report.env_file_updated = self.settings.env_file
+        else:
+            # The keys live in a variable set outside our reach: nothing may be encrypted
+            # under a key that exists only in this process. The operator sets it, then
+            # runs --rotate-key again, which finds the canary under an old key and resumes.
+            report.new_env_value, report.awaiting_env_update = env_value, True
+            return report
+        self.app.use_keys(keys)
+        return report
+
+
+BACKUP_PREFIX = "ohlcv-backup-"
+BACKUP_SUFFIX = ".tar"
+MANIFEST_MEMBER = "manifest.fernet"
+CANARY_MEMBER = "state/" + "canary.fernet"
+MAX_MEMBER_BYTES = 1 << 30
+
+
+def backup_archives(directory: Path) -> list[Path]:
+    """The backup archives in `directory`, oldest first (their names sort by UTC time)."""
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.glob(f"{BACKUP_PREFIX}*{BACKUP_SUFFIX}")
+                  if p.is_file() and not p.name.startswith("."))
+
+
+def _tar_member(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = size, 0o600, int(time.time())
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""  # reveal nothing about the machine it came from
+    return info
+
+
+@dataclass
+class BackupReport:
+    path: Path
+    datasets: int
+    bytes: int
+    pruned: list[Path]
+
+
+class BackupWriter:
+    """One archive: the encrypted dataset files as they are, the canary, and an encrypted
+    manifest (per file: path, size, SHA-256, key, rows, first and last bar)."""
+
+    def __init__(self, app: "SecureOHLCVDownloader") -> None:
+        self.app = app
+        self.settings = app.settings
+
+    def write(self, dest: Path | None) -> BackupReport:
+        s = self.settings
+        directory = ensure_private_dir(dest or s.backup_dir, s.dir_mode)
+        ring = self.app.key_ring()
+        name = f"{BACKUP_PREFIX}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}{BACKUP_SUFFIX}"
+        target = directory / name
+        tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
+        entries = []
+        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, s.file_mode)
+            try:
+                os.fchmod(fd, s.file_mode)
+                with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w",
+                                                              format=tarfile.PAX_FORMAT) as tar:
+                    for path in dataset_files(s.data_dir):
+                        token = path.read_bytes()
+                        plaintext, key_fp = ring.decrypt_with_fingerprint(token, path)
+                        frame, _ = decode_table(plaintext)
+                        rel = path.relative_to(s.data_dir).as_posix()
+                        entries.append({"path": rel, "size": len(token),
+                                        "sha256": hashlib.sha256(token).hexdigest(), "key": key_fp,
+                                        "rows": len(frame),
+                                        "first_bar": str(frame["timestamp"].iloc[0]) if len(frame) else None,
+                                        "last_bar": str(frame["timestamp"].iloc[-1]) if len(frame) else None})
+                        tar.addfile(_tar_member("data/" + rel, len(token)), io.BytesIO(token))
+                        del plaintext, frame
+                    canary = self.app.canary_path.read_bytes()
+                    tar.addfile(_tar_member(CANARY_MEMBER, len(canary)), io.BytesIO(canary))
+                    manifest = {"format": 1, "created_at": utc_now_iso(), "datasets": entries,
+                                "primary_key": ring.primary.fingerprint,
+                                "canary": {"size": len(canary),
+                                           "sha256": hashlib.sha256(canary).hexdigest()}}
+                    sealed = ring.encrypt(json.dumps(manifest).encode())
+                    tar.addfile(_tar_member(MANIFEST_MEMBER, len(sealed)), io.BytesIO(sealed))
+                    tar.fileobj.flush()
+                    os.fsync(raw.fileno())
+                os.replace(tmp, target)
+                fsync_dir(directory)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        pruned = prune_backups(directory, s.backup_keep)
+        size = target.stat().st_size
+        log.info("backup %s: %d datasets, %d bytes; pruned %d old archive(s)", target,
+                 len(entries), size, len(pruned))
+        return BackupReport(target, len(entries), size, pruned)
+
+
+def prune_backups(directory: Path, keep: int, dry_run: bool = False) -> list[Path]:
+    """Remove all but the newest `keep` archives; returns what went (or would go)."""
+    old = backup_archives(directory)[:-keep] if keep else []
+    if not dry_run:
+        for path in old:
+            path.unlink()
+    return old
+
+
+@dataclass
+class VerifyReport:
+    archive: Path
+    members_checked: int = 0
+    datasets_decrypted: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def sound(self) -> bool:
+        return not self.problems
+
+
+class BackupArchive:
+    """Reads an archive we did not necessarily write: every member is checked before use.
+
+    Only regular files with our names are read (no links, devices, absolute paths or
+    '..'), each at most MAX_MEMBER_BYTES; nothing is ever extracted to a path it names."""
+
+    def __init__(self, path: Path, ring: KeyRing) -> None:
+        self.path = path
+        self.ring = ring
+        self.members: dict[str, bytes] = {}
+        self.problems: list[str] = []
+        self.altered: set[str] = set()  # members whose bytes differ from the manifest
+        self.manifest: dict[str, Any] = {}
+        self._read()
+
+    def _read(self) -> None:
+        try:
+            with tarfile.open(self.path, mode="r:") as tar:
+                for info in tar:
+                    name = info.name
+                    if not info.isfile():
+                        self.problems.append(f"{name}: not a regular file (link or device); refused")
+                    elif not _safe_member_name(name):
+                        self.problems.append(f"{name!r}: unsafe member name; refused")
+                    elif info.size > MAX_MEMBER_BYTES:
+                        self.problems.append(f"{name}: {info.size} bytes, over the limit; refused")
+                    elif name in self.members:
+                        self.problems.append(f"{name}: appears twice; refused")
+                    else:
+                        handle = tar.extractfile(info)
+                        self.members[name] = handle.read() if handle else b""
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            self.problems.append(f"{self.path.name}: unreadable or truncated archive ({exc})")
+            return
+        sealed = self.members.get(MANIFEST_MEMBER)
+        if sealed is None:
+            self.problems.append(f"{MANIFEST_MEMBER}: missing")
+            return
+        try:
+            self.manifest = json.loads(self.ring.decrypt(sealed))
+        except (InvalidToken, ValueError):
+            self.problems.append(f"{MANIFEST_MEMBER}: does not decrypt with the key ring "
+                                 f"({', '.join(self.ring.fingerprints())}) or is altered")
+
+    def entries(self) -> list[dict[str, Any]]:
+        return list(self.manifest.get("datasets", []))
+
+    def check_members(self) -> int:
+        """Compare every member with the manifest; returns how many were checked."""
+        if not self.manifest:
+            return 0
+        expected = {"data/" + e["path"]: e for e in self.entries()}
+        canary = self.manifest.get("canary")
+        if canary:
+            expected[CANARY_MEMBER] = canary
+        for name, entry in expected.items():
+            data = self.members.get(name)
+            if data is None:
+                self.problems.append(f"{name}: missing from the archive")
+            elif len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                self.altered.add(name)
+                self.problems.append(f"{name}: size or SHA-256 differs from the manifest (altered)")
+        for name in self.members.keys() - expected.keys() - {MANIFEST_MEMBER}:
+            self.problems.append(f"{name}: not in the manifest")
+        return len(expected)
+
+    def dataset(self, entry: dict[str, Any]) -> tuple[bytes, pd.DataFrame]:
+        """A member's token and its validated table; IntegrityError saying what is wrong."""
+        name = "data/" + entry["path"]
+        token = self.members.get(name)
+        if token is None:
+            raise IntegrityError(f"{name}: missing from the archive")
+        if name in self.altered:
+            raise IntegrityError(f"{name}: size or SHA-256 differs from the manifest (altered)")
+        try:
+            frame, _ = decode_table(self.ring.decrypt(token))
+            validate_bars(frame)
+        except InvalidToken:
+            raise IntegrityError(f"{name}: does not decrypt with the key ring") from None
+        except (ValueError, InvalidPayload) as exc:
+            raise IntegrityError(f"{name}: decrypts but is not a valid dataset ({exc})") from None
+        if len(frame) != entry["rows"]:
+            raise IntegrityError(f"{name}: {len(frame)} rows, the manifest says {entry['rows']}")
+        return token, frame
+
+
+def _safe_member_name(name: str) -> bool:
+    if name in (MANIFEST_MEMBER, CANARY_MEMBER):
+        return True
+    parts = Path(name).parts
+    if name.startswith("/") or "\\" in name or ".." in parts or not name.startswith("data/"):
+        return False
+    try:
+        DatasetId.from_relative_path(Path(*parts[1:]))
+    except (UsageError, TypeError):
+        return False
+    return True
+
+
+def verify_backup(archive: Path, ring: KeyRing, sample: int | None) -> VerifyReport:
+    """Check members against the manifest, then decrypt and validate `sample` datasets
+    (all of them when None)."""
+    backup = BackupArchive(archive, ring)
+    report = VerifyReport(archive)
+    report.members_checked = backup.check_members()
+    entries = backup.entries()
+    chosen = entries if sample is None or sample >= len(entries) else random.sample(entries, sample)
+    for entry in chosen:
+        try:
+            backup.dataset(entry)
+            report.datasets_decrypted += 1
+        except IntegrityError as exc:
+            report.problems.append(str(exc))
+    report.problems[:0] = backup.problems
+    return report
+
+
+@dataclass
+class RecoverReport:
+    key_source: str
+    relinked: bool
+    checked: int = 0
+    restored: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CleanupReport:
+    dry_run: bool
+    trimmed: list[tuple[str, int]] = field(default_factory=list)  # dataset, rows removed
+    removed_files: list[Path] = field(default_factory=list)
+    pruned_backups: list[Path] = field(default_factory=list)
+    temp_files: list[Path] = field(default_factory=list)
+    bytes_freed: int = 0
+
+
+def retention_cutoff(days: int, today: date | None = None) -> date:
+    """Bars dated on or after this day are kept; older ones go."""
+    return (today or market_today()) - timedelta(days=days)
+
+
+# =========================================================================================
+# 11. The library's front door
 # =========================================================================================
 
 CANARY_NAME = "canary.fernet"
@@ -1613,13 +2011,16 @@ class SecureOHLCVDownloader:
         backend = sources.backend
         # No backend is sound when the variable holds the keys (the headless case); an
         # insecure one is sound but warned about (read_key_sources adds the warning).
-        checks.append(Check("keyring backend", backend.usable or bool(sources.env_keys),
+        headless = not backend.usable and bool(sources.env_keys)
+        checks.append(Check("keyring backend", backend.usable or headless,
                             f"{backend.name}: " + ("secure" if backend.secure else
-                                                   backend.problem)))
+                                                   "none; keys come from OHLCV_ENCRYPTION_KEY "
+                                                   "(the headless fallback)" if headless
+                                                   else backend.problem)))
         kr = sources.keyring_keys
         checks.append(Check("keyring entry", not sources.keyring_problem or bool(sources.env_keys),
                             f"{len(kr)} key(s), primary {kr[0].fingerprint}" if kr
-                            else sources.keyring_problem or "empty"))
+                            else "no backend" if headless else sources.keyring_problem or "empty"))
         env = sources.env_keys
         checks.append(Check("OHLCV_ENCRYPTION_KEY", True,
                             f"{len(env)} key(s), primary {env[0].fingerprint}" if env else "not set"))
@@ -1660,7 +2061,8 @@ class SecureOHLCVDownloader:
                  on_result: Callable[[DatasetResult], None] | None = None) -> DownloadReport:
         """Bring each symbol's dataset up to date, within the rate limits. Per-symbol
         failures are in the report; the quota running out stops the run cleanly."""
-        if interval in INTRADAY and month is None:
+        trailing = interval in INTRADAY and month is None
+        if trailing:
             month = datetime.now(MARKET_TZ).strftime("%Y-%m")
         elif interval not in INTRADAY and month is not None:
             raise UsageError("--month applies to intraday intervals only.")
@@ -1682,8 +2084,7 @@ class SecureOHLCVDownloader:
             remove_temp_files(store.root)
             limiter = RateLimiter(self.settings, api_keys)
             client = AlphaVantageClient(self.settings, limiter, stats)
-            worker = DatasetDownloader(store, client, demo=api_keys == ["demo"],
-                                       premium=self.settings.rate_limit_per_minute > 0)
+            worker = DatasetDownloader(store, client)
             stop = threading.Event()
             fatal: list[OHLCVError] = []
 
@@ -1691,7 +2092,7 @@ class SecureOHLCVDownloader:
                 if stop.is_set():
                     return DatasetResult(dataset, "pending")
                 try:
-                    return worker.run(dataset, full, now)
+                    return worker.run(dataset, full, now, trailing)
                 except QuotaExhausted:
                     stop.set()
                     return DatasetResult(dataset, "pending")
@@ -1773,6 +2174,209 @@ class SecureOHLCVDownloader:
             quota.append({"key": fp, "day": state["day"], "used": state["used"],
                           "limit": self.settings.rate_limit_per_day or None, "left": daily.left()})
         return {"datasets": datasets, "quota": quota, "pending": sorted(PendingQueue(self.settings).load())}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def use_keys(self, keys: list[StoredKey]) -> None:
+        """Switch this run to a key ring just stored (rotation, recovery)."""
+        self._key_ring = KeyRing(keys)
+
+    def rotate_key(self) -> RotationReport:
+        """A new primary key, every dataset re-encrypted under it; resumable."""
+        return KeyRotation(self).run()
+
+    def backup(self, dest: Path | None = None) -> BackupReport:
+        return BackupWriter(self).write(dest)
+
+    def verify_backup(self, archive: Path | None = None, sample: int | None = 5) -> VerifyReport:
+        if archive is None:
+            archives = backup_archives(self.settings.backup_dir)
+            if not archives:
+                raise UsageError(f"no backup archive in {self.settings.backup_dir}; run backup first.")
+            archive = archives[-1]
+        if not archive.is_file():
+            raise UsageError(f"{archive} is not a file.")
+        return verify_backup(archive, self.key_ring(), sample)
+
+    def remove_key(self, key_fp: str, confirm: bool) -> tuple[list[str], bool]:
+        """Drop a retired key from the keyring's ring. Returns the backups that need it
+        (they become unreadable) and whether it was removed (only with `confirm`)."""
+        ring = self.key_ring()
+        target = [k for k in ring.keys if k.fingerprint == key_fp]
+        if not target:
+            raise UsageError(f"no key with fingerprint {key_fp} in the ring "
+                             f"({', '.join(ring.fingerprints())}).")
+        if target[0] is ring.primary:
+            raise UsageError("the primary key cannot be removed; rotate first (--rotate-key).")
+        if self.key_source != KeyringKeyStore.label:
+            raise UsageError("keys come from OHLCV_ENCRYPTION_KEY: remove the key from the "
+                             "variable yourself, after checking the backups listed here.")
+        needed = []
+        for archive in backup_archives(self.settings.backup_dir):
+            backup = BackupArchive(archive, ring)
+            keys = {e.get("key") for e in backup.entries()}
+            if key_fp in keys or backup.problems:
+                needed.append(archive.name)
+        with DataDirLock(self.settings.data_dir, self.settings.lock_timeout, self.settings.file_mode):
+            for path in dataset_files(self.settings.data_dir):
+                if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
+                    raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
+                                         "the rotation (--rotate-key) first.")
+            if confirm:
+                keys = [k for k in ring.keys if k.fingerprint != key_fp]
+                self.keyring_store.save(keys)
+                self.use_keys(keys)
+        return needed, confirm
+
+    def recover(self, from_backup: Path | None = None, key_file: Path | None = None,
+                prompt: Callable[[], str] | None = None) -> RecoverReport:
+        """On a rebuilt machine: re-link the keys, check every dataset, and restore from
+        `from_backup` what is missing or broken, never overwriting a sound file."""
+        s = self.settings
+        for directory in (s.data_dir, s.backup_dir, s.state_dir):
+            ensure_private_dir(directory, s.dir_mode)
+        keys, source = self._recovery_keys(key_file, prompt)
+        report = RecoverReport(source, False)
+        sources = read_key_sources(s, self.keyring_store)
+        if sources.backend.usable and not sources.keyring_problem:
+            kept = [replace(k, status="retired") for k in sources.keyring_keys or []
+                    if k.key not in {n.key for n in keys}]
+            if (sources.keyring_keys or []) != keys + kept:
+                self.keyring_store.save(keys + kept)
+                report.relinked = True
+            keys = keys + kept
+        elif source.startswith(("key file", "prompt")):
+            write_env_key(s.env_file, ",".join(k.key for k in keys), s.file_mode)
+            report.warnings.append(f"no usable OS keyring: the keys were written to {s.env_file} "
+                                   f"(mode {s.file_mode:04o}) as OHLCV_ENCRYPTION_KEY.")
+        self.use_keys(keys)
+        self.key_source = source
+        ring = self.key_ring()
+        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode):
+            remove_temp_files(s.data_dir)
+            archive = BackupArchive(from_backup, ring) if from_backup else None
+            if archive is not None:
+                archive.check_members()
+                report.warnings += [f"backup: {p}" for p in archive.problems]
+            store = EncryptedStore(s, ring)
+            broken = set()
+            for path in dataset_files(s.data_dir):
+                report.checked += 1
+                try:
+                    validate_bars(store.read_file(path)[0])
+                except (IntegrityError, InvalidPayload) as exc:
+                    broken.add(path.relative_to(s.data_dir).as_posix())
+                    log.warning("recover: %s", exc)
+            for entry in archive.entries() if archive is not None else []:
+                rel = entry["path"]
+                target = s.data_dir / rel
+                if target.exists() and rel not in broken:
+                    continue  # a sound file in the store is never overwritten
+                try:
+                    token, _ = archive.dataset(entry)
+                except IntegrityError as exc:
+                    report.failed.append(str(exc))
+                    continue
+                ensure_private_dir(target.parent, s.dir_mode)
+                atomic_write(target, token, s.file_mode)
+                broken.discard(rel)
+                report.restored.append(rel)
+            report.failed += [f"{rel}: does not decrypt or validate, and no backup copy"
+                              for rel in sorted(broken)]
+            if not self.canary_path.exists():
+                canary = archive.members.get(CANARY_MEMBER) if archive is not None else None
+                if canary is None or ring.decrypt(canary) != CANARY_TEXT:
+                    canary = ring.encrypt(CANARY_TEXT)
+                atomic_write(self.canary_path, canary, s.file_mode)
+            else:
+                self._check_canary(ring)
+        log.info("recover: %d checked, %d restored, %d failed", report.checked,
+                 len(report.restored), len(report.failed))
+        return report
+
+    def _recovery_keys(self, key_file: Path | None,
+                       prompt: Callable[[], str] | None) -> tuple[list[StoredKey], str]:
+        if key_file is not None:
+            return parse_key_text(read_key_file(key_file)), f"key file {key_file}"
+        if self.settings.encryption_keys:
+            return EnvKeyStore(self.settings).load() or [], EnvKeyStore.label
+        sources = read_key_sources(self.settings, self.keyring_store)
+        if sources.keyring_keys:
+            return sources.keyring_keys, KeyringKeyStore.label
+        if prompt is not None:
+            return parse_key_text(prompt()), "prompt"
+        raise KeyStoreError("no key to recover with: set OHLCV_ENCRYPTION_KEY, give "
+                            "--key-file FILE, or run on a terminal to type the key.")
+
+    def cleanup(self, dry_run: bool = False) -> CleanupReport:
+        """Apply OHLCV_RETENTION_DAYS, prune old archives, remove crashed writers' temp files."""
+        s = self.settings
+        report = CleanupReport(dry_run)
+        store = self.store()
+        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode, record=not dry_run):
+            for root in (s.data_dir, s.state_dir, s.backup_dir):
+                temps = [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.is_file()] if root.exists() else []
+                report.temp_files += temps
+                report.bytes_freed += sum(p.stat().st_size for p in temps)
+                if not dry_run:
+                    for path in temps:
+                        path.unlink()
+            if s.retention_days:
+                self._apply_retention(store, retention_cutoff(s.retention_days), report)
+            pruned = prune_backups(s.backup_dir, s.backup_keep, dry_run=True)
+            report.bytes_freed += sum(p.stat().st_size for p in pruned)
+            report.pruned_backups = pruned if dry_run else prune_backups(s.backup_dir, s.backup_keep)
+        return report
+
+    def _apply_retention(self, store: EncryptedStore, cutoff: date, report: CleanupReport) -> None:
+        for path in dataset_files(store.root):
+            dataset = DatasetId.from_relative_path(path.relative_to(store.root))
+            if dataset.month is not None:
+                year, number = map(int, dataset.month.split("-"))
+                if date(year, number, 1) >= cutoff:
+                    continue  # the whole month is inside the window: no need to decrypt
+            frame, meta = store.read_file(path)
+            keep = frame[frame["timestamp"].dt.date >= cutoff].reset_index(drop=True)
+            if len(keep) == len(frame):
+                continue
+            report.trimmed.append((str(dataset), len(frame) - len(keep)))
+            size = path.stat().st_size
+            if keep.empty:
+                report.removed_files.append(path)
+                report.bytes_freed += size
+                if not report.dry_run:
+                    path.unlink()
+            elif not report.dry_run:
+                store.write(dataset, keep, meta)
+                report.bytes_freed += max(size - path.stat().st_size, 0)
+
+
+def read_key_file(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read --key-file {path}: {exc.strerror}.") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("key file %s is readable by group or others (mode %04o)", path,
+                    stat.S_IMODE(mode))
+    return text
+
+
+def parse_key_text(text: str) -> list[StoredKey]:
+    """Keys typed or kept in a file: comma or newline separated, '#' comments, and an
+    optional `OHLCV_ENCRYPTION_KEY=` in front. Primary first."""
+    text = re.sub(r"#.*", "", text)
+    text = re.sub(r"(?m)^\s*(export\s+)?OHLCV_ENCRYPTION_KEY\s*=", "", text)
+    values = [v.strip().strip("'\"") for v in re.split(r"[,\s]+", text) if v.strip()]
+    if not values:
+        raise KeyStoreError("no key given.")
+    for position, value in enumerate(values, 1):
+        problem = fernet_key_problem(value)
+        if problem:
+            raise KeyStoreError(f"key {position} {problem} (the value is not shown).")
+        redact.add(value)
+    return [StoredKey(v, "primary" if i == 0 else "retired") for i, v in enumerate(values)]
 
 
 def _bound(value: str | date, stamps: pd.Series) -> pd.Timestamp:
