@@ -87,6 +87,9 @@ VARIABLES: tuple[Variable, ...] = (
              "Seconds to wait for another run's data-directory lock before giving up."),
     Variable("OHLCV_DIR_MODE", "0700", "Mode of every directory the tool creates."),
     Variable("OHLCV_FILE_MODE", "0600", "Mode of every file the tool creates."),
+    Variable("OHLCV_METRICS_FILE_MODE", "0644",
+             "Mode of the metrics file: node_exporter, another user, must read it; it holds "
+             "counts and key fingerprints, never a key."),
 )
 VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)
 _DEFAULTS = {v.name: v.default for v in VARIABLES}
@@ -144,6 +147,7 @@ class Settings:
     lock_timeout: float
     dir_mode: int
     file_mode: int
+    metrics_file_mode: int
     env_file: Path = Path(ENV_FILE)
     encryption_key_in_env_file: bool = False  # OHLCV_ENCRYPTION_KEY came from .env, not the environment
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -186,7 +190,7 @@ def _seconds(name: str, raw: str) -> float:
     return value
 
 
-def _mode(name: str, raw: str, *, directory: bool) -> int:
+def _mode(name: str, raw: str, *, directory: bool, others_may_read: bool = False) -> int:
     try:
         value = int(raw.strip(), 8)
     except ValueError:
@@ -197,7 +201,7 @@ def _mode(name: str, raw: str, *, directory: bool) -> int:
         raise ConfigError(f"{name}={raw.strip()} must give the owner "
                           f"{'read, write and search' if directory else 'read and write'} "
                           "and use only permission bits (e.g. 0700 / 0600).")
-    if value & stat.S_IRWXO:
+    if value & (stat.S_IWOTH | stat.S_IXOTH if others_may_read else stat.S_IRWXO):
         raise ConfigError(f"{name}={raw.strip()} grants access to all users; the data is "
                           "confidential. Use 0700/0600, or 0750/0640 to share with a group.")
     return value
@@ -331,6 +335,8 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
         lock_timeout=_seconds("OHLCV_LOCK_TIMEOUT", get("OHLCV_LOCK_TIMEOUT")),
         dir_mode=_mode("OHLCV_DIR_MODE", get("OHLCV_DIR_MODE"), directory=True),
         file_mode=_mode("OHLCV_FILE_MODE", get("OHLCV_FILE_MODE"), directory=False),
+        metrics_file_mode=_mode("OHLCV_METRICS_FILE_MODE", get("OHLCV_METRICS_FILE_MODE"),
+                                directory=False, others_may_read=True),
         env_file=cwd / ENV_FILE,
         encryption_key_in_env_file="OHLCV_ENCRYPTION_KEY" not in environ
         and bool(file_values.get("OHLCV_ENCRYPTION_KEY", "").strip()),

@@ -19,7 +19,10 @@ import io
 import json
 import logging
 import sys
+import time
 from collections import Counter
+from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,14 +30,18 @@ import pandas as pd
 
 from config import ConfigError, load_settings
 from secure_ohlcv_downloader import (
+    GUIDE_BYTES_PER_TICKER_DAY,
     INTERVALS,
     DatasetResult,
     OHLCVError,
+    RunRecord,
     SecureOHLCVDownloader,
     UsageError,
     atomic_write,
     configure_logging,
+    estimate,
     redact,
+    write_metrics,
 )
 
 log = logging.getLogger("secure_ohlcv.cli")
@@ -175,15 +182,56 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
             if "error" in row:
                 print(f"{row['dataset']:<28} UNREADABLE: {row['error']}")
             else:
-                partial = "  partial history" if row["partial_history"] else ""
-                print(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:19]} .. "
-                      f"{row['last_bar'][:19]}  updated {row['updated_at']}  key {row['key']}{partial}")
+                notes = ("  STALE" if row["stale"] else "") + (
+                    "  partial history" if row["partial_history"] else "")
+                print(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:10]} .. "
+                      f"{row['last_bar'][:19]} ({row['age_days']} d old)  updated "
+                      f"{row['updated_at']}  key {row['key']}{notes}")
+        for command, run in sorted(status["runs"].items()):
+            when = datetime.fromtimestamp(run["last_run"], timezone.utc).isoformat(timespec="seconds")
+            ok = run.get("last_success")
+            print(f"last {command}: {when}, exit {run['exit_code']}" + (
+                "" if run["exit_code"] == 0 else ", last success " + (
+                    datetime.fromtimestamp(ok, timezone.utc).isoformat(timespec="seconds")
+                    if ok else "never")))
         for quota in status["quota"]:
             limit = quota["limit"] or "unlimited"
-            print(f"quota {quota['key']}: {quota['used']} of {limit} used on {quota['day']}")
+            left = "" if quota["left"] is None else f", {quota['left']} left"
+            print(f"quota {quota['key']}: {quota['used']} of {limit} used on {quota['day']}{left}")
         if status["pending"]:
             print("pending from the last run: " + ", ".join(status["pending"]))
     return 5 if any("error" in row for row in status["datasets"]) else 0
+
+
+def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    try:
+        store = app.store() if any(app.store().datasets()) else None
+    except (OHLCVError, FileNotFoundError):
+        store = None  # not initialised yet: estimate from the documented defaults
+    e = estimate(app.settings, store, args.symbols, args.interval, args.years)
+    source = "measured in this store" if e.measured else "documented default (store empty)"
+    mb = 2**20
+    print(f"{e.symbols} symbols, {e.interval} bars, {e.years:g} years")
+    print(f"  bytes per bar:     {e.bytes_per_bar:.1f} ({source})")
+    print(f"  per ticker per day: {e.bytes_per_ticker_day:,.0f} bytes; the operations guide plans "
+          f"for {GUIDE_BYTES_PER_TICKER_DAY[0] // 1000}-{GUIDE_BYTES_PER_TICKER_DAY[1] // 1000} KB")
+    print(f"  storage:           {e.storage_bytes / mb:,.1f} MB")
+    print(f"  backups:           {e.backup_bytes / mb:,.1f} MB ({app.settings.backup_keep} archives "
+          f"kept); plan for at least {(e.storage_bytes + e.backup_bytes) / mb:,.1f} MB in all")
+    print(f"  full backfill:     {e.backfill_requests:,} requests, {_duration(e.backfill_seconds)}")
+    print(f"  daily refresh:     {e.refresh_requests:,} requests, {_duration(e.refresh_seconds)}")
+    print(f"  at {app.settings.rate_limit_per_second:g}/s, "
+          f"{app.settings.rate_limit_per_minute or 'no'} per minute, "
+          f"{app.settings.rate_limit_per_day or 'no'} per day per key")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 86400:
+        return f"{seconds / 86400:,.1f} days (the daily quota spreads it out)"
+    if seconds >= 3600:
+        return f"{seconds / 3600:,.1f} hours"
+    return f"{seconds / 60:,.1f} minutes" if seconds >= 60 else f"{seconds:,.1f} seconds"
 
 
 def cmd_rotate_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
@@ -284,6 +332,8 @@ COMMANDS: dict[str, tuple[Handler, str, str]] = {
                f"python {PROG} export IBM --start 2024-01-01 -o ibm.csv"),
     "status": (cmd_status, "list stored datasets and today's API quota use",
                f"python {PROG} status --json"),
+    "estimate": (cmd_estimate, "storage, requests and time for a universe of symbols",
+                 f"python {PROG} estimate --symbols 500 --years 20"),
     "rotate-key": (cmd_rotate_key, "new primary key; re-encrypt every dataset (resumable)",
                    f"python {PROG} --rotate-key"),
     "remove-key": (cmd_remove_key, "remove a retired key after listing the backups that need it",
@@ -323,6 +373,10 @@ def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
                             help="file to write, or - for stdout (default)")
     elif name == "status":
         parser.add_argument("--json", action="store_true", help="machine-readable output")
+    elif name == "estimate":
+        parser.add_argument("--symbols", type=int, required=True, metavar="N")
+        parser.add_argument("--interval", default="daily", choices=INTERVALS)
+        parser.add_argument("--years", type=float, default=20.0, metavar="Y")
     elif name == "remove-key":
         parser.add_argument("fingerprint", metavar="FINGERPRINT")
         parser.add_argument("--yes", action="store_true", help="really remove it")
@@ -364,8 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_, example) in COMMANDS.items():
-        add_command_options(name, sub.add_parser(name, help=help_,
-                                                 description=f"{help_}. Example: {example}"))
+        command = sub.add_parser(name, help=help_, description=f"{help_}. Example: {example}")
+        command.add_argument("--metrics-file", metavar="FILE",
+                             help="write Prometheus metrics here (overrides OHLCV_METRICS_FILE)")
+        add_command_options(name, command)
     return parser
 
 
@@ -384,38 +440,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    started = time.monotonic()
+    app: SecureOHLCVDownloader | None = None
     try:
         settings = load_settings()
+        if args.metrics_file:
+            settings = replace(settings, metrics_file=Path(args.metrics_file).resolve())
         configure_logging(settings)
         for warning in settings.warnings:
             say(f"warning: {warning}")
         app = SecureOHLCVDownloader(settings)
         log.info("command %s started", args.command)
+        app.monitor.snapshot("start")
         code = COMMANDS[args.command][0](app, args)
         for warning in app.warnings[len(settings.warnings):]:
             say(f"warning: {warning}")
-        log.info("command %s finished with exit code %d", args.command, code)
-        return code
     except ConfigError as exc:
         say(f"configuration error: {exc}")
-        return 3
+        return 3  # no settings: nothing to record, no metrics file to write
     except OHLCVError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         say(f"error: {exc}")
-        return exc.exit_code
+        code = exc.exit_code
     except OSError as exc:
         log.error("I/O error: %s", exc)
         say(f"error: {exc.strerror or exc}"
             + (f": {exc.filename}" if exc.filename else "") + " (nothing stored was changed)")
-        return 1
+        code = 1
     except KeyboardInterrupt:
         say("interrupted")
-        return 130
+        code = 130
     except Exception:  # the last boundary: a traceback goes to the (redacted) log only
         log.exception("internal error")
         say("internal error: see the log file for the traceback; please report it.")
-        return 1
+        code = 1
+    if app is not None:
+        finish(app, args.command, code, time.monotonic() - started)
+    return code
 
+
+def finish(app: SecureOHLCVDownloader, command: str, code: int, duration: float) -> None:
+    """Record the run and write the metrics file; a failure here is reported, not fatal."""
+    try:
+        app.monitor.snapshot("end")
+        runs = RunRecord(app.settings).record(command, code, time.time())
+        if app.settings.metrics_file is not None:
+            write_metrics(app.settings.metrics_file, app.settings.metrics_file_mode, command,
+                          duration, app.monitor.peak(), runs, app.facts)
+    except (OSError, OHLCVError) as exc:
+        log.error("could not record the run or write metrics: %s", exc)
+        say(f"warning: could not record the run or write the metrics file: {exc}")
+    log.info("command %s finished with exit code %d in %.2f s", command, code, duration)
 
 if __name__ == "__main__":
     sys.exit(main())

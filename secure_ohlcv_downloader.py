@@ -15,7 +15,9 @@ Read top to bottom; the sections follow the data:
                           PendingQueue (what the quota left undone)
    10. Lifecycle       -- KeyRotation, BackupWriter, BackupArchive (hostile-archive safe),
                           verify_backup, retention and pruning helpers
-   11. Front door      -- SecureOHLCVDownloader: init, check_keys, download, load, status,
+   11. Monitoring      -- ResourceMonitor (psutil), RunRecord, write_metrics (Prometheus
+                          text file), estimate (capacity)
+   12. Front door      -- SecureOHLCVDownloader: init, check_keys, download, load, status,
                           rotate_key, remove_key, backup, verify_backup, recover, cleanup
 
 `python secure_ohlcv_downloader.py ARGS` runs the same command line as secure_ohlcv_cli.py.
@@ -32,6 +34,7 @@ import logging
 import logging.handlers
 import os
 import re
+import resource
 import secrets
 import stat
 import tarfile
@@ -54,11 +57,13 @@ import keyring.backend
 import keyring.errors
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 import requests.adapters
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from config import KEYRING_SERVICE, ConfigError, Settings, fernet_key_problem, load_settings
 
@@ -133,6 +138,10 @@ class PremiumParameter(ApiError):
 
 class InvalidPayload(ApiError):
     """The answer looked like data but is not a valid series; nothing of it is stored."""
+
+
+class DiskSpaceLow(OHLCVError):
+    """Free disk is below OHLCV_MIN_FREE_DISK_MB: no write is started."""
 
 
 # ConfigError lives in config.py (which must not import this module); it maps to exit 3.
@@ -294,6 +303,40 @@ def atomic_write(path: Path, data: bytes, file_mode: int) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def locked_json(path: Path, load: Callable[[], dict[str, Any]], file_mode: int,
+                dir_mode: int) -> Iterator[dict[str, Any]]:
+    """Read-modify-write of a small JSON state file, serialised between processes by a
+    flock on a sibling `.lock` file; written back atomically only when it changed."""
+    ensure_private_dir(path.parent, dir_mode)
+    fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, file_mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        state = load()
+        before = json.dumps(state, sort_keys=True)
+        yield state
+        if json.dumps(state, sort_keys=True) != before:
+            atomic_write(path, json.dumps(state).encode(), file_mode)
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or its nearest existing parent)."""
+    while not path.exists():
+        path = path.parent
+    return psutil.disk_usage(str(path)).free
+
+
+def require_free_disk(path: Path, floor: int, needed: int) -> None:
+    """Refuse to start a write that would leave less than `floor` bytes free."""
+    free = free_disk(path)
+    if free - needed < floor:
+        raise DiskSpaceLow(f"only {free / 2**20:.0f} MB free for {path}, below "
+                           f"OHLCV_MIN_FREE_DISK_MB={floor // 2**20}; no write was started "
+                           "and stored data is intact. Free some space, then run again.")
 
 
 def remove_temp_files(root: Path) -> list[Path]:
@@ -640,20 +683,8 @@ class DailyQuota:
         self.file_mode = settings.file_mode
         self.dir_mode = settings.dir_mode
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        ensure_private_dir(self.path.parent, self.dir_mode)
-        fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
-                     self.file_mode)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            state = self.read()
-            before = dict(state)
-            yield state
-            if state != before:
-                atomic_write(self.path, json.dumps(state).encode(), self.file_mode)
-        finally:
-            os.close(fd)  # closing drops the flock
+    def _locked(self) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        return locked_json(self.path, self.read, self.file_mode, self.dir_mode)
 
     def read(self) -> dict[str, Any]:
         today = market_today().isoformat()
@@ -1172,15 +1203,56 @@ class DatasetId:
 
 
 _META_KEY = b"secure_ohlcv"
+# Prices arrive as decimal strings with a few decimals. Stored as integers at the smallest
+# exact scale, delta-encoded, they take a third of the bytes of float64 (bench/RESULTS.md),
+# and come back bit-identical: round(x * 10**d) / 10**d is the float nearest the decimal.
+MAX_SCALE = 8
+_INT_ENCODING = "DELTA_BINARY_PACKED"
+
+
+def _exact_scale(values: np.ndarray) -> int | None:
+    """The fewest decimals that represent every value exactly, or None (kept as float64)."""
+    if not np.isfinite(values).all():
+        return None
+    for decimals in range(MAX_SCALE + 1):
+        scaled = np.round(values * 10.0**decimals)
+        if np.abs(scaled).max(initial=0) >= 2**53:
+            return None
+        if np.array_equal(scaled / 10.0**decimals, values):
+            return decimals
+    return None
 
 
 def encode_table(frame: pd.DataFrame, meta: dict[str, Any]) -> bytes:
-    """A frame as Parquet bytes, with our schema version and `meta` in the file metadata."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    payload = dict(meta, schema_version=SCHEMA_VERSION)
-    table = table.replace_schema_metadata({_META_KEY: json.dumps(payload).encode()})
+    """A frame as Parquet bytes, with our schema version and `meta` in the file metadata.
+
+    Daily and longer timestamps are stored as dates; float columns as scaled integers
+    where that is exact (the scale is in the metadata), else as float64."""
+    columns, scales, encodings = {}, {}, {}
+    for name in frame.columns:
+        values = frame[name]
+        if name == "timestamp" and values.dt.tz is None:
+            columns[name] = pa.array(values.dt.date, pa.date32())
+            encodings[name] = _INT_ENCODING
+        elif name == "timestamp":
+            columns[name] = pa.array(values)
+            encodings[name] = _INT_ENCODING
+        elif values.dtype.kind == "f" and (decimals := _exact_scale(values.to_numpy())) is not None:
+            scales[name] = decimals
+            columns[name] = pa.array(np.round(values.to_numpy() * 10.0**decimals).astype("int64"))
+            encodings[name] = _INT_ENCODING
+        elif values.dtype.kind == "f":
+            columns[name] = pa.array(values.to_numpy())
+            encodings[name] = "BYTE_STREAM_SPLIT"
+        else:
+            columns[name] = pa.array(values.to_numpy())
+            if values.dtype.kind in "iu":
+                encodings[name] = _INT_ENCODING
+    payload = dict(meta, schema_version=SCHEMA_VERSION, scales=scales)
+    table = pa.table(columns).replace_schema_metadata({_META_KEY: json.dumps(payload).encode()})
     sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", use_dictionary=False,
+                   column_encoding=encodings)
     return sink.getvalue()
 
 
@@ -1193,11 +1265,20 @@ def decode_table(data: bytes) -> tuple[pd.DataFrame, dict[str, Any]]:
     raw = (table.schema.metadata or {}).get(_META_KEY)
     if raw is None:
         raise ValueError("no secure_ohlcv metadata")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ValueError("unreadable secure_ohlcv metadata") from None
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"schema version {meta.get('schema_version')!r}, "
                          f"this program reads {SCHEMA_VERSION}")
-    return table.to_pandas(), meta
+    if "timestamp" in table.column_names and pa.types.is_date32(table.schema.field("timestamp").type):
+        index = table.column_names.index("timestamp")
+        table = table.set_column(index, "timestamp", table["timestamp"].cast(pa.timestamp("us")))
+    frame = table.to_pandas()
+    for name, decimals in meta.get("scales", {}).items():
+        frame[name] = frame[name].to_numpy() / 10.0**decimals
+    return frame, meta
 
 
 class EncryptedStore:
@@ -1209,6 +1290,7 @@ class EncryptedStore:
         self.file_mode = settings.file_mode
         self.dir_mode = settings.dir_mode
         self.lock_timeout = settings.lock_timeout
+        self.disk_floor = settings.min_free_disk_mb * 2**20
 
     def path(self, dataset: DatasetId) -> Path:
         return self.root / dataset.relative_path()
@@ -1224,6 +1306,7 @@ class EncryptedStore:
         ensure_private_dir(path.parent, self.dir_mode)
         meta = dict(meta, symbol=dataset.symbol, dataset=dataset.name, written_at=utc_now_iso())
         token = self.key_ring.encrypt(encode_table(frame, meta))
+        require_free_disk(path.parent, self.disk_floor, len(token))
         atomic_write(path, token, self.file_mode)
         return len(token)
 
@@ -1342,6 +1425,7 @@ class DownloadReport:
     results: list[DatasetResult]
     stats: RunStats
     quota_exhausted: bool = False
+    memory_exceeded: bool = False
 
     @property
     def failed(self) -> list[DatasetResult]:
@@ -1353,7 +1437,9 @@ class DownloadReport:
 
     @property
     def exit_code(self) -> int:
-        return 4 if self.quota_exhausted else 1 if self.failed else 0
+        if self.quota_exhausted:
+            return 4
+        return 1 if self.failed or self.memory_exceeded else 0
 
 
 def merge_bars(stored: pd.DataFrame | None, fresh: pd.DataFrame, dataset: DatasetId) -> pd.DataFrame:
@@ -1875,7 +1961,214 @@ def retention_cutoff(days: int, today: date | None = None) -> date:
 
 
 # =========================================================================================
-# 11. The library's front door
+# 11. Monitoring: resources, run records, metrics, capacity
+# =========================================================================================
+
+class ResourceMonitor:
+    """psutil's view of this run: RSS against OHLCV_MAX_MEMORY_MB (warning at 80%, stop at
+    100%), CPU time, and free disk against OHLCV_MIN_FREE_DISK_MB before every write."""
+
+    WARN_AT = 0.8
+
+    def __init__(self, settings: Settings) -> None:
+        self.process = psutil.Process()
+        self.limit = settings.max_memory_mb * 2**20
+        self.disk_floor = settings.min_free_disk_mb * 2**20
+        self.data_dir = settings.data_dir
+        self.peak_rss = self.rss()
+        self._warned = False
+        self.started = time.monotonic()
+
+    def rss(self) -> int:
+        return self.process.memory_info().rss
+
+    def snapshot(self, label: str) -> None:
+        cpu = self.process.cpu_times()
+        log.info("resources at %s: rss %.1f MB (peak %.1f MB), cpu %.2f s, free disk %.0f MB",
+                 label, self.rss() / 2**20, self.peak() / 2**20, cpu.user + cpu.system,
+                 self.free_disk() / 2**20)
+
+    def peak(self) -> int:
+        # ru_maxrss is the kernel's own high-water mark (KiB on Linux): nothing is missed
+        # between our samples.
+        self.peak_rss = max(self.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        return self.peak_rss
+
+    def free_disk(self) -> int:
+        return free_disk(self.data_dir)
+
+    def memory_ok(self) -> bool:
+        """False once RSS reaches the limit: finish the dataset in hand, start no other."""
+        rss = self.rss()
+        self.peak_rss = max(self.peak_rss, rss)
+        if rss >= self.limit:
+            log.error("memory: rss %.1f MB reached OHLCV_MAX_MEMORY_MB=%d; stopping cleanly",
+                      rss / 2**20, self.limit // 2**20)
+            return False
+        if rss >= self.WARN_AT * self.limit and not self._warned:
+            self._warned = True
+            log.warning("memory: rss %.1f MB is over 80%% of OHLCV_MAX_MEMORY_MB=%d",
+                        rss / 2**20, self.limit // 2**20)
+        return True
+
+
+
+RUNS_NAME = "runs.json"
+
+
+class RunRecord:
+    """Last run, exit code and last success per command (state/runs.json), for `status`
+    and for the metrics file, which would otherwise forget the other commands."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.path = settings.state_dir / RUNS_NAME
+        self.settings = settings
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def record(self, command: str, exit_code: int, finished: float) -> dict[str, Any]:
+        if not self.settings.state_dir.is_dir():
+            return {command: {"last_run": finished, "exit_code": exit_code}}
+        with locked_json(self.path, self.read, self.settings.file_mode,
+                         self.settings.dir_mode) as runs:
+            entry = runs.setdefault(command, {})
+            entry["last_run"], entry["exit_code"] = finished, exit_code
+            if exit_code == 0:
+                entry["last_success"] = finished
+            return json.loads(json.dumps(runs))
+
+
+def write_metrics(path: Path, file_mode: int, command: str, duration: float, peak_rss: int,
+                  runs: dict[str, Any], facts: dict[str, Any]) -> None:
+    """The Prometheus text file for node_exporter's textfile collector, written atomically
+    by prometheus_client (temp file + rename). Labels carry fingerprints, never keys."""
+    registry = CollectorRegistry()
+
+    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+        return Gauge(name, doc, labels, registry=registry)
+
+    stats: RunStats | None = facts.get("stats")
+    if stats is not None:
+        by_outcome = gauge("ohlcv_requests_total", "API requests of the last run by outcome", ("outcome",))
+        for outcome, count in stats.requests.items():
+            by_outcome.labels(outcome).set(count)
+        gauge("ohlcv_throttled_total", "Throttled answers in the last run").set(stats.requests["throttled"])
+        gauge("ohlcv_retries_total", "Retries in the last run").set(stats.retries)
+        gauge("ohlcv_bytes_downloaded_total", "Bytes downloaded in the last run").set(stats.bytes_downloaded)
+    if "results" in facts:
+        datasets = gauge("ohlcv_datasets_total", "Datasets of the last download by result", ("result",))
+        counts = Counter(r.outcome for r in facts["results"])
+        for result in ("updated", "current", "failed", "pending"):
+            datasets.labels(result).set(counts[result])
+        gauge("ohlcv_rows_written_total", "Rows added in the last download").set(
+            sum(r.added for r in facts["results"]))
+    if facts.get("quota"):
+        quota_used = gauge("ohlcv_quota_used", "API requests used today per key", ("key",))
+        quota_left = gauge("ohlcv_quota_left", "API requests left today per key", ("key",))
+        for key_fp, used, left in facts["quota"]:
+            quota_used.labels(key_fp).set(used)
+            if left is not None:  # unlimited plans have no figure to show
+                quota_left.labels(key_fp).set(left)
+    for name, doc in (("verify_members_checked", "Archive members checked by the last verify"),
+                      ("verify_datasets_decrypted", "Datasets decrypted by the last verify"),
+                      ("verify_problems", "Problems found by the last verify"),
+                      ("backup_datasets", "Datasets in the last backup"),
+                      ("backup_bytes", "Size of the last backup archive")):
+        if name in facts:
+            gauge("ohlcv_" + name, doc).set(facts[name])
+    gauge("ohlcv_run_duration_seconds", "Duration of the last run", ("command",)).labels(command).set(duration)
+    gauge("ohlcv_peak_rss_bytes", "Peak resident memory of the last run", ("command",)).labels(command).set(peak_rss)
+    last_run = gauge("ohlcv_last_run_timestamp_seconds", "When each command last ran", ("command",))
+    last_code = gauge("ohlcv_last_exit_code", "Exit code of each command's last run", ("command",))
+    last_ok = gauge("ohlcv_last_success_timestamp_seconds", "When each command last succeeded", ("command",))
+    for name, entry in runs.items():
+        last_run.labels(name).set(entry["last_run"])
+        last_code.labels(name).set(entry["exit_code"])
+        if "last_success" in entry:
+            last_ok.labels(name).set(entry["last_success"])
+    # The same temp-file-and-rename as prometheus_client's write_to_textfile, but through
+    # atomic_write, so the file has its configured mode from its first byte (the library's
+    # temp file takes whatever the umask gives) and is fsynced.
+    atomic_write(path, generate_latest(registry), file_mode)
+
+
+# Bars a year per interval: 252 sessions; intraday counts extended hours (04:00-20:00 ET).
+BARS_PER_YEAR = {"daily": 252, "weekly": 52, "monthly": 12, "1min": 252 * 960,
+                 "5min": 252 * 192, "15min": 252 * 64, "30min": 252 * 32, "60min": 252 * 16}
+# Measured on the emulator's synthetic histories (about 17 bytes a daily bar after
+# encryption, 21 adjusted); used until this store has data of its own to measure.
+DEFAULT_BYTES_PER_BAR = {"daily": 18, "weekly": 25, "monthly": 30}
+DEFAULT_INTRADAY_BYTES_PER_BAR = 15
+GUIDE_BYTES_PER_TICKER_DAY = (1_000, 5_000)  # the operations guide's "1-5 KB per ticker per day"
+
+
+@dataclass
+class Estimate:
+    symbols: int
+    interval: str
+    years: float
+    bytes_per_bar: float
+    measured: bool
+    storage_bytes: float
+    backup_bytes: float
+    backfill_requests: int
+    refresh_requests: int
+    backfill_seconds: float
+    refresh_seconds: float
+    bytes_per_ticker_day: float
+
+
+def estimate(settings: Settings, store: EncryptedStore | None, symbols: int, interval: str,
+             years: float) -> Estimate:
+    """Storage, requests and time for `symbols` symbols, from this store's own bytes per
+    bar where it has data of that interval."""
+    bytes_per_bar, measured = _measured_bytes_per_bar(store, interval)
+    if bytes_per_bar is None:
+        bytes_per_bar = DEFAULT_BYTES_PER_BAR.get(interval, DEFAULT_INTRADAY_BYTES_PER_BAR)
+    bars = symbols * years * BARS_PER_YEAR[interval]
+    storage = bars * bytes_per_bar
+    if interval in INTRADAY:
+        backfill = symbols * max(1, math.ceil(years * 12))  # one request per symbol and month
+    else:
+        backfill = symbols  # daily full history, weekly and monthly: one request each
+    refresh = symbols
+    rate = settings.rate_limit_per_second / RATE_SLACK
+    if settings.rate_limit_per_minute:
+        rate = min(rate, settings.rate_limit_per_minute / 60)
+
+    def duration(requests_needed: int) -> float:
+        if settings.rate_limit_per_day and requests_needed > settings.rate_limit_per_day:
+            days = math.ceil(requests_needed / settings.rate_limit_per_day)
+            return (days - 1) * 86400 + (requests_needed % settings.rate_limit_per_day or
+                                         settings.rate_limit_per_day) / rate
+        return requests_needed / rate
+
+    per_day_bars = BARS_PER_YEAR[interval] / 252
+    return Estimate(symbols, interval, years, bytes_per_bar, measured, storage,
+                    storage * settings.backup_keep, backfill, refresh, duration(backfill),
+                    duration(refresh), bytes_per_bar * per_day_bars)
+
+
+def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tuple[float | None, bool]:
+    if store is None:
+        return None, False
+    size = rows = 0
+    for dataset in store.datasets():
+        if dataset.interval == interval and not dataset.adjusted:
+            frame, _ = store.read(dataset)
+            size += store.path(dataset).stat().st_size
+            rows += len(frame)
+            if rows > 200_000:
+                break
+    return (size / rows, True) if rows else (None, False)
+
+
+# =========================================================================================
+# 12. The library's front door
 # =========================================================================================
 
 CANARY_NAME = "canary.fernet"
@@ -1920,6 +2213,8 @@ class SecureOHLCVDownloader:
         self._key_ring: KeyRing | None = None
         self.key_source = ""
         self.warnings: list[str] = list(settings.warnings)
+        self.monitor = ResourceMonitor(settings)
+        self.facts: dict[str, Any] = {}  # what the last command did, for the metrics file
 
     @classmethod
     def from_env(cls) -> "SecureOHLCVDownloader":
@@ -2087,16 +2382,20 @@ class SecureOHLCVDownloader:
             worker = DatasetDownloader(store, client)
             stop = threading.Event()
             fatal: list[OHLCVError] = []
+            memory_stop = threading.Event()
 
             def job(dataset: DatasetId) -> DatasetResult:
-                if stop.is_set():
+                if stop.is_set() or memory_stop.is_set():
+                    return DatasetResult(dataset, "pending")
+                if not self.monitor.memory_ok():
+                    memory_stop.set()  # the datasets in hand finish; no new one starts
                     return DatasetResult(dataset, "pending")
                 try:
                     return worker.run(dataset, full, now, trailing)
                 except QuotaExhausted:
                     stop.set()
                     return DatasetResult(dataset, "pending")
-                except InvalidApiKey as exc:
+                except (InvalidApiKey, DiskSpaceLow) as exc:
                     stop.set()
                     fatal.append(exc)
                     return DatasetResult(dataset, "failed", error=str(exc))
@@ -2118,11 +2417,21 @@ class SecureOHLCVDownloader:
             finally:
                 limiter.close()
                 client.close()
-            report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal)
+            report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
+                                    memory_exceeded=memory_stop.is_set())
             pending.save(report)
+        self.facts.update(stats=stats, results=results, quota=self.quota_facts())
         if fatal:
             raise fatal[0]
         return report
+
+    def quota_facts(self) -> list[tuple[str, int, int | None]]:
+        """(key fingerprint, used today, left today or None when unlimited) per API key."""
+        facts = []
+        for api_key in [k.reveal() for k in self.settings.api_keys] or ["demo"]:
+            daily = DailyQuota(self.settings, api_key_fingerprint(api_key))
+            facts.append((daily.path.stem, daily.read()["used"], daily.left()))
+        return facts
 
     def load(self, symbol: str, interval: str = "daily", adjusted: bool = False,
              start: str | date | None = None, end: str | date | None = None) -> pd.DataFrame:
@@ -2154,26 +2463,29 @@ class SecureOHLCVDownloader:
     def status(self) -> dict[str, Any]:
         """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
         store = self.store()
+        now = datetime.now(timezone.utc)
         datasets = []
         for dataset in store.datasets():
             entry: dict[str, Any] = {"dataset": str(dataset), "path": str(dataset.relative_path())}
             try:
                 frame, meta, key_fp = store.read_with_key(dataset)
+                newest = frame["timestamp"].iloc[-1].date()
                 entry |= {"rows": len(frame), "first_bar": str(frame["timestamp"].iloc[0]),
                           "last_bar": str(frame["timestamp"].iloc[-1]),
+                          "age_days": (market_today() - newest).days,
+                          "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
+                                        or is_current(newest, meta.get("checked_at"), now)),
                           "updated_at": meta.get("written_at"), "key": key_fp,
                           "partial_history": bool(meta.get("partial_history"))}
             except IntegrityError as exc:
                 entry["error"] = str(exc)
             datasets.append(entry)
-        quota = []
-        for api_key in [k.reveal() for k in self.settings.api_keys] or ["demo"]:
-            fp = api_key_fingerprint(api_key)
-            daily = DailyQuota(self.settings, fp)
-            state = daily.read()
-            quota.append({"key": fp, "day": state["day"], "used": state["used"],
-                          "limit": self.settings.rate_limit_per_day or None, "left": daily.left()})
-        return {"datasets": datasets, "quota": quota, "pending": sorted(PendingQueue(self.settings).load())}
+        quota = [{"key": fp, "day": market_today().isoformat(), "used": used,
+                  "limit": self.settings.rate_limit_per_day or None, "left": left}
+                 for fp, used, left in self.quota_facts()]
+        self.facts["quota"] = self.quota_facts()
+        return {"datasets": datasets, "quota": quota, "runs": RunRecord(self.settings).read(),
+                "pending": sorted(PendingQueue(self.settings).load())}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -2186,7 +2498,9 @@ class SecureOHLCVDownloader:
         return KeyRotation(self).run()
 
     def backup(self, dest: Path | None = None) -> BackupReport:
-        return BackupWriter(self).write(dest)
+        report = BackupWriter(self).write(dest)
+        self.facts.update(backup_datasets=report.datasets, backup_bytes=report.bytes)
+        return report
 
     def verify_backup(self, archive: Path | None = None, sample: int | None = 5) -> VerifyReport:
         if archive is None:
@@ -2196,7 +2510,11 @@ class SecureOHLCVDownloader:
             archive = archives[-1]
         if not archive.is_file():
             raise UsageError(f"{archive} is not a file.")
-        return verify_backup(archive, self.key_ring(), sample)
+        report = verify_backup(archive, self.key_ring(), sample)
+        self.facts.update(verify_members_checked=report.members_checked,
+                          verify_datasets_decrypted=report.datasets_decrypted,
+                          verify_problems=len(report.problems))
+        return report
 
     def remove_key(self, key_fp: str, confirm: bool) -> tuple[list[str], bool]:
         """Drop a retired key from the keyring's ring. Returns the backups that need it
