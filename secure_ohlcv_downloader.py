@@ -782,7 +782,8 @@ class RateLimiter:
                 if slot <= now:
                     if not self.quotas[key.fingerprint].take():
                         self._exhausted.add(key.fingerprint)
-                        log.warning("rate limit: key %s reached its daily budget", key.fingerprint)
+                        log.warning("rate limit: key %s reached its daily budget of %s",
+                                    key.fingerprint, self.quotas[key.fingerprint].per_day)
                         continue
                     self._sent[key.fingerprint].append(now)
                     log.debug("rate limit: key %s sends (%d in the last minute)",
@@ -793,18 +794,28 @@ class RateLimiter:
             log.debug("rate limit: waiting %.3f s for key %s", wait, key.fingerprint)
             self._sleep(wait)
 
-    def throttled(self, key: ApiKey, pause: float) -> None:
+    def state(self, key: ApiKey) -> str:
+        """The limiter's view of one key, for the log: never the key itself."""
+        used = self.quotas[key.fingerprint].read()["used"]
+        cap = self.quotas[key.fingerprint].per_day or "unlimited"
+        with self._lock:
+            last_minute = len(self._sent[key.fingerprint])
+        return (f"{used}/{cap} today, {last_minute} in the last minute, "
+                f"spacing {self.spacing:.3f} s, per-minute cap {self.per_minute or 'none'}")
+
+    def throttled(self, key: ApiKey, pause: float, message: str) -> None:
         """The server throttled this key: it sends nothing more for `pause` seconds."""
         with self._lock:
             self._penalty_until[key.fingerprint] = self._monotonic() + pause
-        log.warning("rate limit: key %s throttled by the server; pausing it %.1f s",
-                    key.fingerprint, pause)
+        log.warning("rate limit: key %s throttled by the server (%s); pausing it %.1f s; "
+                    "limiter: %s", key.fingerprint, message[:100], pause, self.state(key))
 
     def exhausted(self, key: ApiKey) -> None:
         with self._lock:
             self._exhausted.add(key.fingerprint)
         self.quotas[key.fingerprint].mark_exhausted()
-        log.warning("rate limit: the server says key %s has spent its daily quota", key.fingerprint)
+        log.warning("rate limit: the server says key %s has spent its daily quota; limiter: %s",
+                    key.fingerprint, self.state(key))
 
     def close(self) -> None:
         """Persist each key's last minute of sends for the next run."""
@@ -1004,7 +1015,7 @@ class AlphaVantageClient:
             if answer.outcome in (Outcome.NOT_JSON, Outcome.THROTTLED):
                 problem = answer.message[:120]
                 if answer.outcome is Outcome.THROTTLED:
-                    self.limiter.throttled(key, self.backoff * 2 ** attempt)
+                    self.limiter.throttled(key, self.backoff * 2 ** attempt, answer.message)
                 continue
             if answer.outcome is Outcome.QUOTA_SPENT:
                 self.limiter.exhausted(key)
