@@ -127,8 +127,10 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         f"{report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
     if report.failed:
         say("failed: " + ", ".join(r.dataset.symbol for r in report.failed))
-    if report.quota_exhausted:
-        say("the daily API quota is spent; still to do (the next run starts with these): "
+    if report.pending:
+        reason = ("the daily API quota is spent" if report.quota_exhausted else
+                  f"memory reached OHLCV_MAX_MEMORY_MB={app.settings.max_memory_mb}")
+        say(f"{reason}; still to do (the next run starts with these): "
             + ", ".join(r.dataset.symbol for r in report.pending))
     return report.exit_code
 

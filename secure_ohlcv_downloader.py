@@ -1423,7 +1423,7 @@ class DatasetResult:
         if self.outcome == "failed":
             return head + f"FAILED: {self.error}"
         if self.outcome == "pending":
-            return head + "not done: the daily API quota is spent; the next run does it first"
+            return head + f"not reached: {self.error}; the next run does it first"
         if self.outcome == "current":
             return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
         note = " (partial history: full history needs a premium key)" if self.partial_history else ""
@@ -2395,17 +2395,20 @@ class SecureOHLCVDownloader:
             fatal: list[OHLCVError] = []
             memory_stop = threading.Event()
 
+            quota_note = "the daily API quota is spent"
+            memory_note = f"the run reached OHLCV_MAX_MEMORY_MB={self.settings.max_memory_mb}"
+
             def job(dataset: DatasetId) -> DatasetResult:
-                if stop.is_set() or memory_stop.is_set():
-                    return DatasetResult(dataset, "pending")
-                if not self.monitor.memory_ok():
+                if stop.is_set():
+                    return DatasetResult(dataset, "pending", error=quota_note)
+                if memory_stop.is_set() or not self.monitor.memory_ok():
                     memory_stop.set()  # the datasets in hand finish; no new one starts
-                    return DatasetResult(dataset, "pending")
+                    return DatasetResult(dataset, "pending", error=memory_note)
                 try:
                     return worker.run(dataset, full, now, trailing)
                 except QuotaExhausted:
                     stop.set()
-                    return DatasetResult(dataset, "pending")
+                    return DatasetResult(dataset, "pending", error=quota_note)
                 except (InvalidApiKey, DiskSpaceLow) as exc:
                     stop.set()
                     fatal.append(exc)
