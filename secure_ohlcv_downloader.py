@@ -2290,7 +2290,6 @@ class SecureOHLCVDownloader:
                                  "OHLCV_ENCRYPTION_KEY. Cron jobs must run in this directory "
                                  "or get the variable another way.")
         atomic_write(self.canary_path, ring.encrypt(CANARY_TEXT), s.file_mode)
-        fsync_dir(self.canary_path.parent)
         log.info("initialised: key ring from %s, primary %s, stored in keyring: %s",
                  source, ring.primary.fingerprint, stored)
         self._key_ring, self.key_source = ring, source
