@@ -41,6 +41,7 @@ from secure_ohlcv_downloader import (
     configure_logging,
     estimate,
     redact,
+    run_samples,
     write_metrics,
 )
 
@@ -485,10 +486,10 @@ def finish(app: SecureOHLCVDownloader, command: str, code: int, duration: float)
     """Record the run and write the metrics file; a failure here is reported, not fatal."""
     try:
         app.monitor.snapshot("end")
-        runs = RunRecord(app.settings).record(command, code, time.time())
+        samples = run_samples(command, duration, app.monitor.peak(), app.facts)
+        runs = RunRecord(app.settings).record(command, code, time.time(), samples)
         if app.settings.metrics_file is not None:
-            write_metrics(app.settings.metrics_file, app.settings.metrics_file_mode, command,
-                          duration, app.monitor.peak(), runs, app.facts)
+            write_metrics(app.settings.metrics_file, app.settings.metrics_file_mode, runs)
     except (OSError, OHLCVError) as exc:
         log.error("could not record the run or write metrics: %s", exc)
         say(f"warning: could not record the run or write the metrics file: {exc}")

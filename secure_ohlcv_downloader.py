@@ -2041,66 +2041,95 @@ class RunRecord:
         except (FileNotFoundError, ValueError):
             return {}
 
-    def record(self, command: str, exit_code: int, finished: float) -> dict[str, Any]:
+    def record(self, command: str, exit_code: int, finished: float,
+               samples: list[list[Any]]) -> dict[str, Any]:
+        """Store this run; returns every command's record. `samples` are the run's own
+        figures, kept so that the next command's metrics file still carries them."""
+        entry_now = {"last_run": finished, "exit_code": exit_code, "samples": samples}
         if not self.settings.state_dir.is_dir():
-            return {command: {"last_run": finished, "exit_code": exit_code}}
+            return {command: entry_now}
         with locked_json(self.path, self.read, self.settings.file_mode,
                          self.settings.dir_mode) as runs:
             entry = runs.setdefault(command, {})
-            entry["last_run"], entry["exit_code"] = finished, exit_code
+            entry.update(entry_now)
             if exit_code == 0:
                 entry["last_success"] = finished
             return json.loads(json.dumps(runs))
 
 
-def write_metrics(path: Path, file_mode: int, command: str, duration: float, peak_rss: int,
-                  runs: dict[str, Any], facts: dict[str, Any]) -> None:
-    """The Prometheus text file for node_exporter's textfile collector, written atomically
-    by prometheus_client (temp file + rename). Labels carry fingerprints, never keys."""
-    registry = CollectorRegistry()
+# name -> (help, label names). The list the alert rules and dashboard are checked against
+# is deploy/metrics.txt; a test keeps the two equal.
+METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "ohlcv_requests_total": ("API requests of the last download by outcome", ("outcome",)),
+    "ohlcv_throttled_total": ("Throttled answers in the last download", ()),
+    "ohlcv_retries_total": ("Request retries in the last download", ()),
+    "ohlcv_bytes_downloaded_total": ("Response bytes of the last download", ()),
+    "ohlcv_datasets_total": ("Datasets of the last download by result", ("result",)),
+    "ohlcv_rows_written_total": ("Bars added by the last download", ()),
+    "ohlcv_quota_used": ("API requests used today per key fingerprint", ("key",)),
+    "ohlcv_quota_left": ("API requests left today per key fingerprint", ("key",)),
+    "ohlcv_verify_members_checked": ("Archive members checked by the last verify", ()),
+    "ohlcv_verify_datasets_decrypted": ("Datasets decrypted by the last verify", ()),
+    "ohlcv_verify_problems": ("Problems found by the last verify", ()),
+    "ohlcv_backup_datasets": ("Datasets in the last backup", ()),
+    "ohlcv_backup_bytes": ("Size of the last backup archive", ()),
+    "ohlcv_run_duration_seconds": ("Duration of the last run of each command", ("command",)),
+    "ohlcv_peak_rss_bytes": ("Peak resident memory of the last run of each command", ("command",)),
+    "ohlcv_last_run_timestamp_seconds": ("When each command last ran", ("command",)),
+    "ohlcv_last_exit_code": ("Exit code of each command's last run", ("command",)),
+    "ohlcv_last_success_timestamp_seconds": ("When each command last exited 0", ("command",)),
+}
 
-    def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
-        return Gauge(name, doc, labels, registry=registry)
 
+def run_samples(command: str, duration: float, peak_rss: int,
+                facts: dict[str, Any]) -> list[list[Any]]:
+    """This run's figures as [metric, labels, value] triples."""
+    samples: list[list[Any]] = [["ohlcv_run_duration_seconds", {"command": command}, duration],
+                                ["ohlcv_peak_rss_bytes", {"command": command}, peak_rss]]
     stats: RunStats | None = facts.get("stats")
     if stats is not None:
-        by_outcome = gauge("ohlcv_requests_total", "API requests of the last run by outcome", ("outcome",))
-        for outcome, count in stats.requests.items():
-            by_outcome.labels(outcome).set(count)
-        gauge("ohlcv_throttled_total", "Throttled answers in the last run").set(stats.requests["throttled"])
-        gauge("ohlcv_retries_total", "Retries in the last run").set(stats.retries)
-        gauge("ohlcv_bytes_downloaded_total", "Bytes downloaded in the last run").set(stats.bytes_downloaded)
+        samples += [["ohlcv_requests_total", {"outcome": o}, n] for o, n in stats.requests.items()]
+        samples += [["ohlcv_throttled_total", {}, stats.requests["throttled"]],
+                    ["ohlcv_retries_total", {}, stats.retries],
+                    ["ohlcv_bytes_downloaded_total", {}, stats.bytes_downloaded]]
     if "results" in facts:
-        datasets = gauge("ohlcv_datasets_total", "Datasets of the last download by result", ("result",))
         counts = Counter(r.outcome for r in facts["results"])
-        for result in ("updated", "current", "failed", "pending"):
-            datasets.labels(result).set(counts[result])
-        gauge("ohlcv_rows_written_total", "Rows added in the last download").set(
-            sum(r.added for r in facts["results"]))
-    if facts.get("quota"):
-        quota_used = gauge("ohlcv_quota_used", "API requests used today per key", ("key",))
-        quota_left = gauge("ohlcv_quota_left", "API requests left today per key", ("key",))
-        for key_fp, used, left in facts["quota"]:
-            quota_used.labels(key_fp).set(used)
-            if left is not None:  # unlimited plans have no figure to show
-                quota_left.labels(key_fp).set(left)
-    for name, doc in (("verify_members_checked", "Archive members checked by the last verify"),
-                      ("verify_datasets_decrypted", "Datasets decrypted by the last verify"),
-                      ("verify_problems", "Problems found by the last verify"),
-                      ("backup_datasets", "Datasets in the last backup"),
-                      ("backup_bytes", "Size of the last backup archive")):
+        samples += [["ohlcv_datasets_total", {"result": r}, counts[r]]
+                    for r in ("updated", "current", "failed", "pending")]
+        samples.append(["ohlcv_rows_written_total", {}, sum(r.added for r in facts["results"])])
+    for key_fp, used, left in facts.get("quota", []):
+        samples.append(["ohlcv_quota_used", {"key": key_fp}, used])
+        if left is not None:  # unlimited plans have no figure to show
+            samples.append(["ohlcv_quota_left", {"key": key_fp}, left])
+    for name in ("verify_members_checked", "verify_datasets_decrypted", "verify_problems",
+                 "backup_datasets", "backup_bytes"):
         if name in facts:
-            gauge("ohlcv_" + name, doc).set(facts[name])
-    gauge("ohlcv_run_duration_seconds", "Duration of the last run", ("command",)).labels(command).set(duration)
-    gauge("ohlcv_peak_rss_bytes", "Peak resident memory of the last run", ("command",)).labels(command).set(peak_rss)
-    last_run = gauge("ohlcv_last_run_timestamp_seconds", "When each command last ran", ("command",))
-    last_code = gauge("ohlcv_last_exit_code", "Exit code of each command's last run", ("command",))
-    last_ok = gauge("ohlcv_last_success_timestamp_seconds", "When each command last succeeded", ("command",))
-    for name, entry in runs.items():
-        last_run.labels(name).set(entry["last_run"])
-        last_code.labels(name).set(entry["exit_code"])
+            samples.append(["ohlcv_" + name, {}, facts[name]])
+    return samples
+
+
+def write_metrics(path: Path, file_mode: int, runs: dict[str, Any]) -> None:
+    """The Prometheus text file for node_exporter's textfile collector: the last figures
+    of every command (newest run wins where two commands report the same series) and the
+    last run, exit code and success of each. Labels carry fingerprints, never keys."""
+    registry = CollectorRegistry()
+    gauges: dict[str, Gauge] = {}
+
+    def set_sample(name: str, labels: dict[str, str], value: float) -> None:
+        # Created on first use: a figure no command has produced is absent, not a false 0.
+        if name not in gauges:
+            doc, label_names = METRICS[name]
+            gauges[name] = Gauge(name, doc, label_names, registry=registry)
+        (gauges[name].labels(**labels) if labels else gauges[name]).set(value)
+
+    for command, entry in sorted(runs.items(), key=lambda item: item[1]["last_run"]):
+        for name, labels, value in entry.get("samples", []):
+            set_sample(name, labels, value)
+        set_sample("ohlcv_last_run_timestamp_seconds", {"command": command}, entry["last_run"])
+        set_sample("ohlcv_last_exit_code", {"command": command}, entry["exit_code"])
         if "last_success" in entry:
-            last_ok.labels(name).set(entry["last_success"])
+            set_sample("ohlcv_last_success_timestamp_seconds", {"command": command},
+                       entry["last_success"])
     # The same temp-file-and-rename as prometheus_client's write_to_textfile, but through
     # atomic_write, so the file has its configured mode from its first byte (the library's
     # temp file takes whatever the umask gives) and is fsynced.
