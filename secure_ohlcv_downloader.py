@@ -664,8 +664,8 @@ def read_key_sources(settings: Settings, keyring_store: KeyringKeyStore) -> KeyS
 
 MARKET_TZ = ZoneInfo("America/New_York")
 # Spacing is stretched by this much so that jitter between our clock and the server's never
-# puts one request too many into the server's window; it costs 2% of a plan's throughput.
-RATE_SLACK = 1.02
+# puts one request too many into the server's window; it costs 3% of a plan's throughput.
+RATE_SLACK = 1.03
 
 
 def market_today() -> date:
@@ -768,6 +768,10 @@ class RateLimiter:
             slot = max(slot, sent[-self.per_minute] + window)
         return slot
 
+    def _last_sent(self, fp: str) -> float:
+        sent = self._sent[fp]
+        return sent[-1] if sent else float("-inf")
+
     def acquire(self) -> ApiKey:
         """Wait for a free slot and take it. QuotaExhausted when every key is spent today."""
         while True:
@@ -776,9 +780,12 @@ class RateLimiter:
                 if not usable:
                     raise QuotaExhausted("the daily API quota of every configured key is spent.")
                 now = self._monotonic()
-                slot, key = min((self._next_slot(k.fingerprint, now), i)
-                                for i, k in enumerate(usable))
-                key = usable[key]
+                # The key free soonest; among keys free now, the least recently used, so
+                # that several keys share the load even when requests never overlap.
+                slot, _, index = min((self._next_slot(k.fingerprint, now),
+                                      self._last_sent(k.fingerprint), i)
+                                     for i, k in enumerate(usable))
+                key = usable[index]
                 if slot <= now:
                     if not self.quotas[key.fingerprint].take():
                         self._exhausted.add(key.fingerprint)
@@ -1073,24 +1080,11 @@ def _wire_name(name: str) -> str:
 def parse_payload(answer: Classified, dataset: DatasetId) -> pd.DataFrame:
     """A DATA answer (JSON series or CSV body) as our typed table, oldest first.
 
-    Refuses, with the reason, anything that is not a valid series: missing fields,
-    non-numeric values, high or low inconsistent with open and close, negative prices or
-    volume, duplicate timestamps. A refused payload stores nothing.
+    Refuses, with the reason, anything that is not a valid series: missing or repeated
+    fields, non-numeric values, missing timestamps, high or low inconsistent with open and
+    close, negative prices or volume, duplicate timestamps. A refused payload stores nothing.
     """
-    if isinstance(answer.payload, (bytes, bytearray)):
-        try:
-            raw = pd.read_csv(io.BytesIO(answer.payload), dtype=str, keep_default_na=False,
-                              encoding="utf-8-sig")
-        except (ValueError, pd.errors.ParserError) as exc:
-            raise InvalidPayload(f"unreadable CSV: {exc}") from None
-        raw.columns = [_wire_name(c) for c in raw.columns]
-    elif isinstance(answer.payload, dict):
-        raw = pd.DataFrame.from_dict(answer.payload, orient="index", dtype=str)
-        raw.columns = [_wire_name(c) for c in raw.columns]
-        raw.index.name = "timestamp"
-        raw = raw.reset_index()
-    else:
-        raise InvalidPayload("the series is not a table.")
+    raw = _text_table(answer.payload)
     wanted = columns_for(dataset)
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
@@ -1098,28 +1092,62 @@ def parse_payload(answer: Classified, dataset: DatasetId) -> pd.DataFrame:
     frame = pd.DataFrame({"timestamp": _parse_timestamps(raw["timestamp"], dataset)})
     for column in wanted[1:]:
         values = pd.to_numeric(raw[column].str.strip(), errors="coerce")
-        bad = values.isna() | ~values.map(math.isfinite, na_action="ignore").fillna(False)
+        bad = ~np.isfinite(values.astype("float64"))  # NaN (not a number), inf
         if bad.any():
             row = raw.loc[bad.idxmax()]
-            raise InvalidPayload(f"non-numeric {column} {row[column]!r} at {row['timestamp']}.")
-        frame[column] = values.astype("int64" if column == "volume" else "float64")
+            raise InvalidPayload(f"non-numeric {column} {row[column]!r} at {row['timestamp']!r}.")
         if column == "volume" and not (values == values.round()).all():
             raise InvalidPayload("volume must be a whole number.")
+        frame[column] = values.astype("int64" if column == "volume" else "float64")
     frame = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
     validate_bars(frame)
     return frame
 
 
+def _text_table(payload: Any) -> pd.DataFrame:
+    """The series as a table of strings with our column names; InvalidPayload otherwise."""
+    if isinstance(payload, (bytes, bytearray)):
+        try:
+            raw = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False,
+                              encoding="utf-8-sig")
+        except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+            raise InvalidPayload(f"unreadable CSV: {exc}") from None
+        names = [_wire_name(str(c)) for c in raw.columns]
+    elif isinstance(payload, dict):
+        if not all(isinstance(bar, dict) for bar in payload.values()):
+            raise InvalidPayload("a bar of the series is not an object of fields.")
+        raw = pd.DataFrame.from_dict(payload, orient="index", dtype=str)
+        names = [_wire_name(str(c)) for c in raw.columns]
+        if "timestamp" in names:
+            raise InvalidPayload("a bar carries a field named timestamp.")
+        raw.index.name = "timestamp"
+        raw = raw.reset_index()
+        names = ["timestamp"] + names
+    else:
+        raise InvalidPayload("the series is not a table.")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidPayload(f"fields named more than once: {', '.join(repeated)}.")
+    raw.columns = names
+    return raw.fillna("").astype(str)
+
+
 def _parse_timestamps(values: pd.Series, dataset: DatasetId) -> pd.Series:
     text = values.str.strip()
+    if (text == "").any():
+        raise InvalidPayload("a bar has no timestamp.")
     try:
         if dataset.interval in INTRADAY:
             stamps = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S")
-            return stamps.dt.tz_localize(MARKET_TZ, ambiguous="raise", nonexistent="raise")
-        # A daily series may be stamped with a time for the session in progress.
-        return pd.to_datetime(text.str.slice(0, 10), format="%Y-%m-%d").dt.normalize()
-    except (ValueError, TypeError) as exc:
+            stamps = stamps.dt.tz_localize(MARKET_TZ, ambiguous="raise", nonexistent="raise")
+        else:
+            # A daily series may be stamped with a time for the session in progress.
+            stamps = pd.to_datetime(text.str.slice(0, 10), format="%Y-%m-%d").dt.normalize()
+    except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidPayload(f"bad timestamp: {exc}") from None
+    if stamps.isna().any():
+        raise InvalidPayload("a bar has no valid timestamp.")
+    return stamps
 
 
 def validate_bars(frame: pd.DataFrame) -> None:
@@ -1482,6 +1510,8 @@ class DatasetDownloader:
         self.store = store
         self.client = client
         self.full_refused = False  # learned once per run: this key's plan has no full history
+        self.full_works = False    # learned once per run: it has
+        self._full_probe = threading.Lock()
         self.refused_functions: dict[str, str] = {}
         self._warned = threading.Lock()
 
@@ -1496,30 +1526,30 @@ class DatasetDownloader:
                 is_current(last_bar, meta.get("checked_at"), now)
                 or _month_complete(dataset.month, meta.get("checked_at"))):
             return DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")
-        request = self._plan(dataset, last_bar, force_full, now)
+        request, needs_full = self._plan(dataset, last_bar, force_full, now)
         if trailing:
             request = replace(request, month=None)
         if request.function in self.refused_functions:
             raise PremiumRequired(self.refused_functions[request.function])
-        partial = bool(meta.get("partial_history")) if stored is not None else False
+        # History is partial when it should have been full but the plan allows compact only.
+        partial = (bool(meta.get("partial_history")) if stored is not None else False) \
+            or (needs_full and request.outputsize == "compact")
         try:
-            fresh = self._fetch(request, dataset)
-        except PremiumParameter:
-            self._note_full_refused()
-            request = replace(request, outputsize="compact")
-            fresh = self._fetch(request, dataset)
-            partial = True
+            request, fresh = self._fetch_or_compact(request, dataset)
         except PremiumRequired as exc:
             self.refused_functions[request.function] = str(exc)
             raise
         if request.outputsize == "full" and not request.month:
             partial = False
+        elif request.outputsize == "compact" and needs_full:
+            partial = True
         if (dataset.adjusted and request.outputsize == "compact" and stored is not None
                 and self._corporate_action_since(fresh, last_bar)):
             # Adjusted history changes backwards after a split or dividend: refetch it all.
             log.info("%s: split or dividend in the new bars; fetching the full history", dataset)
-            request = replace(request, outputsize="full")
-            fresh, stored, partial = self._fetch(request, dataset), None, False
+            request, fresh = self._fetch_or_compact(replace(request, outputsize="full"), dataset)
+            if request.outputsize == "full":
+                stored, partial = None, False
         meta = {"checked_at": utc_now_iso(), "partial_history": partial,
                 "function": request.function}
         added = 0
@@ -1549,15 +1579,42 @@ class DatasetDownloader:
             return None, {}
 
     def _plan(self, dataset: DatasetId, last_bar: date | None, force_full: bool,
-              now: datetime) -> ApiRequest:
+              now: datetime) -> tuple[ApiRequest, bool]:
+        """The request to make, and whether the full history is what the dataset needs."""
         symbol, interval = dataset.symbol, dataset.interval
         if interval in ("weekly", "monthly"):
-            return ApiRequest(symbol, interval, dataset.adjusted)  # always the whole history
+            return ApiRequest(symbol, interval, dataset.adjusted), False  # always everything
         if interval in INTRADAY:
-            return ApiRequest(symbol, interval, outputsize="full", month=dataset.month)
+            return ApiRequest(symbol, interval, outputsize="full", month=dataset.month), False
         small_gap = last_bar is not None and weekdays_between(last_bar, latest_session(now)) <= COMPACT_MAX_GAP
-        compact = not force_full and (small_gap or self.full_refused)
-        return ApiRequest(symbol, interval, dataset.adjusted, "compact" if compact else "full")
+        needs_full = force_full or not small_gap
+        compact = not needs_full or self.full_refused
+        return (ApiRequest(symbol, interval, dataset.adjusted, "compact" if compact else "full"),
+                needs_full)
+
+    def _fetch_or_compact(self, request: ApiRequest,
+                          dataset: DatasetId) -> tuple[ApiRequest, pd.DataFrame]:
+        """Fetch; a refused outputsize=full falls back to compact, once per run.
+
+        Until one full answer has come back, full requests go one at a time: otherwise
+        every worker would spend a request of a free key's 25 on the same refusal."""
+        if request.outputsize != "full" or self.full_works:
+            return self._fetch_falling_back(request, dataset)
+        with self._full_probe:
+            if self.full_refused:
+                request = replace(request, outputsize="compact")
+            request, frame = self._fetch_falling_back(request, dataset)
+            self.full_works = request.outputsize == "full" or self.full_works
+            return request, frame
+
+    def _fetch_falling_back(self, request: ApiRequest,
+                            dataset: DatasetId) -> tuple[ApiRequest, pd.DataFrame]:
+        try:
+            return request, self._fetch(request, dataset)
+        except PremiumParameter:
+            self._note_full_refused()
+            compact = replace(request, outputsize="compact")
+            return compact, self._fetch(compact, dataset)
 
     def _fetch(self, request: ApiRequest, dataset: DatasetId) -> pd.DataFrame:
         frame = parse_payload(self.client.fetch(request), dataset)
@@ -2427,8 +2484,10 @@ class SecureOHLCVDownloader:
             memory_note = f"the run reached OHLCV_MAX_MEMORY_MB={self.settings.max_memory_mb}"
 
             def job(dataset: DatasetId) -> DatasetResult:
-                if stop.is_set():
-                    return DatasetResult(dataset, "pending", error=quota_note)
+                # A spent quota does not skip the job: a current dataset still says so, and
+                # one that needs a request gets QuotaExhausted from the limiter, unsent.
+                if fatal:
+                    return DatasetResult(dataset, "pending", error="the run stopped on an error")
                 if memory_stop.is_set() or not self.monitor.memory_ok():
                     memory_stop.set()  # the datasets in hand finish; no new one starts
                     return DatasetResult(dataset, "pending", error=memory_note)
