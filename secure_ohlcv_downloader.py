@@ -189,12 +189,27 @@ class RedactingFormatter(logging.Formatter):
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
+class PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
+    """WatchedFileHandler (reopens the file when logrotate moves it away) whose file,
+    first or reopened, has the configured mode: plain open() would take the umask's."""
+
+    def __init__(self, path: Path, file_mode: int) -> None:
+        self.file_mode = file_mode
+        super().__init__(path, encoding="utf-8")
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                     self.file_mode)
+        os.fchmod(fd, self.file_mode)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 def configure_logging(settings: Settings) -> None:
     """Log to OHLCV_LOG_FILE (mode OHLCV_FILE_MODE), redacted, safe under logrotate."""
     redact.add(*settings.secrets())
-    ensure_private_file(settings.log_file, settings.file_mode, settings.dir_mode)
-    # WatchedFileHandler reopens the file when logrotate moves it away: no line is lost.
-    handler = logging.handlers.WatchedFileHandler(settings.log_file, encoding="utf-8")
+    if not settings.log_file.parent.exists():
+        ensure_private_dir(settings.log_file.parent, settings.dir_mode)
+    handler = PrivateWatchedFileHandler(settings.log_file, settings.file_mode)
     handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -245,17 +260,6 @@ def check_private_dir(path: Path, mode: int) -> None:
     if info.st_uid != os.geteuid():
         raise UnsafePathError(f"{path} belongs to uid {info.st_uid}, not to this user "
                               f"(uid {os.geteuid()}). Fix: chown it or choose another directory.")
-
-
-def ensure_private_file(path: Path, file_mode: int, dir_mode: int) -> None:
-    """Create `path` empty with `file_mode` if missing, and tighten its mode if it exists."""
-    if not path.parent.exists():
-        ensure_private_dir(path.parent, dir_mode)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, file_mode)
-    try:
-        os.fchmod(fd, file_mode)
-    finally:
-        os.close(fd)
 
 
 def write_env_key(path: Path, key: str, file_mode: int) -> None:
