@@ -169,24 +169,15 @@ def _int(name: str, raw: str, minimum: int = 0) -> int:
     return value
 
 
-def _positive_float(name: str, raw: str) -> float:
+def _seconds(name: str, raw: str, *, zero_ok: bool = False) -> float:
+    """A number of seconds (or a rate): positive, or also 0 with `zero_ok`."""
     try:
         value = float(raw.strip())
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive number, got {raw!r}.")
-    return value
-
-
-def _seconds(name: str, raw: str) -> float:
-    """A non-negative number of seconds (0 allowed: do not wait)."""
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}.") from None
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name} must be 0 or more seconds, got {raw!r}.")
+        raise ConfigError(f"{name} must be a number, got {raw!r}.") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{name} must be {'0 or more' if zero_ok else 'a positive number'}, "
+                          f"got {raw!r}.")
     return value
 
 
@@ -295,7 +286,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
     per_minute = _int("OHLCV_RATE_LIMIT_PER_MINUTE", get("OHLCV_RATE_LIMIT_PER_MINUTE"))
     raw_per_second = get("OHLCV_RATE_LIMIT_PER_SECOND").strip()
     if raw_per_second:
-        per_second = _positive_float("OHLCV_RATE_LIMIT_PER_SECOND", raw_per_second)
+        per_second = _seconds("OHLCV_RATE_LIMIT_PER_SECOND", raw_per_second)
     else:
         per_second = per_minute / 60 if per_minute else 1.0
     raw_per_day = get("OHLCV_RATE_LIMIT_PER_DAY").strip()
@@ -318,10 +309,10 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
         state_dir=_path("OHLCV_STATE_DIR", get("OHLCV_STATE_DIR"), cwd),
         log_file=_path("OHLCV_LOG_FILE", get("OHLCV_LOG_FILE"), cwd),
         log_level=level,
-        connect_timeout=_positive_float("OHLCV_CONNECT_TIMEOUT", get("OHLCV_CONNECT_TIMEOUT")),
-        request_timeout=_positive_float("OHLCV_REQUEST_TIMEOUT", get("OHLCV_REQUEST_TIMEOUT")),
+        connect_timeout=_seconds("OHLCV_CONNECT_TIMEOUT", get("OHLCV_CONNECT_TIMEOUT")),
+        request_timeout=_seconds("OHLCV_REQUEST_TIMEOUT", get("OHLCV_REQUEST_TIMEOUT")),
         max_retries=_int("OHLCV_MAX_RETRIES", get("OHLCV_MAX_RETRIES")),
-        backoff_seconds=_positive_float("OHLCV_BACKOFF_SECONDS", get("OHLCV_BACKOFF_SECONDS")),
+        backoff_seconds=_seconds("OHLCV_BACKOFF_SECONDS", get("OHLCV_BACKOFF_SECONDS")),
         datatype=datatype,
         rate_limit_per_second=per_second,
         rate_limit_per_minute=per_minute,
@@ -332,7 +323,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
         max_memory_mb=_int("OHLCV_MAX_MEMORY_MB", get("OHLCV_MAX_MEMORY_MB"), minimum=1),
         min_free_disk_mb=_int("OHLCV_MIN_FREE_DISK_MB", get("OHLCV_MIN_FREE_DISK_MB")),
         metrics_file=_path("OHLCV_METRICS_FILE", metrics, cwd) if metrics else None,
-        lock_timeout=_seconds("OHLCV_LOCK_TIMEOUT", get("OHLCV_LOCK_TIMEOUT")),
+        lock_timeout=_seconds("OHLCV_LOCK_TIMEOUT", get("OHLCV_LOCK_TIMEOUT"), zero_ok=True),
         dir_mode=_mode("OHLCV_DIR_MODE", get("OHLCV_DIR_MODE"), directory=True),
         file_mode=_mode("OHLCV_FILE_MODE", get("OHLCV_FILE_MODE"), directory=False),
         metrics_file_mode=_mode("OHLCV_METRICS_FILE_MODE", get("OHLCV_METRICS_FILE_MODE"),
