@@ -2575,8 +2575,9 @@ class SecureOHLCVDownloader:
             try:
                 frame, meta, key_fp = store.read_with_key(dataset)
                 newest = frame["timestamp"].iloc[-1].date()
-                entry |= {"rows": len(frame), "first_bar": str(frame["timestamp"].iloc[0]),
-                          "last_bar": str(frame["timestamp"].iloc[-1]),
+                shown = (lambda t: str(t)) if dataset.month else (lambda t: str(t.date()))
+                entry |= {"rows": len(frame), "first_bar": shown(frame["timestamp"].iloc[0]),
+                          "last_bar": shown(frame["timestamp"].iloc[-1]),
                           "age_days": (market_today() - newest).days,
                           "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
                                         or is_current(newest, meta.get("checked_at"), now)),
