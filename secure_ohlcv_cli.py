@@ -352,6 +352,16 @@ COMMANDS: dict[str, tuple[Handler, str, str]] = {
 }
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be 1 or more")
+    return value
+
+
 def add_dataset_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interval", default="daily", choices=INTERVALS)
     parser.add_argument("--adjusted", action="store_true",
@@ -377,7 +387,7 @@ def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
     elif name == "status":
         parser.add_argument("--json", action="store_true", help="machine-readable output")
     elif name == "estimate":
-        parser.add_argument("--symbols", type=int, required=True, metavar="N")
+        parser.add_argument("--symbols", type=positive_int, required=True, metavar="N")
         parser.add_argument("--interval", default="daily", choices=INTERVALS)
         parser.add_argument("--years", type=float, default=20.0, metavar="Y")
     elif name == "remove-key":
@@ -388,7 +398,7 @@ def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
     elif name == "verify-backup":
         parser.add_argument("archive", nargs="?", metavar="ARCHIVE", help="default: the newest")
         group = parser.add_mutually_exclusive_group()
-        group.add_argument("--sample", type=int, default=5, metavar="N",
+        group.add_argument("--sample", type=positive_int, default=5, metavar="N",
                            help="decrypt N random datasets (default 5)")
         group.add_argument("--all", action="store_true", help="decrypt every dataset")
     elif name == "recover":
@@ -477,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.exception("internal error")
         say("internal error: see the log file for the traceback; please report it.")
         code = 1
-    if app is not None:
+    if app is not None and not getattr(args, "dry_run", False):  # a dry run changes nothing
         finish(app, args.command, code, time.monotonic() - started)
     return code
 

@@ -368,8 +368,16 @@ class DataDirLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "DataDirLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, self.file_mode)
-        os.fchmod(fd, self.file_mode)
+        # A run that records nothing (a dry run) creates nothing, not even the lock file.
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if self.record else 0)
+        try:
+            fd = os.open(self.path, flags, self.file_mode)
+        except FileNotFoundError:
+            if self.record:
+                raise
+            return self  # no lock file: no run has ever written here, nothing to guard
+        if self.record:
+            os.fchmod(fd, self.file_mode)
         deadline = time.monotonic() + self.timeout
         while True:
             try:
@@ -1766,7 +1774,11 @@ class KeyRotation:
         env_value = ",".join(k.key for k in keys)
         if self.app.key_source == KeyringKeyStore.label:
             self.app.keyring_store.save(keys)
-            if self.settings.encryption_keys:  # the variable must follow, or they disagree
+            # The variable must follow, or every later run stops because the two disagree.
+            if self.settings.encryption_key_in_env_file:
+                write_env_key(self.settings.env_file, env_value, self.settings.file_mode)
+                report.env_file_updated = self.settings.env_file
+            elif self.settings.encryption_keys:
                 report.new_env_value = env_value
         elif self.settings.encryption_key_in_env_file:
             write_env_key(self.settings.env_file, env_value, self.settings.file_mode)
@@ -2642,7 +2654,7 @@ class SecureOHLCVDownloader:
             if key_fp in keys or backup.problems:
                 needed.append(archive.name)
         with DataDirLock(self.settings.data_dir, self.settings.lock_timeout, self.settings.file_mode):
-            for path in dataset_files(self.settings.data_dir):
+            for path in dataset_files(self.settings.data_dir) + [self.canary_path]:
                 if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
                     raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
                                          "the rotation (--rotate-key) first.")
@@ -2657,6 +2669,8 @@ class SecureOHLCVDownloader:
         """On a rebuilt machine: re-link the keys, check every dataset, and restore from
         `from_backup` what is missing or broken, never overwriting a sound file."""
         s = self.settings
+        if from_backup is not None and not from_backup.is_file():
+            raise UsageError(f"--from-backup {from_backup}: no such archive file.")
         for directory in (s.data_dir, s.backup_dir, s.state_dir):
             ensure_private_dir(directory, s.dir_mode)
         keys, source = self._recovery_keys(key_file, prompt)
@@ -2679,6 +2693,10 @@ class SecureOHLCVDownloader:
         with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode):
             remove_temp_files(s.data_dir)
             archive = BackupArchive(from_backup, ring) if from_backup else None
+            if archive is not None and not archive.manifest:
+                # Nothing in it can be trusted; above all, its canary must not become ours.
+                raise IntegrityError(f"cannot recover from {from_backup.name}: "
+                                     + "; ".join(archive.problems))
             if archive is not None:
                 archive.check_members()
                 report.warnings += [f"backup: {p}" for p in archive.problems]
@@ -2708,10 +2726,9 @@ class SecureOHLCVDownloader:
             report.failed += [f"{rel}: does not decrypt or validate, and no backup copy"
                               for rel in sorted(broken)]
             if not self.canary_path.exists():
-                canary = archive.members.get(CANARY_MEMBER) if archive is not None else None
-                if canary is None or ring.decrypt(canary) != CANARY_TEXT:
-                    canary = ring.encrypt(CANARY_TEXT)
-                atomic_write(self.canary_path, canary, s.file_mode)
+                # The key ring opened the manifest (or every dataset was checked with it):
+                # a fresh canary under its primary is the truth from here on.
+                atomic_write(self.canary_path, ring.encrypt(CANARY_TEXT), s.file_mode)
             else:
                 self._check_canary(ring)
         log.info("recover: %d checked, %d restored, %d failed", report.checked,
