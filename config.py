@@ -159,25 +159,29 @@ class Settings:
 
 # -- parsing -------------------------------------------------------------------------------
 
-def _int(name: str, raw: str, minimum: int = 0) -> int:
+def _int(name: str, raw: str, minimum: int = 0, maximum: int = 10**9) -> int:
     try:
         value = int(raw.strip())
     except ValueError:
         raise ConfigError(f"{name} must be a whole number, got {raw!r}.") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}.")
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}.")
     return value
 
 
-def _seconds(name: str, raw: str, *, zero_ok: bool = False) -> float:
-    """A number of seconds (or a rate): positive, or also 0 with `zero_ok`."""
+def _seconds(name: str, raw: str, *, zero_ok: bool = False, low: float = 0.001,
+             high: float = 86400.0) -> float:
+    """A number of seconds (or a rate) between `low` and `high`, or 0 with `zero_ok`.
+    The bounds keep values the OS cannot sleep or time out on out of the run."""
     try:
         value = float(raw.strip())
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}.") from None
-    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
-        raise ConfigError(f"{name} must be {'0 or more' if zero_ok else 'a positive number'}, "
-                          f"got {raw!r}.")
+    if value == 0 and zero_ok:
+        return value
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{name} must be {'0 or ' if zero_ok else ''}between {low:g} and "
+                          f"{high:g}, got {raw!r}.")
     return value
 
 
@@ -210,6 +214,11 @@ def _secrets(name: str, raw: str, check: Callable[[str], str | None]) -> tuple[S
     return tuple(Secret(v) for v in values)
 
 
+def parse_encryption_keys(raw: str) -> tuple[Secret, ...]:
+    """OHLCV_ENCRYPTION_KEY's value as keys, primary first; ConfigError when malformed."""
+    return _secrets("OHLCV_ENCRYPTION_KEY", raw, fernet_key_problem)
+
+
 def _api_key_problem(value: str) -> str | None:
     if not value.isascii() or not value.isprintable() or " " in value:
         return "contains spaces or characters an API key never has"
@@ -236,8 +245,9 @@ def _base_url(name: str, raw: str) -> str:
     try:
         parts = urlsplit(raw.strip())
         credentials = parts.username or parts.password
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not 0-65535
     except ValueError:
-        raise ConfigError(f"{name} is not a URL (the value is not shown).") from None
+        raise ConfigError(f"{name} is not a URL with a valid port (the value is not shown).") from None
     if credentials or parts.query or "apikey" in raw.lower():
         raise ConfigError(f"{name} must not carry credentials or a query string (the value "
                           "is not shown); set the API key in ALPHA_VANTAGE_API_KEY.")
@@ -251,8 +261,11 @@ def _path(name: str, raw: str, base: Path) -> Path:
     text = raw.strip()
     if not text or "\x00" in text:
         raise ConfigError(f"{name} must be a path.")
-    return (base / Path(text).expanduser()).resolve() if not Path(text).is_absolute() \
-        else Path(text).resolve()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # ~user for a user that does not exist
+        raise ConfigError(f"{name}: {text.split('/')[0]} names no user on this machine.") from None
+    return (path if path.is_absolute() else base / path).resolve()
 
 
 # -- loading -------------------------------------------------------------------------------
@@ -286,7 +299,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
     per_minute = _int("OHLCV_RATE_LIMIT_PER_MINUTE", get("OHLCV_RATE_LIMIT_PER_MINUTE"))
     raw_per_second = get("OHLCV_RATE_LIMIT_PER_SECOND").strip()
     if raw_per_second:
-        per_second = _seconds("OHLCV_RATE_LIMIT_PER_SECOND", raw_per_second)
+        per_second = _seconds("OHLCV_RATE_LIMIT_PER_SECOND", raw_per_second, high=10000.0)
     else:
         per_second = per_minute / 60 if per_minute else 1.0
     raw_per_day = get("OHLCV_RATE_LIMIT_PER_DAY").strip()
@@ -303,7 +316,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
     return Settings(
         api_keys=_secrets("ALPHA_VANTAGE_API_KEY", get("ALPHA_VANTAGE_API_KEY"), _api_key_problem),
         base_url=_base_url("ALPHA_VANTAGE_BASE_URL", get("ALPHA_VANTAGE_BASE_URL")),
-        encryption_keys=_secrets("OHLCV_ENCRYPTION_KEY", get("OHLCV_ENCRYPTION_KEY"), fernet_key_problem),
+        encryption_keys=parse_encryption_keys(get("OHLCV_ENCRYPTION_KEY")),
         data_dir=_path("OHLCV_DATA_DIR", get("OHLCV_DATA_DIR"), cwd),
         backup_dir=_path("OHLCV_BACKUP_DIR", get("OHLCV_BACKUP_DIR"), cwd),
         state_dir=_path("OHLCV_STATE_DIR", get("OHLCV_STATE_DIR"), cwd),
@@ -317,8 +330,8 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
         rate_limit_per_second=per_second,
         rate_limit_per_minute=per_minute,
         rate_limit_per_day=per_day,
-        max_workers=_int("OHLCV_MAX_WORKERS", get("OHLCV_MAX_WORKERS"), minimum=1),
-        retention_days=_int("OHLCV_RETENTION_DAYS", get("OHLCV_RETENTION_DAYS")),
+        max_workers=_int("OHLCV_MAX_WORKERS", get("OHLCV_MAX_WORKERS"), minimum=1, maximum=64),
+        retention_days=_int("OHLCV_RETENTION_DAYS", get("OHLCV_RETENTION_DAYS"), maximum=36500),
         backup_keep=_int("OHLCV_BACKUP_KEEP", get("OHLCV_BACKUP_KEEP"), minimum=1),
         max_memory_mb=_int("OHLCV_MAX_MEMORY_MB", get("OHLCV_MAX_MEMORY_MB"), minimum=1),
         min_free_disk_mb=_int("OHLCV_MIN_FREE_DISK_MB", get("OHLCV_MIN_FREE_DISK_MB")),

@@ -428,10 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Download OHLCV bars from Alpha Vantage and keep them encrypted.",
         epilog=epilog + "\n\nexit codes: 0 ok, 1 some work failed, 2 usage or input error, "
         "3 configuration or key problem, 4 API quota spent (resumable), 5 integrity failure.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False)  # --key must never be taken for --key-file
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_, example) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_, description=f"{help_}. Example: {example}")
+        command = sub.add_parser(name, help=help_, description=f"{help_}. Example: {example}",
+                                 allow_abbrev=False)
         command.add_argument("--metrics-file", metavar="FILE",
                              help="write Prometheus metrics here (overrides OHLCV_METRICS_FILE)")
         add_command_options(name, command)
@@ -463,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for warning in settings.warnings:
             say(f"warning: {warning}")
         app = SecureOHLCVDownloader(settings)
+        app.notify = lambda message: (log.warning("%s", message), say(f"note: {message}"))
         log.info("command %s started", args.command)
         app.monitor.snapshot("start")
         code = COMMANDS[args.command][0](app, args)
@@ -477,8 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.exit_code
     except OSError as exc:
         log.error("I/O error: %s", exc)
-        say(f"error: {exc.strerror or exc}"
-            + (f": {exc.filename}" if exc.filename else "") + " (nothing stored was changed)")
+        say(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            + " (the file being written keeps its previous version)")
         code = 1
     except KeyboardInterrupt:
         say("interrupted")

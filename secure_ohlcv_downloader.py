@@ -65,7 +65,15 @@ import requests.adapters
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from config import KEYRING_SERVICE, ConfigError, Settings, fernet_key_problem, load_settings
+from config import (
+    KEYRING_SERVICE,
+    ConfigError,
+    Settings,
+    fernet_key_problem,
+    load_settings,
+    parse_encryption_keys,
+    read_env_file,
+)
 
 __all__ = ["SecureOHLCVDownloader", "OHLCVError", "load_settings"]
 
@@ -294,10 +302,12 @@ def atomic_write(path: Path, data: bytes, file_mode: int) -> None:
         while view:
             view = view[os.write(fd, view):]
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # name the file for the operator
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     os.close(fd)
     try:
@@ -317,6 +327,7 @@ def locked_json(path: Path, load: Callable[[], dict[str, Any]], file_mode: int,
     ensure_private_dir(path.parent, dir_mode)
     fd = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, file_mode)
     try:
+        os.fchmod(fd, file_mode)
         fcntl.flock(fd, fcntl.LOCK_EX)
         state = load()
         before = json.dumps(state, sort_keys=True)
@@ -360,11 +371,13 @@ class DataDirLock:
     lock: the lock file may stay, the lock does not.
     """
 
-    def __init__(self, data_dir: Path, timeout: float, file_mode: int, record: bool = True) -> None:
+    def __init__(self, data_dir: Path, timeout: float, file_mode: int, record: bool = True,
+                 notify: Callable[[str], None] | None = None) -> None:
         self.path = data_dir / ".lock"
         self.timeout = timeout
         self.file_mode = file_mode
         self.record = record  # write the holder's pid (not in --dry-run: it changes nothing)
+        self.notify = notify or log.warning
         self._fd: int | None = None
 
     def __enter__(self) -> "DataDirLock":
@@ -379,13 +392,18 @@ class DataDirLock:
         if self.record:
             os.fchmod(fd, self.file_mode)
         deadline = time.monotonic() + self.timeout
+        waited = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+                if not waited and self.timeout > 0:
+                    self.notify(f"waiting for the lock on {self.path.parent}, held by another "
+                                f"run ({holder}), up to {self.timeout:g} s (OHLCV_LOCK_TIMEOUT)")
+                waited = True
                 if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
                     os.close(fd)
                     raise LockTimeout(
                         f"another run holds the lock on {self.path.parent} ({holder}); waited "
@@ -886,8 +904,10 @@ def classify_response(body: bytes) -> Classified:
                           f"(starts with {body[:40]!r})")
     try:
         payload = json.loads(body)
+    except UnicodeDecodeError:
+        return Classified(Outcome.NOT_JSON, "the body is not UTF-8 text")
     except ValueError as exc:
-        return Classified(Outcome.NOT_JSON, f"malformed JSON ({exc.msg} at byte {exc.pos})")
+        return Classified(Outcome.NOT_JSON, f"malformed JSON ({exc})")
     if not isinstance(payload, dict) or not payload:
         return Classified(Outcome.EMPTY, "the API returned no data ({})")
     if "Error Message" in payload:
@@ -1097,6 +1117,8 @@ def parse_payload(answer: Classified, dataset: DatasetId) -> pd.DataFrame:
     close, negative prices or volume, duplicate timestamps. A refused payload stores nothing.
     """
     raw = _text_table(answer.payload)
+    if raw.empty:
+        raise InvalidPayload("the series has no bars.")
     wanted = columns_for(dataset)
     missing = [c for c in wanted if c not in raw.columns]
     if missing:
@@ -1534,9 +1556,10 @@ class DatasetDownloader:
         started = time.monotonic()
         stored, meta = self._read(dataset)
         last_bar = None if stored is None or stored.empty else stored["timestamp"].iloc[-1].date()
+        final_month = not meta.get("partial_history") and _month_complete(dataset.month,
+                                                                           meta.get("checked_at"))
         if not force_full and stored is not None and (
-                is_current(last_bar, meta.get("checked_at"), now)
-                or _month_complete(dataset.month, meta.get("checked_at"))):
+                is_current(last_bar, meta.get("checked_at"), now) or final_month):
             return DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")
         request, needs_full = self._plan(dataset, last_bar, force_full, now)
         if trailing:
@@ -1551,7 +1574,7 @@ class DatasetDownloader:
         except PremiumRequired as exc:
             self.refused_functions[request.function] = str(exc)
             raise
-        if request.outputsize == "full" and not request.month:
+        if request.outputsize == "full":
             partial = False
         elif request.outputsize == "compact" and needs_full:
             partial = True
@@ -1596,8 +1619,8 @@ class DatasetDownloader:
         symbol, interval = dataset.symbol, dataset.interval
         if interval in ("weekly", "monthly"):
             return ApiRequest(symbol, interval, dataset.adjusted), False  # always everything
-        if interval in INTRADAY:
-            return ApiRequest(symbol, interval, outputsize="full", month=dataset.month), False
+        if interval in INTRADAY:  # the whole month (or trailing 30 days) is what it needs
+            return ApiRequest(symbol, interval, outputsize="full", month=dataset.month), True
         small_gap = last_bar is not None and weekdays_between(last_bar, latest_session(now)) <= COMPACT_MAX_GAP
         needs_full = force_full or not small_gap
         compact = not needs_full or self.full_refused
@@ -1722,9 +1745,7 @@ class KeyRotation:
 
     def run(self) -> RotationReport:
         started = time.monotonic()
-        ring = self.app.key_ring()
-        with DataDirLock(self.settings.data_dir, self.settings.lock_timeout, self.settings.file_mode):
-            remove_temp_files(self.settings.data_dir)
+        with self.app.exclusive() as ring:
             canary_fp = ring.decrypt_with_fingerprint(self.app.canary_path.read_bytes(),
                                                       self.app.canary_path)[1]
             if canary_fp == ring.primary.fingerprint:  # no rotation under way: start one
@@ -1835,12 +1856,11 @@ class BackupWriter:
     def write(self, dest: Path | None) -> BackupReport:
         s = self.settings
         directory = ensure_private_dir(dest or s.backup_dir, s.dir_mode)
-        ring = self.app.key_ring()
         name = f"{BACKUP_PREFIX}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}{BACKUP_SUFFIX}"
         target = directory / name
         tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
         entries = []
-        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode):
+        with self.app.exclusive() as ring:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, s.file_mode)
             try:
                 os.fchmod(fd, s.file_mode)
@@ -1941,10 +1961,15 @@ class BackupArchive:
             self.problems.append(f"{MANIFEST_MEMBER}: missing")
             return
         try:
-            self.manifest = json.loads(self.ring.decrypt(sealed))
+            manifest = json.loads(self.ring.decrypt(sealed))
         except (InvalidToken, ValueError):
             self.problems.append(f"{MANIFEST_MEMBER}: does not decrypt with the key ring "
                                  f"({', '.join(self.ring.fingerprints())}) or is altered")
+            return
+        if not _manifest_shape_ok(manifest):
+            self.problems.append(f"{MANIFEST_MEMBER}: decrypts but is not a manifest of this tool")
+            return
+        self.manifest = manifest
 
     def entries(self) -> list[dict[str, Any]]:
         return list(self.manifest.get("datasets", []))
@@ -1986,6 +2011,19 @@ class BackupArchive:
         if len(frame) != entry["rows"]:
             raise IntegrityError(f"{name}: {len(frame)} rows, the manifest says {entry['rows']}")
         return token, frame
+
+
+def _manifest_shape_ok(manifest: Any) -> bool:
+    """Every field the readers use is there with its type (a sealed manifest can still
+    come from a buggy or older writer)."""
+    def entry_ok(entry: Any, fields: dict[str, type]) -> bool:
+        return isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in fields.items())
+
+    return (isinstance(manifest, dict) and manifest.get("format") == 1
+            and isinstance(manifest.get("datasets"), list)
+            and all(entry_ok(e, {"path": str, "size": int, "sha256": str, "rows": int})
+                    for e in manifest["datasets"])
+            and entry_ok(manifest.get("canary"), {"size": int, "sha256": str}))
 
 
 def _safe_member_name(name: str) -> bool:
@@ -2327,6 +2365,7 @@ class SecureOHLCVDownloader:
         self.key_source = ""
         self.warnings: list[str] = list(settings.warnings)
         self.monitor = ResourceMonitor(settings)
+        self.notify: Callable[[str], None] = log.warning  # the CLI also shows these on stderr
         self.facts: dict[str, Any] = {}  # what the last command did, for the metrics file
 
     @classmethod
@@ -2351,8 +2390,43 @@ class SecureOHLCVDownloader:
         return self._key_ring
 
     def store(self) -> EncryptedStore:
-        check_private_dir(self.settings.data_dir, self.settings.dir_mode)
+        """The store for reading; writers use `exclusive()`."""
+        self.check_dirs()
         return EncryptedStore(self.settings, self.key_ring())
+
+    def check_dirs(self) -> None:
+        """Every directory a command uses must be ours and no looser than configured:
+        a loose one is reported (UnsafePathError, exit 3), never silently used."""
+        s = self.settings
+        for directory in (s.data_dir, s.state_dir, s.backup_dir):
+            if directory.exists() or directory != s.backup_dir:
+                try:
+                    check_private_dir(directory, s.dir_mode)
+                except FileNotFoundError:
+                    raise UsageError(f"{directory} does not exist. Fix: run "
+                                     "`python secure_ohlcv_downloader.py --init`.") from None
+
+    @contextlib.contextmanager
+    def exclusive(self, record: bool = True, reload_keys: bool = True,
+                  remove_temps: bool = True) -> Iterator[KeyRing]:
+        """The data-directory lock, then the key ring as stored *now*: a run that waited
+        while another rotated the keys must not write under the ring it read before.
+        Temp files found under the lock are crashed writers' and go (cleanup reports them)."""
+        s = self.settings
+        self.check_dirs()
+        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode, record, self.notify):
+            if remove_temps:
+                remove_temp_files(s.data_dir)
+            if reload_keys:
+                self._reload_keys()
+            yield self.key_ring()
+
+    def _reload_keys(self) -> None:
+        if self.settings.encryption_key_in_env_file:
+            value = read_env_file(self.settings.env_file)[0].get("OHLCV_ENCRYPTION_KEY", "")
+            self.settings = replace(self.settings, encryption_keys=parse_encryption_keys(value))
+            redact.add(*self.settings.secrets())
+        self._key_ring = None
 
     def init(self) -> InitReport:
         """Create the private directories and the first key; a second run changes nothing."""
@@ -2476,7 +2550,6 @@ class SecureOHLCVDownloader:
         datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
         if not datasets:
             raise UsageError("no symbols given.")
-        store = self.store()
         pending = PendingQueue(self.settings)
         api_keys = [k.reveal() for k in self.settings.api_keys]
         if not api_keys:
@@ -2487,8 +2560,8 @@ class SecureOHLCVDownloader:
         stats = RunStats()
         now = datetime.now(timezone.utc)
         results: list[DatasetResult] = []
-        with store.lock():
-            remove_temp_files(store.root)
+        with self.exclusive() as ring:
+            store = EncryptedStore(self.settings, ring)
             limiter = RateLimiter(self.settings, api_keys)
             client = AlphaVantageClient(self.settings, limiter, stats)
             worker = DatasetDownloader(store, client)
@@ -2512,6 +2585,13 @@ class SecureOHLCVDownloader:
                 except QuotaExhausted:
                     stop.set()
                     return DatasetResult(dataset, "pending", error=quota_note)
+                except OSError as exc:  # a full disk, a file-size limit: the next would fail too
+                    stop.set()
+                    failure = OHLCVError(f"cannot write {dataset}: {exc.strerror or exc}"
+                                         + (f" ({exc.filename})" if exc.filename else "")
+                                         + "; the previous version of that file is intact.")
+                    fatal.append(failure)
+                    return DatasetResult(dataset, "failed", error=str(failure))
                 except (InvalidApiKey, DiskSpaceLow) as exc:
                     stop.set()
                     fatal.append(exc)
@@ -2637,7 +2717,10 @@ class SecureOHLCVDownloader:
     def remove_key(self, key_fp: str, confirm: bool) -> tuple[list[str], bool]:
         """Drop a retired key from the keyring's ring. Returns the backups that need it
         (they become unreadable) and whether it was removed (only with `confirm`)."""
-        ring = self.key_ring()
+        with self.exclusive() as ring:
+            return self._remove_key(ring, key_fp, confirm)
+
+    def _remove_key(self, ring: KeyRing, key_fp: str, confirm: bool) -> tuple[list[str], bool]:
         target = [k for k in ring.keys if k.fingerprint == key_fp]
         if not target:
             raise UsageError(f"no key with fingerprint {key_fp} in the ring "
@@ -2653,15 +2736,14 @@ class SecureOHLCVDownloader:
             keys = {e.get("key") for e in backup.entries()}
             if key_fp in keys or backup.problems:
                 needed.append(archive.name)
-        with DataDirLock(self.settings.data_dir, self.settings.lock_timeout, self.settings.file_mode):
-            for path in dataset_files(self.settings.data_dir) + [self.canary_path]:
-                if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
-                    raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
-                                         "the rotation (--rotate-key) first.")
-            if confirm:
-                keys = [k for k in ring.keys if k.fingerprint != key_fp]
-                self.keyring_store.save(keys)
-                self.use_keys(keys)
+        for path in dataset_files(self.settings.data_dir) + [self.canary_path]:
+            if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
+                raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
+                                     "the rotation (--rotate-key) first.")
+        if confirm:
+            keys = [k for k in ring.keys if k.fingerprint != key_fp]
+            self.keyring_store.save(keys)
+            self.use_keys(keys)
         return needed, confirm
 
     def recover(self, from_backup: Path | None = None, key_file: Path | None = None,
@@ -2689,9 +2771,7 @@ class SecureOHLCVDownloader:
                                    f"(mode {s.file_mode:04o}) as OHLCV_ENCRYPTION_KEY.")
         self.use_keys(keys)
         self.key_source = source
-        ring = self.key_ring()
-        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode):
-            remove_temp_files(s.data_dir)
+        with self.exclusive(reload_keys=False) as ring:
             archive = BackupArchive(from_backup, ring) if from_backup else None
             if archive is not None and not archive.manifest:
                 # Nothing in it can be trusted; above all, its canary must not become ours.
@@ -2753,8 +2833,8 @@ class SecureOHLCVDownloader:
         """Apply OHLCV_RETENTION_DAYS, prune old archives, remove crashed writers' temp files."""
         s = self.settings
         report = CleanupReport(dry_run)
-        store = self.store()
-        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode, record=not dry_run):
+        with self.exclusive(record=not dry_run, remove_temps=False) as ring:
+            store = EncryptedStore(s, ring)
             for root in (s.data_dir, s.state_dir, s.backup_dir):
                 temps = [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.is_file()] if root.exists() else []
                 report.temp_files += temps

@@ -22,3 +22,9 @@ def secret_service(tmp_path_factory):
 
 
 # --- end of Secret Service fixtures -------------------------------------------
+
+
+def pytest_addoption(parser):
+    # The reliability campaign's switch (tests/campaign); OHLCV_CAMPAIGN=long does the same.
+    parser.addoption("--campaign", choices=("quick", "long"), default=None,
+                     help="reliability campaign mode (same as OHLCV_CAMPAIGN=long)")

@@ -203,7 +203,7 @@ def test_env_file_readable_by_others_is_a_warning(setup):
 
 
 def test_too_little_free_disk_fails(setup):
-    setup["env"]["OHLCV_MIN_FREE_DISK_MB"] = str(10**12)
+    setup["env"]["OHLCV_MIN_FREE_DISK_MB"] = str(10**9)  # a petabyte: the largest value allowed
     result = run(setup, "--json")
     assert result.returncode == 3
     assert checks_by_name(result)["disk space"]["status"] == "FAIL"
