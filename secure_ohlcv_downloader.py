@@ -1890,9 +1890,11 @@ class BackupWriter:
                     os.fsync(raw.fileno())
                 os.replace(tmp, target)
                 fsync_dir(directory)
-            except BaseException:
+            except BaseException as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+                if isinstance(exc, OSError) and exc.filename is None:  # name the archive
+                    raise OSError(exc.errno, exc.strerror, str(target)) from exc
                 raise
         pruned = prune_backups(directory, s.backup_keep)
         size = target.stat().st_size
