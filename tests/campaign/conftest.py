@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 
 from tests.campaign import figures as _figures
+from tests.download_fixtures import start_emulator
 
 
 def pytest_addoption(parser):
@@ -65,3 +66,13 @@ def campaign_budget(campaign_mode):
 @pytest.fixture
 def figures(request, campaign_mode):
     return _figures.Figures(test=request.node.nodeid)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """One emulator per campaign module (its tests share it; each uses its own symbols)."""
+    av = start_emulator()
+    try:
+        yield av
+    finally:
+        av.stop()

@@ -52,21 +52,12 @@ from secure_ohlcv_downloader import (
     verify_backup,
 )
 from tests.campaign.figures import is_long
-from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE, start_emulator
+from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE
 from tests.foundation_fixtures import CLI, headless_env
 from tests.lifecycle_fixtures import lock_holder
 
 DOCUMENTED_EXITS = {0, 1, 2, 3, 4, 5}
 LOCK_MESSAGE = re.compile(r"another run holds the lock on (\S+) \(pid \d+")
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    av = start_emulator()
-    try:
-        yield av
-    finally:
-        av.stop()
 
 
 @contextlib.contextmanager

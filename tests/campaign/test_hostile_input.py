@@ -74,7 +74,7 @@ from secure_ohlcv_downloader import (
     verify_backup,
 )
 from tests.campaign.figures import campaign_budget
-from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE, start_emulator
+from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE
 from tests.foundation_fixtures import REPO, headless_env, new_key
 from tests.lifecycle_fixtures import (
     file_member,
@@ -713,15 +713,6 @@ def test_symbols_never_map_outside_the_data_directory(tmp_path, figures):
     run_property(cases, check, figures, "hostile/symbols-and-paths",
                  examples=[("../../etc", "daily", False, None), ("IBM", "5min", False, "../2024-01"),
                            ("BRK.B", "daily", True, None), ("A" * 20, "60min", False, "2024-12")])
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    av = start_emulator()
-    try:
-        yield av
-    finally:
-        av.stop()
 
 
 def _emulator_env(home: Path, av, **variables: str) -> dict[str, str]:

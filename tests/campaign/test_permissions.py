@@ -33,7 +33,7 @@ from keyring.backends import fail
 from config import load_settings
 from secure_ohlcv_downloader import KeyringKeyStore, SecureOHLCVDownloader
 from tests.campaign.figures import is_long
-from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE, start_emulator
+from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE
 from tests.foundation_fixtures import REPO, headless_env
 from tests.lifecycle_fixtures import snapshot
 
@@ -87,15 +87,6 @@ def run_child(jobs: list[list[str]], cwd: Path, env: dict[str, str], umask: str 
 def in_parallel(calls: list[Callable[[], Any]], workers: int = 3) -> list[Any]:
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda call: call(), calls))
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    av = start_emulator()
-    try:
-        yield av
-    finally:
-        av.stop()
 
 
 def emulator_variables(av) -> dict[str, str]:
