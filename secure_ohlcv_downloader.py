@@ -1135,10 +1135,15 @@ def parse_payload(answer: Classified, dataset: DatasetId) -> pd.DataFrame:
         values = numbers[column]
         if column == "volume" and not (values == values.round()).all():
             raise InvalidPayload("volume must be a whole number.")
+        if column == "volume" and (values.abs() >= 2.0**63).any():
+            raise InvalidPayload("volume out of range.")
         frame[column] = values.to_numpy().astype("int64" if column == "volume" else "float64")
     frame = frame.sort_values("timestamp", kind="stable").reset_index(drop=True)
     validate_bars(frame)
     return frame
+
+
+_PLAIN_NUMBERS = re.compile(r"[0-9eE+\-. ]*", re.ASCII)
 
 
 def _fast_numbers(payload: Any, wanted: list[str]) -> pd.DataFrame | None:
@@ -1150,15 +1155,27 @@ def _fast_numbers(payload: Any, wanted: list[str]) -> pd.DataFrame | None:
             names = [_wire_name(c) for c in header.split(",")]
             if len(set(names)) != len(names) or not set(wanted) <= set(names):
                 return None
+            if b'"' in payload:
+                return None  # quoted fields: let the careful path read them
             frame = pd.read_csv(io.BytesIO(payload), header=0, names=names, usecols=wanted,
                                 dtype={c: "float64" for c in wanted[1:]} | {"timestamp": str},
                                 keep_default_na=False, na_values=[], encoding="utf-8-sig")
+            # A row with more or fewer fields than the header (an unquoted "1,000") must
+            # not be read shifted: every line, header included, has the header's commas.
+            if payload.count(b",") != (len(frame) + 1) * (len(names) - 1):
+                return None
         elif isinstance(payload, dict) and all(isinstance(b, dict) for b in payload.values()):
             frame = pd.DataFrame.from_dict(payload, orient="index")
             names = [_wire_name(str(c)) for c in frame.columns]
             if len(set(names)) != len(names) or not set(wanted[1:]) <= set(names):
                 return None
             frame.columns = names
+            cells = frame[wanted[1:]].to_numpy().ravel().tolist()
+            # Python's float() also takes "1_000" and non-ASCII digits, which the CSV
+            # parser (rightly) refuses: only plain decimal text takes the fast path.
+            if not all(isinstance(c, str) for c in cells) or \
+                    not _PLAIN_NUMBERS.fullmatch("".join(cells)):
+                return None
             frame = frame[wanted[1:]].astype("float64")
             frame.insert(0, "timestamp", frame.index.astype(str))
         else:
