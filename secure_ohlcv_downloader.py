@@ -836,7 +836,10 @@ class RateLimiter:
                         log.warning("rate limit: key %s reached its daily budget of %s",
                                     key.fingerprint, self.quotas[key.fingerprint].per_day)
                         continue
-                    self._sent[key.fingerprint].append(now)
+                    # Stamp after the day's count is persisted (file lock, fsync): the
+                    # request leaves after that, and a stamp taken before it would let the
+                    # next request follow too closely.
+                    self._sent[key.fingerprint].append(self._monotonic())
                     log.debug("rate limit: key %s sends (%d in the last minute)",
                               key.fingerprint, len(self._sent[key.fingerprint]))
                     return key
