@@ -71,6 +71,7 @@ from tests.lifecycle_fixtures import (
     keyring_site,
     link_member,
     lock_holder,
+    many_datasets,
     member_data_offset,
     member_header_offset,
     read_members,
@@ -217,6 +218,43 @@ def test_rotate_key_after_a_completed_rotation_starts_a_new_one(tmp_path):
     assert (f"Rotated {DATASET_COUNT} dataset(s) (0 already under the new key)" in second.stdout)
     assert (f"key {after_first.primary.fingerprint} -> {after_second.primary.fingerprint}"
             in second.stdout)
+
+
+def test_a_file_no_key_opens_stops_the_rotation_and_a_re_run_after_the_fix_completes(tmp_path):
+    """Datasets are re-encrypted several at a time: one bad file among many stops the run
+    with its name and exit code 5, every other file still opens under a key of the ring,
+    the canary keeps the old key (unfinished), and a re-run finishes the job."""
+    site = headless_site(tmp_path)
+    site.put(many_datasets(40))
+    old = site.ring()
+    files_before, frames_before = site.files(), site.frames()
+    bad = sorted(files_before)[17]
+    (site.data_dir / bad).write_bytes(Fernet(new_key()).encrypt(b"not ours"))
+
+    stopped = site.cli("--rotate-key")
+
+    assert stopped.returncode == 5, output(stopped)
+    assert f"{site.data_dir / bad} does not decrypt with the key ring" in stopped.stderr
+    assert "--recover" in stopped.stderr
+    ring = site.ring()
+    assert opens_with(old.primary.key, site.canary.read_bytes())
+    assert [rel for rel, token in site.files().items() if rel != bad and not any(
+        opens_with(k.key, token) for k in ring.keys)] == []
+
+    (site.data_dir / bad).write_bytes(files_before[bad])  # as --recover would restore it
+    resumed = site.cli("--rotate-key")
+
+    assert resumed.returncode == 0, output(resumed)
+    rotated, already = map(int, re.search(r"Rotated (\d+) dataset\(s\) \((\d+) already",
+                                          resumed.stdout).groups())
+    assert rotated + already == 40 and rotated >= 1
+    assert site.ring().primary.fingerprint == ring.primary.fingerprint  # no third key
+    files = site.files()
+    assert [rel for rel, token in files.items() if not opens_with(ring.primary.key, token)] == []
+    assert opens_with(ring.primary.key, site.canary.read_bytes())
+    frames = site.frames()
+    for rel, frame in frames_before.items():
+        pd.testing.assert_frame_equal(frames[rel], frame, obj=rel)
 
 
 # -- keys in a real environment variable -------------------------------------------------
