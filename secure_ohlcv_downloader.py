@@ -791,7 +791,6 @@ class RateLimiter:
         self._sent: dict[str, deque[float]] = {}
         self._exhausted: set[str] = set()
         self._penalty_until: dict[str, float] = {}
-        self.waited = 0.0
         offset = time.time() - monotonic()  # wall clock -> our monotonic clock
         for key in self.keys:
             state = self.quotas[key.fingerprint].read()
@@ -818,9 +817,14 @@ class RateLimiter:
         return sent[-1] if sent else float("-inf")
 
     def acquire(self) -> ApiKey:
-        """Wait for a free slot and take it. QuotaExhausted when every key is spent today."""
-        while True:
-            with self._lock:
+        """Reserve the next free slot of some key, wait for it, and return that key.
+        QuotaExhausted when every key is spent today.
+
+        The day's count is persisted (file lock, fsync) *before* the slot is reserved, so
+        that write overlaps the wait instead of lengthening every interval; the slot is
+        never earlier than the moment the count is on disk, so a slow write only delays."""
+        with self._lock:
+            while True:
                 usable = [k for k in self.keys if k.fingerprint not in self._exhausted]
                 if not usable:
                     raise QuotaExhausted("the daily API quota of every configured key is spent.")
@@ -831,23 +835,19 @@ class RateLimiter:
                                       self._last_sent(k.fingerprint), i)
                                      for i, k in enumerate(usable))
                 key = usable[index]
-                if slot <= now:
-                    if not self.quotas[key.fingerprint].take():
-                        self._exhausted.add(key.fingerprint)
-                        log.warning("rate limit: key %s reached its daily budget of %s",
-                                    key.fingerprint, self.quotas[key.fingerprint].per_day)
-                        continue
-                    # Stamp after the day's count is persisted (file lock, fsync): the
-                    # request leaves after that, and a stamp taken before it would let the
-                    # next request follow too closely.
-                    self._sent[key.fingerprint].append(self._monotonic())
-                    log.debug("rate limit: key %s sends (%d in the last minute)",
-                              key.fingerprint, len(self._sent[key.fingerprint]))
-                    return key
-            wait = slot - now
-            self.waited += wait
-            log.debug("rate limit: waiting %.3f s for key %s", wait, key.fingerprint)
-            self._sleep(wait)
+                if self.quotas[key.fingerprint].take():
+                    break
+                self._exhausted.add(key.fingerprint)
+                log.warning("rate limit: key %s reached its daily budget of %s",
+                            key.fingerprint, self.quotas[key.fingerprint].per_day)
+            now = self._monotonic()
+            slot = max(slot, now)
+            self._sent[key.fingerprint].append(slot)
+            log.debug("rate limit: key %s sends in %.3f s (%d in the last minute)",
+                      key.fingerprint, slot - now, len(self._sent[key.fingerprint]))
+        if slot > now:
+            self._sleep(max(slot - self._monotonic(), 0.0))
+        return key
 
     def state(self, key: ApiKey) -> str:
         """The limiter's view of one key, for the log: never the key itself."""

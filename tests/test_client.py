@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from config import load_settings
 from secure_ohlcv_downloader import (
     ApiError,
     ApiRequest,
@@ -28,6 +29,8 @@ from secure_ohlcv_downloader import (
     InvalidPayload,
     Outcome,
     QuotaExhausted,
+    RATE_SLACK,
+    RateLimiter,
     api_key_fingerprint,
     classify_response,
     columns_for,
@@ -405,6 +408,74 @@ def test_a_spent_key_sends_nothing_in_the_next_run(emulator, tmp_path):
     second.close()
 
     assert emulator.request_count == 1
+
+
+# -- the rate limiter's schedule, on a simulated clock --------------------------------------
+#
+# The one thing simulated here is time: the clock below stands in for time.monotonic and
+# time.sleep so that a schedule can be checked to the nanosecond without a timed assertion.
+# Everything else is real: the day's count goes through DailyQuota's file, lock and fsync.
+# Over a real socket, the emulator counts violations (test_download, the benchmark).
+
+class SimulatedClock:
+    """Every reading costs `step` seconds of work; sleep(d) lets exactly d pass."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 1_000.0, step
+
+    def monotonic(self) -> float:
+        self.now += self.step
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+def send_times(tmp_path, clock: SimulatedClock, count: int, **variables: str) -> list[float]:
+    environ = {"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY, "OHLCV_RATE_LIMIT_PER_SECOND": "20",
+               "OHLCV_RATE_LIMIT_PER_MINUTE": "1200", **variables}
+    limiter = RateLimiter(load_settings(environ=environ, cwd=tmp_path), [PREMIUM_KEY],
+                          clock.monotonic, clock.sleep)
+    times = []
+    for _ in range(count):
+        limiter.acquire()
+        times.append(clock.now)  # the request leaves when acquire returns
+    return times
+
+
+def test_back_to_back_requests_leave_exactly_one_spacing_apart(tmp_path):
+    """The work of each acquire (the count's fsync among it) overlaps the wait for the
+    slot: a limiter that stamped each request after that work would lose a few ms per
+    request, about 10% of the quota at 20 requests a second."""
+    times = send_times(tmp_path, SimulatedClock(step=0.007), 40)
+
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps == pytest.approx([RATE_SLACK / 20] * 39, abs=1e-9)
+
+
+@pytest.mark.parametrize("step", [0.0, 0.01, 0.2], ids=["instant", "10ms", "slower-than-a-slot"])
+def test_no_two_requests_ever_closer_than_the_spacing(tmp_path, step):
+    times = send_times(tmp_path, SimulatedClock(step), 30)
+
+    assert min(b - a for a, b in zip(times, times[1:])) >= 1 / 20 - 1e-9
+
+
+def test_the_per_minute_cap_holds_in_every_sliding_minute(tmp_path):
+    times = send_times(tmp_path, SimulatedClock(step=0.001), 25, OHLCV_RATE_LIMIT_PER_MINUTE="10")
+
+    assert all(times[i + 10] - times[i] >= 60 for i in range(len(times) - 10))
+    assert times[10] - times[0] == pytest.approx(60 * RATE_SLACK, abs=0.01)
+
+
+def test_every_request_is_counted_on_disk_before_it_leaves(tmp_path):
+    settings = load_settings(environ={"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
+                                      "OHLCV_RATE_LIMIT_PER_MINUTE": "1200"}, cwd=tmp_path)
+    clock = SimulatedClock(step=0.001)
+    limiter = RateLimiter(settings, [PREMIUM_KEY], clock.monotonic, clock.sleep)
+    quota = DailyQuota(settings, api_key_fingerprint(PREMIUM_KEY))
+
+    assert [(limiter.acquire(), quota.read()["used"])[1] for _ in range(5)] == [1, 2, 3, 4, 5]
 
 
 # -- parser refusals -----------------------------------------------------------------------
