@@ -27,8 +27,14 @@ from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+# The product measured: this checkout's modules, or those of an earlier commit exported to
+# BENCH_PRODUCT_DIR (the "before" of the before/after table), imported ahead of this
+# checkout's. The benchmark code and the emulator are always this checkout's.
+PRODUCT = Path(os.environ.get("BENCH_PRODUCT_DIR") or REPO).resolve()
+PRODUCT_MODULES = ("secure_ohlcv_downloader.py", "config.py", "secure_ohlcv_cli.py")
+for _path in (REPO, PRODUCT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 # A premium key known to the emulator; the value means nothing outside the benchmark.
 API_KEY = "BENCHPREMIUMKEY"
@@ -310,8 +316,7 @@ def git(*args: str) -> str:
         return ""
 
 
-PRODUCT_FILES = ("secure_ohlcv_downloader.py", "config.py", "secure_ohlcv_cli.py",
-                 "tests/alphavantage_emulator.py")
+PRODUCT_FILES = PRODUCT_MODULES + ("tests/alphavantage_emulator.py",)
 
 
 def product_digest() -> str:
@@ -321,16 +326,19 @@ def product_digest() -> str:
 
     digest = hashlib.sha256()
     for name in PRODUCT_FILES:
-        path = REPO / name
+        path = (PRODUCT if name in PRODUCT_MODULES else REPO) / name
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b""))
     return digest.hexdigest()[:16]
 
 
 def versions() -> dict[str, str]:
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    out = {"secure-ohlcv-downloader (git commit)":
-           commit + (" + uncommitted changes to tracked files" if dirty else ""),
+    if PRODUCT != REPO:
+        commit = os.environ.get("BENCH_PRODUCT_COMMIT", "unknown") + f" (exported to {PRODUCT})"
+    else:
+        commit = git("rev-parse", "HEAD") or "unknown"
+        if git("status", "--porcelain", "--untracked-files=no"):
+            commit += " + uncommitted changes to tracked files"
+    out = {"secure-ohlcv-downloader (git commit)": commit,
            "sha256 of " + ", ".join(PRODUCT_FILES) + " (first 16 hex)": product_digest()}
     for dist in ("pandas", "pyarrow", "cryptography", "numpy", "requests", "alpha-vantage",
                  "py-spy"):
