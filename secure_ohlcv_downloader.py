@@ -822,32 +822,52 @@ class RateLimiter:
 
         The day's count is persisted (file lock, fsync) *before* the slot is reserved, so
         that write overlaps the wait instead of lengthening every interval; the slot is
-        never earlier than the moment the count is on disk, so a slow write only delays."""
+        never earlier than the moment the count is on disk, so a slow write only delays.
+        A key the server throttled or declared spent during the wait is not used: the
+        request goes behind the penalty, or to another key."""
         with self._lock:
-            while True:
-                usable = [k for k in self.keys if k.fingerprint not in self._exhausted]
-                if not usable:
-                    raise QuotaExhausted("the daily API quota of every configured key is spent.")
-                now = self._monotonic()
-                # The key free soonest; among keys free now, the least recently used, so
-                # that several keys share the load even when requests never overlap.
-                slot, _, index = min((self._next_slot(k.fingerprint, now),
-                                      self._last_sent(k.fingerprint), i)
-                                     for i, k in enumerate(usable))
-                key = usable[index]
-                if self.quotas[key.fingerprint].take():
-                    break
-                self._exhausted.add(key.fingerprint)
-                log.warning("rate limit: key %s reached its daily budget of %s",
-                            key.fingerprint, self.quotas[key.fingerprint].per_day)
-            now = self._monotonic()
-            slot = max(slot, now)
-            self._sent[key.fingerprint].append(slot)
-            log.debug("rate limit: key %s sends in %.3f s (%d in the last minute)",
-                      key.fingerprint, slot - now, len(self._sent[key.fingerprint]))
-        if slot > now:
+            key, slot, now = self._reserve()
+        if slot <= now:
+            return key
+        while True:
             self._sleep(max(slot - self._monotonic(), 0.0))
-        return key
+            with self._lock:
+                fp = key.fingerprint
+                if fp not in self._exhausted and self._penalty_until.get(fp, slot) <= slot:
+                    return key
+                with contextlib.suppress(ValueError):  # gone only if we slept for minutes
+                    self._sent[fp].remove(slot)
+                if fp in self._exhausted:  # its count no longer matters: the day is over
+                    key, slot, _ = self._reserve()
+                else:  # counted already: only the slot moves, behind the penalty
+                    slot = self._next_slot(fp, self._monotonic())
+                    self._sent[fp].append(slot)
+
+    def _reserve(self) -> tuple[ApiKey, float, float]:
+        """Under the lock: count a request for the key free soonest and reserve its slot.
+        Returns the key, the slot and the time the slot was reserved at."""
+        while True:
+            usable = [k for k in self.keys if k.fingerprint not in self._exhausted]
+            if not usable:
+                raise QuotaExhausted("the daily API quota of every configured key is spent.")
+            now = self._monotonic()
+            # The key free soonest; among keys free now, the least recently used, so that
+            # several keys share the load even when requests never overlap.
+            slot, _, index = min((self._next_slot(k.fingerprint, now),
+                                  self._last_sent(k.fingerprint), i)
+                                 for i, k in enumerate(usable))
+            key = usable[index]
+            if self.quotas[key.fingerprint].take():
+                break
+            self._exhausted.add(key.fingerprint)
+            log.warning("rate limit: key %s reached its daily budget of %s",
+                        key.fingerprint, self.quotas[key.fingerprint].per_day)
+        now = self._monotonic()
+        slot = max(slot, now)
+        self._sent[key.fingerprint].append(slot)
+        log.debug("rate limit: key %s sends in %.3f s (%d in the last minute)",
+                  key.fingerprint, slot - now, len(self._sent[key.fingerprint]))
+        return key, slot, now
 
     def state(self, key: ApiKey) -> str:
         """The limiter's view of one key, for the log: never the key itself."""

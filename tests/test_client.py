@@ -468,6 +468,67 @@ def test_the_per_minute_cap_holds_in_every_sliding_minute(tmp_path):
     assert times[10] - times[0] == pytest.approx(60 * RATE_SLACK, abs=0.01)
 
 
+class ServerAnswersDuringTheWait(SimulatedClock):
+    """The first wait of a request is interrupted by another worker's answer: the server
+    throttled that key, or said its day is spent (what the client then tells the limiter)."""
+
+    def __init__(self, answer) -> None:
+        super().__init__(step=0.001)
+        self.answer, self.limiter = answer, None
+
+    def sleep(self, seconds: float) -> None:
+        super().sleep(seconds)
+        answer, self.answer = self.answer, None
+        if answer is not None:
+            answer(self.limiter)
+
+
+def limiter_for(tmp_path, clock, keys: list[str]) -> RateLimiter:
+    settings = load_settings(environ={"ALPHA_VANTAGE_API_KEY": ",".join(keys),
+                                      "OHLCV_RATE_LIMIT_PER_SECOND": "20",
+                                      "OHLCV_RATE_LIMIT_PER_MINUTE": "1200"}, cwd=tmp_path)
+    clock.limiter = RateLimiter(settings, keys, clock.monotonic, clock.sleep)
+    return clock.limiter
+
+
+def test_a_key_throttled_while_a_request_waits_sends_nothing_before_the_penalty_ends(tmp_path):
+    clock = ServerAnswersDuringTheWait(None)
+    limiter = limiter_for(tmp_path, clock, [PREMIUM_KEY])
+    limiter.acquire()
+    key = limiter.keys[0]
+    penalty_end: list[float] = []
+
+    def throttle(lim: RateLimiter) -> None:
+        lim.throttled(key, 5.0, "Burst pattern detected.")
+        penalty_end.append(clock.now + 5.0)
+    clock.answer = throttle
+
+    assert limiter.acquire() is key
+    assert clock.now >= penalty_end[0]
+    assert DailyQuota(limiter_settings(tmp_path), key.fingerprint).read()["used"] == 2
+
+
+def test_a_key_declared_spent_while_a_request_waits_hands_the_request_to_another_key(tmp_path):
+    second_key = "SECONDPREMIUMKEY"
+    clock = ServerAnswersDuringTheWait(None)
+    limiter = limiter_for(tmp_path, clock, [PREMIUM_KEY, second_key])
+    first = limiter.acquire()
+    limiter.acquire()  # the other key, free at once
+    clock.answer = lambda lim: lim.exhausted(first)
+
+    third = limiter.acquire()
+
+    assert third.fingerprint != first.fingerprint
+    clock.answer = lambda lim: lim.exhausted(third)
+    with pytest.raises(QuotaExhausted):
+        limiter.acquire()
+
+
+def limiter_settings(tmp_path):
+    return load_settings(environ={"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
+                                  "OHLCV_RATE_LIMIT_PER_MINUTE": "1200"}, cwd=tmp_path)
+
+
 def test_every_request_is_counted_on_disk_before_it_leaves(tmp_path):
     settings = load_settings(environ={"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
                                       "OHLCV_RATE_LIMIT_PER_MINUTE": "1200"}, cwd=tmp_path)
