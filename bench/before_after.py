@@ -106,20 +106,27 @@ def measure_before(root: Path, runs: int) -> dict[str, Any]:
         order = [s for s in ("quota", "symbol", "read", "storage", "memory", "incremental",
                              "rotate") if s in scenarios]
         log(f"== before/after: the product at {base}: {', '.join(order)}")
-        product = export_product(base, root / f"product-{base}")
-        out = root / f"before-{base}.json"
-        env = {**os.environ, "BENCH_PRODUCT_DIR": str(product), "BENCH_PRODUCT_COMMIT": base}
-        done = subprocess.run([sys.executable, "-m", "bench.run", *order, "--runs", str(runs),
-                               "--before-run", "--json", str(out), "--workdir", str(root)],
-                              cwd=REPO, env=env, timeout=3600)
-        if not out.exists():
-            measured[base] = {"error": f"the run exited with {done.returncode} and no figures"}
-            continue
-        data = json.loads(out.read_text())
-        measured[base] = {"results": {r["key"]: {c["name"]: c["measured"] for c in r["checks"]}
-                                      for r in data["results"]},
-                          "errors": data["failures"]}
+        try:  # a failed before-run costs its rows, never the current run's figures
+            measured[base] = _run_before(base, order, root, runs)
+        except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+            measured[base] = {"error": f"not measured: {type(exc).__name__}: {exc}"[:200]}
+            log(f"before/after at {base} failed: {exc!r}")
     return measured
+
+
+def _run_before(base: str, scenarios: list[str], root: Path, runs: int) -> dict[str, Any]:
+    product = export_product(base, root / f"product-{base}")
+    out = root / f"before-{base}.json"
+    env = {**os.environ, "BENCH_PRODUCT_DIR": str(product), "BENCH_PRODUCT_COMMIT": base}
+    done = subprocess.run([sys.executable, "-m", "bench.run", *scenarios, "--runs", str(runs),
+                           "--before-run", "--json", str(out), "--workdir", str(root)],
+                          cwd=REPO, env=env, timeout=3600)
+    if not out.exists():
+        return {"error": f"not measured: the run exited with {done.returncode}, no figures"}
+    data = json.loads(out.read_text())
+    return {"results": {r["key"]: {c["name"]: c["measured"] for c in r["checks"]}
+                        for r in data["results"]},
+            "errors": data["failures"]}
 
 
 def results_json(results: list[ScenarioResult], failures: dict[str, str]) -> str:

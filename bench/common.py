@@ -336,8 +336,8 @@ def versions() -> dict[str, str]:
         commit = os.environ.get("BENCH_PRODUCT_COMMIT", "unknown") + f" (exported to {PRODUCT})"
     else:
         commit = git("rev-parse", "HEAD") or "unknown"
-        if git("status", "--porcelain", "--untracked-files=no"):
-            commit += " + uncommitted changes to tracked files"
+        if git("status", "--porcelain", "--untracked-files=no", "--", *PRODUCT_FILES):
+            commit += " + uncommitted changes to the product's files"
     out = {"secure-ohlcv-downloader (git commit)": commit,
            "sha256 of " + ", ".join(PRODUCT_FILES) + " (first 16 hex)": product_digest()}
     for dist in ("pandas", "pyarrow", "cryptography", "numpy", "requests", "alpha-vantage",

@@ -277,13 +277,13 @@ def diagnose_quota(res: ScenarioResult, prepare: Callable[[], Any],
     delays: list[float] = []
     takes: list[float] = []
     local = threading.local()
-    original = (product.RateLimiter.acquire, product.DailyQuota.take,
+    original = (product.RateLimiter._reserve, product.DailyQuota.take,
                 product.AlphaVantageClient._get)
 
-    def acquire(self: Any) -> Any:
-        key = original[0](self)
-        local.stamp = self._sent[key.fingerprint][-1]  # the limiter's recorded send time
-        return key
+    def reserve(self: Any) -> Any:
+        key, slot, now = original[0](self)
+        local.stamp = slot  # the send time the limiter planned for this thread's request
+        return key, slot, now
 
     def take(self: Any) -> bool:
         started = time.monotonic()
@@ -296,19 +296,19 @@ def diagnose_quota(res: ScenarioResult, prepare: Callable[[], Any],
         delays.append(time.monotonic() - local.stamp)
         return original[2](self, request, key)
 
-    product.RateLimiter.acquire, product.DailyQuota.take = acquire, take
+    product.RateLimiter._reserve, product.DailyQuota.take = reserve, take
     product.AlphaVantageClient._get = get
     try:
         for _ in range(runs):
             download(prepare())
     finally:
-        (product.RateLimiter.acquire, product.DailyQuota.take,
+        (product.RateLimiter._reserve, product.DailyQuota.take,
          product.AlphaVantageClient._get) = original
 
     def pct(values: list[float], q: float) -> float:
         return sorted(values)[int(q * (len(values) - 1))] * 1000
 
-    for label, values in (("limiter grant -> request handed to the HTTP client", delays),
+    for label, values in (("planned send time -> request handed to the HTTP client", delays),
                           ("DailyQuota.take() (inside RateLimiter.acquire, under its lock)", takes)):
         res.row(f"diagnosis ({runs} extra runs, {len(values)} requests): {label}: p50 / p99 / max",
                 [pct(values, 0.5), pct(values, 0.99), max(values) * 1000], "ms", 1,
