@@ -1838,9 +1838,9 @@ class RotationReport:
     env_file_updated: Path | None = None
 
 
-# Each file's fsyncs release the GIL while another thread decrypts and encrypts the next:
-# with 4 threads a rotation costs about 1.8 plain durable rewrites instead of 2.4
-# (bench/RESULTS.md, scenario 7). More threads gain nothing: the crypto holds the GIL.
+# Each file's fsyncs release the GIL while another thread decrypts and encrypts the next
+# (bench/RESULTS.md, scenario 7 and the before/after table). More threads gained nothing
+# on 2 cores (2 and 8 measured): the crypto itself holds the GIL.
 ROTATION_THREADS = 4
 
 
@@ -1882,23 +1882,21 @@ class KeyRotation:
                             report.already_done += 1
                         else:
                             written[path], report.rotated = digest, report.rotated + 1
+                    # Only once every dataset is on disk under the new key: the canary,
+                    # whose old key is how a re-run after a crash knows it is unfinished.
+                    digest = rotate_one(self.app.canary_path)
+                    if digest is not None:
+                        written[self.app.canary_path] = digest
+                    # Proof that every file opens under the new key alone.
+                    files = dataset_files(self.settings.data_dir) + [self.app.canary_path]
+                    check = functools.partial(self._under_primary_alone, ring, written)
+                    for path, sound in zip(files, pool.map(check, files)):
+                        if not sound:
+                            raise IntegrityError(f"{path} does not open under the new key "
+                                                 "alone after rotation; run --rotate-key again.")
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # files already replaced stay valid
                     raise
-            # Only once every dataset is on disk under the new key: the canary, whose old
-            # key is how a re-run after a crash knows the rotation is unfinished.
-            digest = rotate_one(self.app.canary_path)
-            if digest is not None:
-                written[self.app.canary_path] = digest
-            # Proof that every file opens under the new key alone: a file this run wrote
-            # must read back as the very token Fernet made with that key; any other file
-            # must carry that key's valid HMAC.
-            for path in dataset_files(self.settings.data_dir) + [self.app.canary_path]:
-                token = path.read_bytes()
-                if (hashlib.sha256(token).digest() != written[path] if path in written
-                        else not ring.signed_by_primary(token)):
-                    raise IntegrityError(f"{path} does not open under the new key alone "
-                                         "after rotation; run --rotate-key again.")
         report.seconds = time.monotonic() - started
         log.info("rotation done: %d files re-encrypted, %d already done, %s -> %s in %.1f s",
                  report.rotated, report.already_done, report.old_fingerprint,
@@ -1922,6 +1920,15 @@ class KeyRotation:
         rotated = ring.encrypt(plaintext)
         atomic_write(path, rotated, self.settings.file_mode)
         return hashlib.sha256(rotated).digest()
+
+    @staticmethod
+    def _under_primary_alone(ring: KeyRing, written: dict[Path, bytes], path: Path) -> bool:
+        """A file this run wrote must read back as the very token Fernet made under the
+        new key; any other file must carry that key's valid HMAC."""
+        token = path.read_bytes()
+        if path in written:
+            return hashlib.sha256(token).digest() == written[path]
+        return ring.signed_by_primary(token)
 
     def _new_primary(self, ring: KeyRing) -> RotationReport:
         """Store a ring with a new primary (old keys retired) where the keys are kept."""
