@@ -326,7 +326,7 @@ def diagnose_quota(res: ScenarioResult, prepare: Callable[[], Any],
 # =========================================================================================
 
 def symbol(ws: Workspace) -> ScenarioResult:
-    runs = max(ws.runs, 9)
+    runs = max(ws.runs, 41)  # ~30 ms each: many interleaved pairs for a steady median
     res = ScenarioResult("symbol", "2. Per-symbol cost: one full 6,500-bar daily history")
     days = session_days(6500)
     sym = "PERSYM"
