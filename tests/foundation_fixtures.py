@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import keyring.errors
 import numpy as np
@@ -115,18 +116,27 @@ def delete_key_ring_entry(backend) -> None:
         backend.delete_password(KEYRING_SERVICE, KEYRING_USERNAME)
 
 
-@pytest.fixture
-def keyring_backend(secret_service, monkeypatch):
-    """The private Secret Service as a keyring backend, with no key ring entry in it.
+@contextlib.contextmanager
+def secret_service_keyring(service) -> Iterator[SecretService.Keyring]:
+    """The Secret Service `service` as this process's keyring backend, holding no key ring
+    entry before or after (the entry name is fixed: service secure-ohlcv-downloader, user
+    fernet-key-ring)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("PYTHON_KEYRING_BACKEND", raising=False)
+        patch.delenv("DISPLAY", raising=False)
+        for name, value in service.env.items():
+            patch.setenv(name, value)
+        backend = SecretService.Keyring()
+        delete_key_ring_entry(backend)
+        try:
+            yield backend
+        finally:
+            delete_key_ring_entry(backend)
 
-    The entry name is fixed (service secure-ohlcv-downloader, user fernet-key-ring), so
-    every test starts and ends without it.
-    """
-    monkeypatch.delenv("PYTHON_KEYRING_BACKEND", raising=False)
-    monkeypatch.delenv("DISPLAY", raising=False)
-    for name, value in secret_service.env.items():
-        monkeypatch.setenv(name, value)
-    backend = SecretService.Keyring()
-    delete_key_ring_entry(backend)
-    yield backend
-    delete_key_ring_entry(backend)
+
+@pytest.fixture
+def keyring_backend(secret_service):
+    """The private Secret Service as a keyring backend, with no key ring entry in it: every
+    test starts and ends without it."""
+    with secret_service_keyring(secret_service) as backend:
+        yield backend

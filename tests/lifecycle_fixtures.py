@@ -46,8 +46,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
-import pytest
-from keyring.backends import SecretService, fail
+from keyring.backends import fail
 
 from config import Settings
 from secure_ohlcv_downloader import (
@@ -64,7 +63,6 @@ from tests.foundation_fixtures import (
     REPO,
     SUBPROCESS_TIMEOUT,
     base_env,
-    delete_key_ring_entry,
     headless_env,
     init_in_process,
     new_key,
@@ -353,23 +351,6 @@ def clone_site(site: Site, root: Path) -> Site:
     shutil.copytree(site.cwd, cwd, symlinks=True)
     home.mkdir(exist_ok=True)
     return Site(cwd, home, dict(site.variables), site.backend, site.service)
-
-
-@contextlib.contextmanager
-def secret_service_keyring(service) -> Iterator[Any]:
-    """The Secret Service `service` as this process's keyring backend, holding no key ring
-    entry before or after (the longer-lived twin of foundation_fixtures.keyring_backend)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("PYTHON_KEYRING_BACKEND", raising=False)
-        patch.delenv("DISPLAY", raising=False)
-        for name, value in service.env.items():
-            patch.setenv(name, value)
-        backend = SecretService.Keyring()
-        delete_key_ring_entry(backend)
-        try:
-            yield backend
-        finally:
-            delete_key_ring_entry(backend)
 
 
 # -- archives ------------------------------------------------------------------------------

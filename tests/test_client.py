@@ -432,11 +432,21 @@ class SimulatedClock:
         self.now += seconds
 
 
-def send_times(tmp_path, clock: SimulatedClock, count: int, **variables: str) -> list[float]:
-    environ = {"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY, "OHLCV_RATE_LIMIT_PER_SECOND": "20",
+def limiter_settings(tmp_path, keys: tuple[str, ...] = (PREMIUM_KEY,), **variables: str):
+    environ = {"ALPHA_VANTAGE_API_KEY": ",".join(keys), "OHLCV_RATE_LIMIT_PER_SECOND": "20",
                "OHLCV_RATE_LIMIT_PER_MINUTE": "1200", **variables}
-    limiter = RateLimiter(load_settings(environ=environ, cwd=tmp_path), [PREMIUM_KEY],
-                          clock.monotonic, clock.sleep)
+    return load_settings(environ=environ, cwd=tmp_path)
+
+
+def simulated_limiter(tmp_path, clock: SimulatedClock, keys: tuple[str, ...] = (PREMIUM_KEY,),
+                      **variables: str) -> RateLimiter:
+    """The real limiter (and quota file in tmp_path) on the simulated clock."""
+    return RateLimiter(limiter_settings(tmp_path, keys, **variables), list(keys),
+                       clock.monotonic, clock.sleep)
+
+
+def send_times(tmp_path, clock: SimulatedClock, count: int, **variables: str) -> list[float]:
+    limiter = simulated_limiter(tmp_path, clock, **variables)
     times = []
     for _ in range(count):
         limiter.acquire()
@@ -483,17 +493,9 @@ class ServerAnswersDuringTheWait(SimulatedClock):
             answer(self.limiter)
 
 
-def limiter_for(tmp_path, clock, keys: list[str]) -> RateLimiter:
-    settings = load_settings(environ={"ALPHA_VANTAGE_API_KEY": ",".join(keys),
-                                      "OHLCV_RATE_LIMIT_PER_SECOND": "20",
-                                      "OHLCV_RATE_LIMIT_PER_MINUTE": "1200"}, cwd=tmp_path)
-    clock.limiter = RateLimiter(settings, keys, clock.monotonic, clock.sleep)
-    return clock.limiter
-
-
 def test_a_key_throttled_while_a_request_waits_sends_nothing_before_the_penalty_ends(tmp_path):
     clock = ServerAnswersDuringTheWait(None)
-    limiter = limiter_for(tmp_path, clock, [PREMIUM_KEY])
+    limiter = clock.limiter = simulated_limiter(tmp_path, clock)
     limiter.acquire()
     key = limiter.keys[0]
     penalty_end: list[float] = []
@@ -511,7 +513,7 @@ def test_a_key_throttled_while_a_request_waits_sends_nothing_before_the_penalty_
 def test_a_key_declared_spent_while_a_request_waits_hands_the_request_to_another_key(tmp_path):
     second_key = "SECONDPREMIUMKEY"
     clock = ServerAnswersDuringTheWait(None)
-    limiter = limiter_for(tmp_path, clock, [PREMIUM_KEY, second_key])
+    limiter = clock.limiter = simulated_limiter(tmp_path, clock, (PREMIUM_KEY, second_key))
     first = limiter.acquire()
     limiter.acquire()  # the other key, free at once
     clock.answer = lambda lim: lim.exhausted(first)
@@ -524,17 +526,9 @@ def test_a_key_declared_spent_while_a_request_waits_hands_the_request_to_another
         limiter.acquire()
 
 
-def limiter_settings(tmp_path):
-    return load_settings(environ={"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
-                                  "OHLCV_RATE_LIMIT_PER_MINUTE": "1200"}, cwd=tmp_path)
-
-
 def test_every_request_is_counted_on_disk_before_it_leaves(tmp_path):
-    settings = load_settings(environ={"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
-                                      "OHLCV_RATE_LIMIT_PER_MINUTE": "1200"}, cwd=tmp_path)
-    clock = SimulatedClock(step=0.001)
-    limiter = RateLimiter(settings, [PREMIUM_KEY], clock.monotonic, clock.sleep)
-    quota = DailyQuota(settings, api_key_fingerprint(PREMIUM_KEY))
+    limiter = simulated_limiter(tmp_path, SimulatedClock(step=0.001))
+    quota = DailyQuota(limiter_settings(tmp_path), api_key_fingerprint(PREMIUM_KEY))
 
     assert [(limiter.acquire(), quota.read()["used"])[1] for _ in range(5)] == [1, 2, 3, 4, 5]
 

@@ -57,6 +57,7 @@ from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fix
     delete_key_ring_entry,
     keyring_backend,
     new_key,
+    secret_service_keyring,
 )
 from tests.lifecycle_fixtures import (
     KEY_VALUE,
@@ -78,7 +79,6 @@ from tests.lifecycle_fixtures import (
     rewrite_archive,
     run_all,
     sample_datasets,
-    secret_service_keyring,
     snapshot,
     weekday_bars,
 )
