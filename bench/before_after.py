@@ -15,6 +15,7 @@ same product, same run) names the row that serves as its "before" instead of a c
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -76,6 +77,7 @@ FIXES: tuple[Fix, ...] = (
 )
 
 
+@functools.lru_cache(maxsize=None)
 def parent(commit: str) -> str | None:
     """The short id of `commit`'s parent, or None when this clone does not have it."""
     return git("rev-parse", "--short", f"{commit}^") or None

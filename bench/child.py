@@ -17,58 +17,47 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.common import make_app, maxrss_bytes, rss_bytes, vmhwm_bytes
 
 
-def load_many(job: dict[str, Any]) -> dict[str, Any]:
-    import pandas as pd
-
-    app = make_app(Path(job["root"]), job["env"])
-    symbols = job["symbols"]
-    app.load(symbols[0])  # warm-up: lazy imports, Arrow's pools (not counted)
+def _peak_of(warm_up: Callable[[], Any], build: Callable[[], Any]) -> dict[str, Any]:
+    """Memory and time of `build()` (which returns one DataFrame), measured from a baseline
+    taken after `warm_up()` (lazy imports, Arrow's pools) and a collection."""
+    warm_up()
     gc.collect()
     baseline, before = rss_bytes(), maxrss_bytes()
     started = time.perf_counter()
-    frame = pd.concat([app.load(symbol) for symbol in symbols])
+    frame = build()
     seconds = time.perf_counter() - started
     return {"baseline_rss": baseline, "maxrss_before": before, "maxrss_after": maxrss_bytes(),
             "vmhwm": vmhwm_bytes(), "rss_after": rss_bytes(),
             "frame_bytes": int(frame.memory_usage(deep=True).sum()), "rows": len(frame),
             "seconds": seconds}
+
+
+def load_many(job: dict[str, Any]) -> dict[str, Any]:
+    """pd.concat of one load() per symbol, as a user would write it by hand."""
+    import pandas as pd
+
+    app, symbols = make_app(Path(job["root"]), job["env"]), job["symbols"]
+    return _peak_of(lambda: app.load(symbols[0]),
+                    lambda: pd.concat([app.load(symbol) for symbol in symbols]))
 
 
 def load_many_api(job: dict[str, Any]) -> dict[str, Any]:
     """The product's own one-frame loader, SecureOHLCVDownloader.load_many."""
-    app = make_app(Path(job["root"]), job["env"])
-    symbols = job["symbols"]
-    app.load_many(symbols[:1])  # warm-up, as above
-    gc.collect()
-    baseline, before = rss_bytes(), maxrss_bytes()
-    started = time.perf_counter()
-    frame = app.load_many(symbols)
-    seconds = time.perf_counter() - started
-    return {"baseline_rss": baseline, "maxrss_before": before, "maxrss_after": maxrss_bytes(),
-            "vmhwm": vmhwm_bytes(), "rss_after": rss_bytes(),
-            "frame_bytes": int(frame.memory_usage(deep=True).sum()), "rows": len(frame),
-            "seconds": seconds}
+    app, symbols = make_app(Path(job["root"]), job["env"]), job["symbols"]
+    return _peak_of(lambda: app.load_many(symbols[:1]), lambda: app.load_many(symbols))
 
 
 def read_plain(job: dict[str, Any]) -> dict[str, Any]:
     import pandas as pd
 
     paths = job["paths"]
-    pd.read_parquet(paths[0])  # warm-up, as above
-    gc.collect()
-    baseline, before = rss_bytes(), maxrss_bytes()
-    started = time.perf_counter()
-    frame = pd.concat([pd.read_parquet(path) for path in paths])
-    seconds = time.perf_counter() - started
-    return {"baseline_rss": baseline, "maxrss_before": before, "maxrss_after": maxrss_bytes(),
-            "vmhwm": vmhwm_bytes(), "rss_after": rss_bytes(),
-            "frame_bytes": int(frame.memory_usage(deep=True).sum()), "rows": len(frame),
-            "seconds": seconds}
+    return _peak_of(lambda: pd.read_parquet(paths[0]),
+                    lambda: pd.concat([pd.read_parquet(path) for path in paths]))
 
 
 def download(job: dict[str, Any]) -> dict[str, Any]:
