@@ -1856,8 +1856,9 @@ class KeyRotation:
     Order is what makes it safe: (1) the new key ring, old keys kept as retired, is stored
     where keys are kept *before* any file changes; (2) each dataset is re-encrypted under
     the new key and replaced atomically (several files at a time, each one whole), skipping
-    files the new key already opens; (3) the canary is rotated last, so a canary still under an old key means "unfinished"
-    and a re-run completes the job; (4) every file must then open under the new key alone.
+    files the new key already opens; (3) the canary is rotated last, so a canary still
+    under an old key means "unfinished" and a re-run completes the job; (4) every file must
+    then open under the new key alone.
     """
 
     def __init__(self, app: "SecureOHLCVDownloader") -> None:
@@ -1894,7 +1895,7 @@ class KeyRotation:
                     if digest is not None:
                         written[self.app.canary_path] = digest
                     # Proof that every file opens under the new key alone.
-                    files = dataset_files(self.settings.data_dir) + [self.app.canary_path]
+                    files = datasets + [self.app.canary_path]  # the lock keeps the set fixed
                     check = functools.partial(self._under_primary_alone, ring, written)
                     for path, sound in zip(files, pool.map(check, files)):
                         if not sound:
