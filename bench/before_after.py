@@ -77,7 +77,7 @@ FIXES: tuple[Fix, ...] = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parent(commit: str) -> str | None:
     """The short id of `commit`'s parent, or None when this clone does not have it."""
     return git("rev-parse", "--short", f"{commit}^") or None

@@ -16,8 +16,9 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import make_app, maxrss_bytes, rss_bytes, vmhwm_bytes
 

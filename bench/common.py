@@ -20,10 +20,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -154,8 +155,8 @@ def make_app(root: Path, env: dict[str, str], *, init: bool = False, logging: bo
     the CLI does."""
     import keyring.backends.fail
 
-    from secure_ohlcv_downloader import KeyringKeyStore, SecureOHLCVDownloader, configure_logging
     from config import load_settings
+    from secure_ohlcv_downloader import KeyringKeyStore, SecureOHLCVDownloader, configure_logging
 
     root.mkdir(parents=True, exist_ok=True)
     settings = load_settings(environ=env, cwd=root)

@@ -16,7 +16,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.common import API_KEY, bench_env, log, make_app, new_fernet_key, session_days, write_env_file
+from bench.common import (
+    API_KEY,
+    bench_env,
+    log,
+    make_app,
+    new_fernet_key,
+    session_days,
+    write_env_file,
+)
 
 ROWS = 6_500
 HISTORY_START = "2000-01-03"   # the emulator's default: 26 years of weekdays
@@ -52,11 +60,11 @@ def evening_of(day) -> str:
     dataset whose newest bar is `day`. The product decides currency from the real clock: a
     check made after the expected session's close (plus grace) that found no newer bar means
     a holiday, so a dataset checked "now" counts as current whatever the emulator serves."""
-    from datetime import datetime, time, timezone
+    from datetime import UTC, datetime, time
 
     from secure_ohlcv_downloader import MARKET_TZ
 
-    return datetime.combine(day, time(20, 0), MARKET_TZ).astimezone(timezone.utc).isoformat()
+    return datetime.combine(day, time(20, 0), MARKET_TZ).astimezone(UTC).isoformat()
 
 
 def backdate(app, names: list[str]) -> None:

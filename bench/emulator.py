@@ -159,7 +159,7 @@ class RemoteEmulator:
                 self._process.terminate()
                 self._process.wait(5)
 
-    def __enter__(self) -> "RemoteEmulator":
+    def __enter__(self) -> RemoteEmulator:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,9 +28,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/run.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
-    BENCH, REPO, CpuWatch, ScenarioResult, log, machine_facts, product_digest, versions)
 from bench import before_after  # noqa: E402
+from bench.common import (  # noqa: E402
+    BENCH,
+    REPO,
+    CpuWatch,
+    ScenarioResult,
+    log,
+    machine_facts,
+    product_digest,
+    versions,
+)
 from bench.scenarios import SCENARIOS, Workspace  # noqa: E402
 
 TARGETS = {
@@ -72,7 +80,7 @@ def render(results: list[ScenarioResult], failures: dict[str, str], command: str
         for c in r.checks:
             out.append(f"| {r.key} | {c.name} | {c.measured} | {c.target} | "
                        f"{'yes' if c.met else '**MISSED**'} |")
-    for key, error in failures.items():
+    for key in failures:
         out.append(f"| {key} | (scenario failed to run) | — | {TARGETS.get(key, '')} | **ERROR** |")
     out += ["", "Figures are medians with min and max over n runs. Ratios are ratios of medians. "
             "Every peer or reference ran in this same session on this machine, interleaved "

@@ -18,9 +18,10 @@ command line in a subprocess.
 from __future__ import annotations
 
 import subprocess
-from datetime import date, datetime, time, timedelta, timezone
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -155,7 +156,7 @@ class Workspace:
     def app(self, **overrides: str | None) -> SecureOHLCVDownloader:
         return SecureOHLCVDownloader(self.settings(**overrides), KeyringKeyStore(fail.Keyring()))
 
-    def init(self) -> "Workspace":
+    def init(self) -> Workspace:
         """`--init`, in-process: private directories and the canary for the env key."""
         self.app().init()
         return self
@@ -187,7 +188,7 @@ class Workspace:
         store = self.app().store()
         frame, meta = store.read(dataset)
         last = frame["timestamp"].iloc[-1].date()
-        evening = datetime.combine(last, time(20, 0), MARKET_TZ).astimezone(timezone.utc)
+        evening = datetime.combine(last, time(20, 0), MARKET_TZ).astimezone(UTC)
         kept = {k: meta[k] for k in ("partial_history", "function") if k in meta}
         with store.lock():
             store.write(dataset, frame, dict(kept, checked_at=evening.isoformat()))

@@ -107,14 +107,14 @@ class PrivateSecretService:
         self._logs: dict[str, Path] = {}
 
     # -- lifecycle ---------------------------------------------------------
-    def __enter__(self) -> "PrivateSecretService":
+    def __enter__(self) -> PrivateSecretService:
         self.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def start(self) -> "PrivateSecretService":
+    def start(self) -> PrivateSecretService:
         ok, reason = secret_service_available()
         if not ok:
             raise SecretServiceError(reason)

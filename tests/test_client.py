@@ -13,6 +13,7 @@ import json
 import re
 import string
 from datetime import date
+from itertools import pairwise
 
 import pandas as pd
 import pytest
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from config import load_settings
 from secure_ohlcv_downloader import (
+    RATE_SLACK,
     ApiError,
     ApiRequest,
     Classified,
@@ -29,7 +31,6 @@ from secure_ohlcv_downloader import (
     InvalidPayload,
     Outcome,
     QuotaExhausted,
-    RATE_SLACK,
     RateLimiter,
     api_key_fingerprint,
     classify_response,
@@ -460,7 +461,7 @@ def test_back_to_back_requests_leave_exactly_one_spacing_apart(tmp_path):
     request, about 10% of the quota at 20 requests a second."""
     times = send_times(tmp_path, SimulatedClock(step=0.007), 40)
 
-    gaps = [b - a for a, b in zip(times, times[1:])]
+    gaps = [b - a for a, b in pairwise(times)]
     assert gaps == pytest.approx([RATE_SLACK / 20] * 39, abs=1e-9)
 
 
@@ -468,7 +469,7 @@ def test_back_to_back_requests_leave_exactly_one_spacing_apart(tmp_path):
 def test_no_two_requests_ever_closer_than_the_spacing(tmp_path, step):
     times = send_times(tmp_path, SimulatedClock(step), 30)
 
-    assert min(b - a for a, b in zip(times, times[1:])) >= 1 / 20 - 1e-9
+    assert min(b - a for a, b in pairwise(times)) >= 1 / 20 - 1e-9
 
 
 def test_the_per_minute_cap_holds_in_every_sliding_minute(tmp_path):
@@ -543,7 +544,8 @@ GOOD = [["2024-01-03", "10.0000", "11.0000", "9.5000", "10.5000", "1000"],
 
 
 def as_json(rows: list[list[str]], drop: str | None = None) -> dict:
-    return {row[0]: {key: value for key, column, value in zip(WIRE_KEYS, COLUMNS, row[1:])
+    return {row[0]: {key: value
+                     for key, column, value in zip(WIRE_KEYS, COLUMNS, row[1:], strict=True)
                      if column != drop} for row in rows}
 
 

@@ -579,7 +579,7 @@ def test_crontab_jobs_have_five_valid_time_fields_and_a_command():
     for fields, command in jobs:
         assert len(fields) == 5 and command, (fields, command)
         assert all(cron_field_ok(f, *rng, names)
-                   for f, rng, names in zip(fields, CRON_RANGES, CRON_NAMES)), fields
+                   for f, rng, names in zip(fields, CRON_RANGES, CRON_NAMES, strict=True)), fields
 
 
 def test_crontab_jobs_have_no_bare_percent_sign():

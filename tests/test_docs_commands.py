@@ -130,7 +130,7 @@ def doc_runs(tmp_path_factory):
 
     try:
         with ThreadPoolExecutor(len(DOCS)) as pool:
-            yield dict(zip(DOCS, pool.map(run_document, DOCS)))
+            yield dict(zip(DOCS, pool.map(run_document, DOCS), strict=True))
     finally:
         av.stop()
 

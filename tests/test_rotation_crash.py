@@ -192,7 +192,8 @@ class Trials:
             try:
                 _, key_fp = ring.decrypt_with_fingerprint(path.read_bytes(), path)
             except IntegrityError as exc:
-                raise AssertionError(f"{label}: unreadable with the key ring as stored: {exc}")
+                raise AssertionError(
+                    f"{label}: unreadable with the key ring as stored: {exc}") from exc
             under_new += path != site.canary and key_fp == ring.primary.fingerprint
         if ring.primary.fingerprint == self.template.fingerprint:
             return "before the new key was stored"

@@ -52,7 +52,8 @@ from tests.foundation_fixtures import (
     settings_for,
     tree,
 )
-from tests.writer_child import DATASETS, frame as writer_frame
+from tests.writer_child import DATASETS
+from tests.writer_child import frame as writer_frame
 
 WRITER = Path(__file__).with_name("writer_child.py")
 IBM = DatasetId("IBM")
@@ -218,7 +219,7 @@ def test_check_keys_reports_a_loose_data_dir_and_exits_3(tmp_path, key):
     result = run_cli(["--check-keys"], tmp_path, headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=key))
 
     assert result.returncode == 3
-    line = next(l for l in result.stdout.splitlines() if "data directory" in l)
+    line = next(row for row in result.stdout.splitlines() if "data directory" in row)
     assert line.startswith("FAIL") and "chmod 700" in line
 
 

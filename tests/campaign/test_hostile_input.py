@@ -637,7 +637,7 @@ def test_hostile_body_fails_its_symbol_not_the_run(tmp_path, figures):
                                          for symbol in hostile]  # one hostile body per run
         init, *runs = run_batch(jobs, cwd, env)
     assert init["code"] == 0, init
-    results = dict(zip(hostile, runs))
+    results = dict(zip(hostile, runs, strict=True))
     held = [s for s, r in results.items()
             if r["code"] == 1 and f"{s} daily: FAILED" in r["stdout"]
             and "GOOD daily: updated" in r["stdout"] and "internal error" not in r["stderr"]]
@@ -746,7 +746,7 @@ def test_cli_refuses_hostile_symbols_and_writes_nothing(tmp_path, emulator, figu
     before = snapshot(tmp_path, exclude=excluded)
     results = run_batch([{"argv": args} for args, _ in CLI_HOSTILE_INPUTS], cwd, env)
     held, broken = 0, []
-    for (args, words), result in zip(CLI_HOSTILE_INPUTS, results):
+    for (args, words), result in zip(CLI_HOSTILE_INPUTS, results, strict=True):
         if result["code"] == 2 and words in result["stderr"]:
             held += 1
         else:
@@ -872,7 +872,8 @@ def test_cli_bad_configuration_exits_3_naming_the_variable(tmp_path, emulator, f
             empties.append(None)
             jobs.append({"argv": ["download", f"CFG{index}"], "cwd": str(site), "env": {name: value}})
     broken = []
-    for (name, value, command), cwd, result in zip(BAD_CONFIG, empties, run_batch(jobs, site, base)):
+    results = run_batch(jobs, site, base)
+    for (name, value, command), cwd, result in zip(BAD_CONFIG, empties, results, strict=True):
         created = sorted(p.name for p in cwd.iterdir()) if cwd else []
         ok = (result["code"] == 3 and name in result["stderr"] and "Traceback" not in result["stderr"]
               and "internal error" not in result["stderr"] and not created)
@@ -1191,7 +1192,7 @@ def test_crafted_archives_are_refused_named_and_contained(tmp_path, figures):
     site = lab.site
     verifies = run_batch([{"argv": ["--verify-backup", str(a), "--all"]} for a, _ in archives.values()],
                          site.cwd, site.env())
-    for (name, (_, needle)), result in zip(archives.items(), verifies):
+    for (name, (_, needle)), result in zip(archives.items(), verifies, strict=True):
         if result["code"] != 5 or needle not in result["stdout"] + result["stderr"]:
             broken[f"verify {name}"] = (result["code"], result["stdout"].strip()[-200:])
     lab.damage()  # each recover gets its own copy of the damaged installation
@@ -1204,7 +1205,7 @@ def test_crafted_archives_are_refused_named_and_contained(tmp_path, figures):
                           for name, (archive, _) in archives.items()], site.cwd, site.env())
     after = snapshot(tmp_path, exclude=excluded + (where,))
     intact = set(lab.originals) - set(lab.LOST) - {lab.ALTERED}
-    for (name, (_, needle)), result in zip(archives.items(), recovers):
+    for (name, (_, needle)), result in zip(archives.items(), recovers, strict=True):
         text = result["stdout"] + result["stderr"]
         current = {p.relative_to(copies[name] / "data").as_posix(): p.read_bytes()
                    for p in dataset_files(copies[name] / "data")}
