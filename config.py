@@ -1,28 +1,38 @@
 """Settings of the Secure OHLCV Downloader: the one place that knows every variable.
 
 Map of this file:
+    OHLCVError     -- the root of the error family (each class carries its exit code);
+                      it lives here because every module imports this one
     VARIABLES      -- every environment variable: name, default, meaning (the README
                       table and .env.example are checked against it by the tests)
-    Secret         -- a string that never shows itself in repr(), str() or logs
+    Secret         -- a string that never shows itself in repr(), str() or logs; every
+                      secret value is registered for log redaction when it is wrapped
+    parse_key_list -- the one parser of key-list text (variable, `.env`, key file, prompt)
+    open_private_file -- a `.env` or key file: never through a link, never another user's
     Settings       -- the frozen, validated settings of one run
     load_settings  -- reads the environment and `.env` (a real variable wins), validates
                       everything at once, raises ConfigError naming the variable
 
-A bad value stops the program before it does anything; the CLI turns ConfigError into
-exit code 3. Messages name the variable and the problem and never echo a secret value.
+A bad value stops the program before it does anything; ConfigError is exit code 3.
+Messages name the variable and the problem and never echo a secret value. Configured
+paths are made absolute but never resolved: a link at a configured path is refused where
+the path is used, never silently followed.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import logging
 import math
 import os
+import re
 import stat
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
@@ -34,8 +44,19 @@ KEYRING_SERVICE = "secure-ohlcv-downloader"
 ENV_FILE = ".env"
 
 
-class ConfigError(ValueError):
-    """A setting is missing or malformed. The message names the variable and the fix."""
+class OHLCVError(Exception):
+    """Base of every error the tool reports to an operator. `exit_code` is its exit code;
+    secure_ohlcv_downloader.EXIT_CODES is the table the README and --help are checked
+    against."""
+
+    exit_code = 1
+
+
+class ConfigError(OHLCVError, ValueError):
+    """A setting or a configured file is missing, malformed or unsafe. The message names
+    the variable or file and the fix."""
+
+    exit_code = 3
 
 
 @dataclass(frozen=True)
@@ -96,12 +117,27 @@ _DEFAULTS = {v.name: v.default for v in VARIABLES}
 
 
 class Secret:
-    """A secret string. It shows only as `Secret('***')`; `.reveal()` is the one way out."""
+    """A secret string. It shows only as `Secret('***')`; `.reveal()` is the one way out.
+
+    Wrapping is registration: every value ever wrapped is in `Secret.known()`, which the
+    log and message redaction reads. Every secret enters the program through here (API
+    keys and Fernet keys from the environment, `.env`, the keyring, a key file, a prompt,
+    or freshly generated), so nothing can be forgotten by a caller."""
 
     __slots__ = ("_value",)
+    _known: frozenset[str] = frozenset()
+    _known_lock = threading.Lock()
 
     def __init__(self, value: str) -> None:
         self._value = value
+        if len(value) >= 4 and value not in Secret._known:
+            with Secret._known_lock:
+                Secret._known = Secret._known | {value}
+
+    @staticmethod
+    def known() -> frozenset[str]:
+        """Every value ever wrapped (a new set object whenever one is added)."""
+        return Secret._known
 
     def reveal(self) -> str:
         return self._value
@@ -214,9 +250,20 @@ def _secrets(name: str, raw: str, check: Callable[[str], str | None]) -> tuple[S
     return tuple(Secret(v) for v in values)
 
 
-def parse_encryption_keys(raw: str) -> tuple[Secret, ...]:
-    """OHLCV_ENCRYPTION_KEY's value as keys, primary first; ConfigError when malformed."""
-    return _secrets("OHLCV_ENCRYPTION_KEY", raw, fernet_key_problem)
+def parse_key_list(text: str, source: str = "OHLCV_ENCRYPTION_KEY") -> tuple[Secret, ...]:
+    """Fernet keys, primary first, as the variable, `.env`, a key file or a prompt give
+    them: separated by commas, spaces or new lines, '#' comments, an optional
+    `OHLCV_ENCRYPTION_KEY=` (or `export ...=`) in front, quotes around. ConfigError naming
+    `source` and the item when one is not a key; the value is never shown."""
+    text = re.sub(r"#.*", "", text)
+    text = re.sub(r"(?m)^\s*(export\s+)?OHLCV_ENCRYPTION_KEY\s*=", "", text)
+    values = [v.strip().strip("'\"") for v in re.split(r"[,\s]+", text) if v.strip()]
+    for position, value in enumerate(values, 1):
+        problem = fernet_key_problem(value)
+        if problem:
+            where = f"item {position} of {source}" if len(values) > 1 else source
+            raise ConfigError(f"{where} {problem} (the value is not shown).")
+    return tuple(Secret(v) for v in values)
 
 
 def _api_key_problem(value: str) -> str | None:
@@ -265,21 +312,60 @@ def _path(name: str, raw: str, base: Path) -> Path:
         path = Path(text).expanduser()
     except RuntimeError:  # ~user for a user that does not exist
         raise ConfigError(f"{name}: {text.split('/')[0]} names no user on this machine.") from None
-    return (path if path.is_absolute() else base / path).resolve()
+    # Absolute, never resolved: resolving would follow a link planted at the path (a shared
+    # metrics directory, say) and the tool would write through it. Links are refused
+    # where each path is used (lstat, O_NOFOLLOW).
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
 
 
 # -- loading -------------------------------------------------------------------------------
 
+def open_private_file(path: Path, what: str) -> tuple[str, list[str]]:
+    """The text of a file that may hold keys (`.env`, a key file), and warnings about it.
+
+    Refused (ConfigError, exit 3): a link, anything but a regular file, a file another
+    user owns, or one that group or others can write (they could swap the keys or point
+    ALPHA_VANTAGE_BASE_URL at their own server and receive the API key). Readable by
+    group or others: a warning. Opened once with O_NOFOLLOW and checked on that very
+    descriptor, so the file checked is the file read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ConfigError(f"{what} {path} is a symbolic link; refusing to follow it (it "
+                              "may have been planted by another user). Fix: replace it with "
+                              "the file itself, mode 600.") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}.") from None
+    with open(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        mode = stat.S_IMODE(info.st_mode)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{what} {path} is not a regular file; refusing to read it.")
+        if info.st_uid != os.geteuid():
+            raise ConfigError(f"{what} {path} belongs to uid {info.st_uid}, not to this user "
+                              f"(uid {os.geteuid()}): its content cannot be trusted. Fix: "
+                              f"create your own copy and `chmod 600 {path}`.")
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise ConfigError(f"{what} {path} is writable by group or others (mode {mode:04o}): "
+                              f"its content cannot be trusted. Fix: `chmod 600 {path}` after "
+                              "checking what it holds.")
+        warnings = []
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
+            warnings.append(f"{what} {path} is readable by group or others (mode {mode:04o}); "
+                            f"it may hold keys: run `chmod 600 {path}`.")
+        data = handle.read(1 << 20)
+    try:
+        return data.decode("utf-8"), warnings
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text.") from None
+
+
 def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
-    """Values of a `.env` file and warnings about it (loose permissions)."""
-    if not path.is_file():
+    """Values of a `.env` file and warnings about it; no file, no values."""
+    if not os.path.lexists(path):
         return {}, []
-    warnings = []
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        warnings.append(f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
-                        f"it may hold keys: run `chmod 600 {path}`.")
-    values = {k: v for k, v in dotenv_values(path).items() if v is not None}
+    text, warnings = open_private_file(path, ".env file")
+    values = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
     return values, warnings
 
 
@@ -316,7 +402,7 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = N
     return Settings(
         api_keys=_secrets("ALPHA_VANTAGE_API_KEY", get("ALPHA_VANTAGE_API_KEY"), _api_key_problem),
         base_url=_base_url("ALPHA_VANTAGE_BASE_URL", get("ALPHA_VANTAGE_BASE_URL")),
-        encryption_keys=parse_encryption_keys(get("OHLCV_ENCRYPTION_KEY")),
+        encryption_keys=parse_key_list(get("OHLCV_ENCRYPTION_KEY")),
         data_dir=_path("OHLCV_DATA_DIR", get("OHLCV_DATA_DIR"), cwd),
         backup_dir=_path("OHLCV_BACKUP_DIR", get("OHLCV_BACKUP_DIR"), cwd),
         state_dir=_path("OHLCV_STATE_DIR", get("OHLCV_STATE_DIR"), cwd),

@@ -7,9 +7,8 @@ Map of this file:
     cmd_*           -- one small function per command: call the library, print the result
     main            -- settings, logging, dispatch, and the one place errors become exit codes
 
-Data goes to stdout, messages to stderr. Exit codes (README): 0 ok, 1 some work failed,
-2 usage or input error, 3 configuration or key problem, 4 API quota spent (resumable),
-5 integrity failure found.
+Data goes to stdout, messages to stderr. Exit codes come from the error classes
+(secure_ohlcv_downloader.EXIT_CODES); the library records each run and writes the metrics.
 """
 
 from __future__ import annotations
@@ -18,31 +17,30 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
-import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable, Sequence
 
 import pandas as pd
 
 from config import ConfigError, load_settings
 from secure_ohlcv_downloader import (
+    EXIT_CODES,
     GUIDE_BYTES_PER_TICKER_DAY,
     INTERVALS,
     DatasetResult,
+    NewKey,
     OHLCVError,
-    RunRecord,
     SecureOHLCVDownloader,
     UsageError,
     atomic_write,
     configure_logging,
-    estimate,
+    exit_code_of,
     redact,
-    run_samples,
-    write_metrics,
 )
 
 log = logging.getLogger("secure_ohlcv.cli")
@@ -54,7 +52,31 @@ def say(message: str) -> None:
     print(redact(message), file=sys.stderr)
 
 
+def note(message: str) -> None:
+    """A note of the library's (a lock wait, a metrics file not written): log and stderr."""
+    log.warning("%s", message)
+    say(f"note: {message}")
+
+
 # -- commands ------------------------------------------------------------------------------
+
+def show_new_key(new: NewKey) -> None:
+    """On a terminal: the only time a key is ever shown in full."""
+    print(f"\nNEW ENCRYPTION KEY RING, primary key {new.fingerprint} (shown once, never again;"
+          " this is OHLCV_ENCRYPTION_KEY's value, new key first):\n")
+    print(f"    {new.value}\n")
+    print("Store it offline now (password manager or paper in a safe): without it the data "
+          "and every backup are unreadable if this machine or its keyring is lost.\n",
+          flush=True)
+
+
+def tell_new_key_file(new: NewKey | None) -> None:
+    """Off a terminal the new key went to a file: say where, and that it must move."""
+    if new is not None and new.file is not None:
+        print(f"New key {new.fingerprint} written to {new.file} (mode 0600), not shown here: "
+              f"move it offline now (password manager or safe), then delete it (shred -u "
+              f"{new.file}). --check-keys warns until it is gone.")
+
 
 def cmd_init(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.init()
@@ -65,14 +87,9 @@ def cmd_init(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
               f"fingerprints {', '.join(report.fingerprints)}.")
         return 0
     print(f"Key ring from {report.key_source}; primary key fingerprint {report.fingerprints[0]}.")
-    if report.stored_in_keyring:
-        print(f"Stored in the OS keyring ({app.keyring_store.info.name}).")
-    if report.generated_key:
-        # The only time a key is ever shown in full.
-        print("\nNEW ENCRYPTION KEY (shown once, never again):\n")
-        print(f"    {report.generated_key}\n")
-        print("Store it offline now (password manager or paper in a safe): without it the "
-              "data and every backup are unreadable if this machine or its keyring is lost.")
+    if report.stored_in:
+        print(f"Stored in: {', '.join(report.stored_in)}.")
+    tell_new_key_file(report.new_key)
     print("Encrypted canary written; check with: "
           f"python {PROG} --check-keys")
     return 0
@@ -83,8 +100,11 @@ def cmd_check_keys(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     width = max(len(c.name) for c in report.checks)
     for check in report.checks:
         print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}")
+    for warning in report.warnings:
+        if warning not in app.warnings:
+            say(f"warning: {warning}")
     print("Result: " + ("sound" if report.sound else "NOT sound: fix the FAIL lines above"))
-    return 0 if report.sound else 3
+    return report.exit_code
 
 
 def read_symbols(args: argparse.Namespace) -> list[str]:
@@ -137,15 +157,17 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
 
 
 def cmd_export(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
-    frame = app.load(args.symbol, args.interval, args.adjusted, args.start, args.end).reset_index()
-    data = render_export(frame, args.format)
-    if args.output == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-    else:
-        write_private_file(Path(args.output), data, app.settings.file_mode)
-        say(f"wrote {len(frame)} rows to {args.output} (mode {app.settings.file_mode:04o}). "
-            "This copy is NOT encrypted: keep it as private as the licence requires.")
+    with app.command("export"):
+        frame = app.load(args.symbol, args.interval, args.adjusted, args.start,
+                         args.end).reset_index()
+        data = render_export(frame, args.format)
+        if args.output == "-":
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        else:
+            write_private_file(Path(args.output), data, app.settings.file_mode)
+            say(f"wrote {len(frame)} rows to {args.output} (mode {app.settings.file_mode:04o}). "
+                "This copy is NOT encrypted: keep it as private as the licence requires.")
     return 0
 
 
@@ -191,11 +213,11 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
                       f"{row['last_bar'][:19]} ({row['age_days']} d old)  updated "
                       f"{row['updated_at']}  key {row['key']}{notes}")
         for command, run in sorted(status["runs"].items()):
-            when = datetime.fromtimestamp(run["last_run"], timezone.utc).isoformat(timespec="seconds")
+            when = datetime.fromtimestamp(run["last_run"], UTC).isoformat(timespec="seconds")
             ok = run.get("last_success")
             print(f"last {command}: {when}, exit {run['exit_code']}" + (
                 "" if run["exit_code"] == 0 else ", last success " + (
-                    datetime.fromtimestamp(ok, timezone.utc).isoformat(timespec="seconds")
+                    datetime.fromtimestamp(ok, UTC).isoformat(timespec="seconds")
                     if ok else "never")))
         for quota in status["quota"]:
             limit = quota["limit"] or "unlimited"
@@ -207,11 +229,7 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
 
 
 def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
-    try:
-        store = app.store() if any(app.store().datasets()) else None
-    except (OHLCVError, FileNotFoundError):
-        store = None  # not initialised yet: estimate from the documented defaults
-    e = estimate(app.settings, store, args.symbols, args.interval, args.years)
+    e = app.estimate(args.symbols, args.interval, args.years)
     source = "measured in this store" if e.measured else "documented default (store empty)"
     mb = 2**20
     print(f"{e.symbols} symbols, {e.interval} bars, {e.years:g} years")
@@ -239,39 +257,45 @@ def _duration(seconds: float) -> str:
 
 def cmd_rotate_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.rotate_key()
+    tell_new_key_file(report.new_key)
     if report.awaiting_env_update:
         print(f"New primary key {report.new_fingerprint} generated; old key "
               f"{report.old_fingerprint} kept as retired. Your keys come from "
               "OHLCV_ENCRYPTION_KEY set outside this directory, so nothing was re-encrypted yet.")
-        print("\nSet it to this value where it is defined (service environment file, "
-              "credential store), shown once:\n")
-        print(f"    OHLCV_ENCRYPTION_KEY={report.new_env_value}\n")
-        print(f"Then run `python {PROG} --rotate-key` again to re-encrypt every dataset.")
+        print("Set OHLCV_ENCRYPTION_KEY where it is defined (service environment file, "
+              "credential store) to the new value above (or in the file named), then run "
+              f"`python {PROG} --rotate-key` again to re-encrypt every dataset.")
         return 0
     print(f"Rotated {report.rotated} dataset(s) ({report.already_done} already under the new "
           f"key) in {report.seconds:.1f} s: key {report.old_fingerprint} -> "
           f"{report.new_fingerprint}. Every file opens under the new key alone.")
     print("The old key stays in the ring, retired, so older backups stay readable.")
-    if report.env_file_updated:
-        print(f"{report.env_file_updated} now holds the new key ring (new key first).")
-    if report.new_env_value:
-        print("\nOHLCV_ENCRYPTION_KEY is also set: update it to this value (shown once), or "
-              "every run will stop because keyring and variable disagree:\n")
-        print(f"    OHLCV_ENCRYPTION_KEY={report.new_env_value}\n")
-    print("Store the new key offline, as you did the first one.")
+    if report.stored_in:
+        print(f"The new key ring is stored in: {', '.join(report.stored_in)}.")
+    if report.variable_disagrees:
+        print("OHLCV_ENCRYPTION_KEY is also set outside this directory: set it to the new "
+              "value (new key first), or every run will stop because keyring and variable "
+              "disagree.")
     return 0
 
 
 def cmd_remove_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
-    needed, removed = app.remove_key(args.fingerprint, args.yes)
-    for name in needed:
+    report = app.remove_key(args.fingerprint, args.yes)
+    for name in report.needed_by:
         print(f"needs {args.fingerprint} (or could not be read): {name}")
-    if not removed:
-        print(f"{len(needed)} backup(s) above would become unreadable. Nothing removed; "
-              "run again with --yes to remove the key.")
-        return 1
-    print(f"Removed retired key {args.fingerprint} from the key ring.")
-    return 0
+    for place in report.unchecked:
+        print(f"NOT CHECKED (a backup --dest destination): {place}")
+    print(f"{len(report.needed_by)} backup(s) above would become unreadable without the key.")
+    if report.unchecked:
+        print("Nothing removed: every destination must be checked first. Fix: mount or "
+              "restore access to the destinations above, then run again.")
+    elif report.removed:
+        print(f"Removed retired key {args.fingerprint} from the key ring.")
+    elif not args.yes:
+        print("Nothing removed; run again with --yes to remove the key.")
+    if report.edit:
+        print(f"OHLCV_ENCRYPTION_KEY is set outside this directory: {report.edit}")
+    return report.exit_code
 
 
 def cmd_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
@@ -299,7 +323,13 @@ def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         prompt = lambda: getpass.getpass("Encryption key (primary first; comma-separated): ")  # noqa: E731
     report = app.recover(Path(args.from_backup) if args.from_backup else None,
                          Path(args.key_file) if args.key_file else None, prompt)
-    print(f"keys from {report.key_source}" + ("; re-linked into the OS keyring" if report.relinked else ""))
+    print(f"keys from {report.key_source}, proven by: " + "; ".join(
+        f"{fp} opens {what}" for fp, what in report.proven.items()))
+    if report.stored_in:
+        print(f"key ring stored in: {', '.join(report.stored_in)} (no key dropped)")
+    if report.variable_disagrees:
+        say("warning: OHLCV_ENCRYPTION_KEY set outside this directory differs from the key "
+            "ring now stored; set it to the ring from your offline copy, or unset it.")
     for warning in report.warnings:
         say(f"warning: {warning}")
     print(f"{report.checked} dataset(s) checked in the store, {len(report.restored)} restored "
@@ -308,7 +338,7 @@ def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         print(f"  restored {rel}")
     for problem in report.failed:
         print(f"  NOT RECOVERED {problem}")
-    return 5 if report.failed else 0
+    return report.exit_code
 
 
 def cmd_cleanup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
@@ -424,10 +454,10 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     epilog = "commands (the --flag form works too):\n" + "\n".join(
         f"  {name:<14} {help_}\n  {'':<14} e.g. {example}" for name, (_, help_, example) in COMMANDS.items())
+    codes = "\n".join(f"  {code} {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
         prog=PROG, description="Download OHLCV bars from Alpha Vantage and keep them encrypted.",
-        epilog=epilog + "\n\nexit codes: 0 ok, 1 some work failed, 2 usage or input error, "
-        "3 configuration or key problem, 4 API quota spent (resumable), 5 integrity failure.",
+        epilog=epilog + "\n\nexit codes:\n" + codes,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)  # --key must never be taken for --key-file
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -455,25 +485,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    started = time.monotonic()
     app: SecureOHLCVDownloader | None = None
+    if not logging.getLogger().handlers:  # no stderr echo of log lines before the log is set up
+        logging.getLogger().addHandler(logging.NullHandler())
     try:
         settings = load_settings()
-        if args.metrics_file:
-            settings = replace(settings, metrics_file=Path(args.metrics_file).resolve())
+        if args.metrics_file:  # absolute, never resolved: a link there is replaced
+            settings = replace(settings, metrics_file=Path(os.path.abspath(args.metrics_file)))
         configure_logging(settings)
         for warning in settings.warnings:
+            log.warning("%s", warning)
             say(f"warning: {warning}")
         app = SecureOHLCVDownloader(settings)
-        app.notify = lambda message: (log.warning("%s", message), say(f"note: {message}"))
-        log.info("command %s started", args.command)
-        app.monitor.snapshot("start")
+        app.ctx.notify = note
+        if sys.stdout.isatty():  # a person is there to see a new key; else it goes to a file
+            app.show_key = show_new_key
         code = COMMANDS[args.command][0](app, args)
-        for warning in app.warnings[len(settings.warnings):]:
-            say(f"warning: {warning}")
     except ConfigError as exc:
+        log.error("configuration error: %s", exc)
         say(f"configuration error: {exc}")
-        return 3  # no settings: nothing to record, no metrics file to write
+        code = exc.exit_code
     except OHLCVError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         say(f"error: {exc}")
@@ -482,31 +513,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("I/O error: %s", exc)
         say(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
             + " (the file being written keeps its previous version)")
-        code = 1
-    except KeyboardInterrupt:
+        code = exit_code_of(exc)
+    except KeyboardInterrupt as exc:
         say("interrupted")
-        code = 130
-    except Exception:  # the last boundary: a traceback goes to the (redacted) log only
+        code = exit_code_of(exc)
+    except Exception as exc:  # the last boundary: a traceback goes to the (redacted) log only
         log.exception("internal error")
         say("internal error: see the log file for the traceback; please report it.")
-        code = 1
-    if app is not None and not getattr(args, "dry_run", False):  # a dry run changes nothing
-        finish(app, args.command, code, time.monotonic() - started)
+        code = exit_code_of(exc)
+    if app is not None:  # what the run found worth a warning, whether it failed or not
+        for warning in app.warnings[len(app.settings.warnings):]:
+            say(f"warning: {warning}")
     return code
 
-
-def finish(app: SecureOHLCVDownloader, command: str, code: int, duration: float) -> None:
-    """Record the run and write the metrics file; a failure here is reported, not fatal."""
-    try:
-        app.monitor.snapshot("end")
-        samples = run_samples(command, duration, app.monitor.peak(), app.facts)
-        runs = RunRecord(app.settings).record(command, code, time.time(), samples)
-        if app.settings.metrics_file is not None:
-            write_metrics(app.settings.metrics_file, app.settings.metrics_file_mode, runs)
-    except (OSError, OHLCVError) as exc:
-        log.error("could not record the run or write metrics: %s", exc)
-        say(f"warning: could not record the run or write the metrics file: {exc}")
-    log.info("command %s finished with exit code %d in %.2f s", command, code, duration)
 
 if __name__ == "__main__":
     sys.exit(main())

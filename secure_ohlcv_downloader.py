@@ -1,24 +1,30 @@
 """Secure OHLCV Downloader: Alpha Vantage bars, encrypted at rest, safe to run for years.
 
-Read top to bottom; the sections follow the data:
+Read top to bottom; the sections follow the data, and calls only go down the file:
 
-    1. Errors          -- OHLCVError and its family, one exit code each (mapped by the CLI)
-    2. Redaction, log  -- SecretRedactor, RedactingFormatter, configure_logging
-    3. Files           -- private directories, atomic writes, the data-directory lock
-    4. Keys            -- fingerprint, KeyRing (MultiFernet), KeyringKeyStore / EnvKeyStore,
-                          read_key_sources (which store wins, and every way that can go wrong)
+    1. Errors          -- the OHLCVError family (root in config.py), one exit code each;
+                          EXIT_CODES, the one table of their meanings
+    2. Redaction, log  -- SecretRedactor (every config.Secret ever made), RedactingFormatter,
+                          configure_logging
+    3. Files           -- private directories (never through a link), atomic writes with an
+                          optional read-back proof, the data-directory lock
+    4. Keys            -- fingerprint, KeyRing (MultiFernet); three KeyStores behind one
+                          protocol: KeyringKeyStore, EnvKeyStore (read-only), EnvFileKeyStore
+                          (.env); KeyCustody: which store holds the ring, proof before a key
+                          is stored, the canary, a new key handed to a person exactly once
     5. Rate limiting   -- DailyQuota (persisted, shared by processes), RateLimiter (per key)
     6. Client          -- classify_response, ApiRequest, AlphaVantageClient (retries, timeouts)
     7. Parsing         -- parse_payload (JSON or CSV to one typed table), validate_bars
-    8. Encrypted store -- DatasetId (symbol and path rules), table codec, EncryptedStore
+    8. Encrypted store -- DatasetId (symbol and path rules), table codec, EncryptedStore,
+                          load_frame / load_many, RunContext (what every command body gets)
     9. Downloader      -- latest_session / is_current, merge_bars, DatasetDownloader,
-                          PendingQueue (what the quota left undone)
-   10. Lifecycle       -- KeyRotation, BackupWriter, BackupArchive (hostile-archive safe),
-                          verify_backup, retention and pruning helpers
+                          PendingQueue, run_download (the download command)
+   10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, BackupArchive
+                          (hostile-archive safe), verify_backup; the commands init_store,
+                          check_keys, remove_key, recover, cleanup
    11. Monitoring      -- ResourceMonitor (psutil), RunRecord, write_metrics (Prometheus
-                          text file), estimate (capacity)
-   12. Front door      -- SecureOHLCVDownloader: init, check_keys, download, load, status,
-                          rotate_key, remove_key, backup, verify_backup, recover, cleanup
+                          text file), estimate, status_of, finish_run
+   12. Front door      -- SecureOHLCVDownloader: a thin delegator that records every command
 
 `python secure_ohlcv_downloader.py ARGS` runs the same command line as secure_ohlcv_cli.py.
 """
@@ -26,6 +32,7 @@ Read top to bottom; the sections follow the data:
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -33,24 +40,25 @@ import io
 import json
 import logging
 import logging.handlers
+import math
 import os
+import random
 import re
 import resource
 import secrets
 import stat
 import tarfile
-import math
-import random
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Protocol
 from zoneinfo import ZoneInfo
 
 import keyring
@@ -70,14 +78,17 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from config import (
     KEYRING_SERVICE,
     ConfigError,
+    OHLCVError,
+    Secret,
     Settings,
     fernet_key_problem,
     load_settings,
-    parse_encryption_keys,
+    open_private_file,
+    parse_key_list,
     read_env_file,
 )
 
-__all__ = ["SecureOHLCVDownloader", "OHLCVError", "load_settings"]
+__all__ = ["EXIT_CODES", "ConfigError", "OHLCVError", "SecureOHLCVDownloader", "load_settings"]
 
 # Arrow's default pool (mimalloc) keeps freed memory per thread: with 8 download workers
 # that alone held ~70 MB (bench: peak RSS 222 MB with it, 157 MB with the system pool).
@@ -90,11 +101,8 @@ log = logging.getLogger("secure_ohlcv")
 # 1. Errors
 # =========================================================================================
 
-class OHLCVError(Exception):
-    """Base of every error the tool reports to an operator. `exit_code` is its CLI exit code."""
-
-    exit_code = 1
-
+# OHLCVError, the root, lives in config.py with ConfigError (exit 3): config.py is
+# imported by every module and imports none of ours.
 
 class UsageError(OHLCVError):
     """Bad input from the user: an unknown option, a hostile symbol, a bad date."""
@@ -158,8 +166,27 @@ class DiskSpaceLow(OHLCVError):
     """Free disk is below OHLCV_MIN_FREE_DISK_MB: no write is started."""
 
 
-# ConfigError lives in config.py (which must not import this module); it maps to exit 3.
-EXIT_CODES = {ConfigError: 3}
+# The one table of exit codes: each class above carries its code, and these are their
+# meanings as the README and --help give them (tests/test_exit_codes.py keeps all three
+# equal). 130 is the shell's convention for a run stopped by Ctrl-C / SIGINT.
+EXIT_CODES: dict[int, str] = {
+    0: "ok",
+    1: "some work failed (named in the output); or another run held the data-directory "
+       "lock too long",
+    2: "usage or input error (unknown option, hostile symbol, bad date) — nothing was written",
+    3: "configuration or key problem (bad variable, unsafe file or path, no key, keyring "
+       "locked, keys disagree, key not proven, API key refused)",
+    4: "API quota spent — resumable: the next run starts with what is left",
+    5: "integrity failure found (a stored file does not decrypt or validate)",
+    130: "interrupted (Ctrl-C): every file keeps its previous or its new version",
+}
+
+
+def exit_code_of(error: BaseException) -> int:
+    """The exit code of a run that ended with `error`."""
+    if isinstance(error, OHLCVError):
+        return error.exit_code
+    return 130 if isinstance(error, KeyboardInterrupt) else 1
 
 
 # =========================================================================================
@@ -170,19 +197,18 @@ _APIKEY_PARAM = re.compile(r"(apikey=)[^&\s\"']+", re.IGNORECASE)
 
 
 class SecretRedactor:
-    """Replaces every known secret in a text. Keys register here the moment they are read."""
+    """Replaces every secret in a text: the values config.Secret registered (every API key
+    and Fernet key is wrapped in one where it enters the program), and any apikey= value."""
 
     def __init__(self) -> None:
-        self._secrets: set[str] = set()
-        self._lock = threading.Lock()
-
-    def add(self, *values: str) -> None:
-        with self._lock:
-            self._secrets.update(v for v in values if len(v) >= 4)
+        self._known: frozenset[str] = frozenset()
+        self._ordered: list[str] = []
 
     def __call__(self, text: str) -> str:
-        # Longest first, so a secret that contains another is removed whole.
-        for value in sorted(self._secrets, key=len, reverse=True):
+        known = Secret.known()
+        if known is not self._known:  # longest first: a secret inside another goes whole
+            self._ordered, self._known = sorted(known, key=len, reverse=True), known
+        for value in self._ordered:
             if value in text:
                 text = text.replace(value, "[REDACTED]")
         # urllib3 and requests print request URLs at DEBUG; a key we were never told about
@@ -211,19 +237,30 @@ class PrivateWatchedFileHandler(logging.handlers.WatchedFileHandler):
         self.file_mode = file_mode
         super().__init__(path, encoding="utf-8")
 
-    def _open(self):  # type: ignore[no-untyped-def]
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                     self.file_mode)
+    def _open(self) -> Any:
+        # O_NONBLOCK: a FIFO planted at the path must not hang the run on open.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, self.file_mode)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            os.close(fd)
+            raise UnsafePathError(
+                f"{self.baseFilename} (OHLCV_LOG_FILE) is not a regular file of this user "
+                f"(uid {info.st_uid}); another user may have planted it to read the log. Fix: "
+                "remove it, or point OHLCV_LOG_FILE at a path of your own.")
         os.fchmod(fd, self.file_mode)
         return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
 
 
 def configure_logging(settings: Settings) -> None:
-    """Log to OHLCV_LOG_FILE (mode OHLCV_FILE_MODE), redacted, safe under logrotate."""
-    redact.add(*settings.secrets())
+    """Log to OHLCV_LOG_FILE (mode OHLCV_FILE_MODE), redacted, safe under logrotate; a
+    link at the log file's path is refused, never appended to."""
     if not settings.log_file.parent.exists():
         ensure_private_dir(settings.log_file.parent, settings.dir_mode)
-    handler = PrivateWatchedFileHandler(settings.log_file, settings.file_mode)
+    try:
+        handler = PrivateWatchedFileHandler(settings.log_file, settings.file_mode)
+    except OSError as exc:
+        raise refused_path(settings.log_file, "OHLCV_LOG_FILE", exc) from None
     handler.setFormatter(RedactingFormatter(LOG_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -243,20 +280,34 @@ def configure_logging(settings: Settings) -> None:
 TEMP_PREFIX = ".tmp-"
 
 
+def refused_path(path: Path, name: str, error: OSError) -> OHLCVError:
+    """The operator's message for a configured file that cannot be opened safely."""
+    if error.errno == errno.ELOOP or os.path.islink(path):
+        return UnsafePathError(
+            f"{path} ({name}) is a symbolic link; refusing to follow it: another user may "
+            f"have planted it to make this tool write elsewhere. Fix: remove the link (`rm "
+            f"{path}`) or point {name} at a path of your own.")
+    return UnsafePathError(f"cannot open {path} ({name}): {error.strerror}. Fix: check the "
+                           "path, its owner and its mode.")
+
+
 def ensure_private_dir(path: Path, mode: int) -> Path:
     """Create `path` (and missing parents) with exactly `mode`, whatever the umask.
 
-    An existing directory with looser permissions than `mode` is refused, never used.
-    """
+    An existing directory with looser permissions than `mode`, another user's, or a link
+    is refused, never used (lexists: a dangling link is not "missing")."""
     missing = []
     probe = path
-    while not probe.exists():
+    while not os.path.lexists(probe):
         missing.append(probe)
         probe = probe.parent
     for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):
+        try:
             os.mkdir(directory, mode)
-        os.chmod(directory, mode)
+        except FileExistsError:
+            check_private_dir(directory, mode)  # someone else's, made in between: refuse
+            continue
+        os.chmod(directory, mode)  # just made by us: a plain directory, mode beyond the umask
     check_private_dir(path, mode)
     return path
 
@@ -264,7 +315,12 @@ def ensure_private_dir(path: Path, mode: int) -> Path:
 def check_private_dir(path: Path, mode: int) -> None:
     """Raise UnsafePathError when `path` is not a directory of ours with at most `mode`."""
     info = os.lstat(path)
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafePathError(
+            f"{path} is a symbolic link; refusing to follow it (another user may have "
+            "planted it). Fix: replace it with a real directory, or configure the real "
+            "path itself.")
+    if not stat.S_ISDIR(info.st_mode):
         raise UnsafePathError(f"{path} is not a plain directory; refusing to use it.")
     loose = stat.S_IMODE(info.st_mode) & ~mode
     if loose:
@@ -276,14 +332,6 @@ def check_private_dir(path: Path, mode: int) -> None:
                               f"(uid {os.geteuid()}). Fix: chown it or choose another directory.")
 
 
-def write_env_key(path: Path, key: str, file_mode: int) -> None:
-    """Set OHLCV_ENCRYPTION_KEY in a .env file, keeping its other lines; mode `file_mode`."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    lines = [ln for ln in lines if not re.match(r"\s*(export\s+)?OHLCV_ENCRYPTION_KEY\s*=", ln)]
-    lines.append(f"OHLCV_ENCRYPTION_KEY={key}")
-    atomic_write(path, ("\n".join(lines) + "\n").encode(), file_mode)
-
-
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -292,13 +340,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, file_mode: int) -> None:
+def atomic_write(path: Path, data: bytes, file_mode: int,
+                 proof: Callable[[Path], None] | None = None) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half.
 
     Temp file in the same directory (same file system, so the rename is atomic), fsync,
     os.replace, then fsync of the directory so the rename itself survives a power cut.
-    A crash leaves at most a `.tmp-*` file, which is never taken for data and is removed
-    the next time a run takes the data-directory lock.
+    A link at `path` is replaced, never written through. `proof(temp)` may read the temp
+    file back and raise: the previous version then stays. A crash leaves at most a
+    `.tmp-*` file, which is never taken for data and is removed the next time a run takes
+    the data-directory lock.
     """
     tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, file_mode)
@@ -317,6 +368,8 @@ def atomic_write(path: Path, data: bytes, file_mode: int) -> None:
         raise
     os.close(fd)
     try:
+        if proof is not None:
+            proof(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -386,7 +439,7 @@ class DataDirLock:
         self.notify = notify or log.warning
         self._fd: int | None = None
 
-    def __enter__(self) -> "DataDirLock":
+    def __enter__(self) -> DataDirLock:
         # A run that records nothing (a dry run) creates nothing, not even the lock file.
         flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT if self.record else 0)
         try:
@@ -432,7 +485,7 @@ class DataDirLock:
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    return datetime.now(UTC).replace(microsecond=0).isoformat()
 
 
 # =========================================================================================
@@ -450,9 +503,18 @@ class StoredKey:
     status: str = "primary"  # primary | retired
     added: str = ""
 
+    def __post_init__(self) -> None:
+        Secret(self.key)  # registered for redaction the moment it exists
+
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.key)
+
+
+def ring_of(secrets_: tuple[Secret, ...] | list[Secret]) -> list[StoredKey]:
+    """Parsed keys as a ring: the first is primary, the others retired."""
+    return [StoredKey(s.reveal(), "primary" if i == 0 else "retired")
+            for i, s in enumerate(secrets_)]
 
 
 class KeyRing:
@@ -466,7 +528,6 @@ class KeyRing:
             problem = fernet_key_problem(stored.key)
             if problem:
                 raise KeyStoreError(f"a stored key {problem} (the value is not shown).")
-            redact.add(stored.key)
         self.keys = list(keys)
         self._singles = [Fernet(k.key) for k in keys]
         self._fernet = MultiFernet(self._singles)
@@ -488,17 +549,13 @@ class KeyRing:
     def signed_by_primary(self, token: bytes) -> bool:
         """Whether the primary key alone opens `token`: its HMAC checks out (the check
         Fernet makes before decrypting; extract_timestamp makes it without decrypting)."""
-        try:
-            self._singles[0].extract_timestamp(token)
-            return True
-        except InvalidToken:
-            return False
+        return signed_by(self._singles[0], token)
 
     def decrypt_with_fingerprint(self, token: bytes, path: Path,
                                  first: str | None = None) -> tuple[bytes, str]:
         """Decrypt trying each key alone, primary first (or the key `first` names: each
         miss costs a full base64 decode); also say which key opened it."""
-        pairs = list(zip(self.keys, self._singles))
+        pairs = list(zip(self.keys, self._singles, strict=True))
         pairs.sort(key=lambda pair: pair[0].fingerprint != first)  # stable: else ring order
         for stored, single in pairs:
             try:
@@ -509,8 +566,17 @@ class KeyRing:
                              f"({', '.join(self.fingerprints())}).")
 
     @classmethod
-    def generate(cls) -> "KeyRing":
+    def generate(cls) -> KeyRing:
         return cls([StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso())])
+
+
+def signed_by(fernet: Fernet, token: bytes) -> bool:
+    """Whether `token` carries a valid HMAC under this one key (nothing is decrypted)."""
+    try:
+        fernet.extract_timestamp(token)
+        return True
+    except InvalidToken:
+        return False
 
 
 @dataclass(frozen=True)
@@ -522,7 +588,9 @@ class BackendInfo:
 
 
 class KeyStore(Protocol):
-    """Where a key ring is kept: load it (None when nothing is stored), save it."""
+    """Where a key ring is kept: load it (None when nothing is stored), save it. A save
+    keeps the previous version until the new one has been read back equal; a store that
+    cannot be written says in its error exactly what the operator must edit."""
 
     label: str
 
@@ -535,7 +603,9 @@ _SECURE_BACKENDS = ("keyring.backends.SecretService", "keyring.backends.libsecre
                     "keyring.backends.kwallet", "keyring.backends.macOS",
                     "keyring.backends.Windows")
 KEYRING_USERNAME = "fernet-key-ring"
+KEYRING_PREVIOUS_USERNAME = "fernet-key-ring.previous"
 KEYRING_TIMEOUT = 15.0
+KEY_VARIABLE = "OHLCV_ENCRYPTION_KEY"
 
 
 def describe_backend(backend: keyring.backend.KeyringBackend) -> BackendInfo:
@@ -584,7 +654,11 @@ def _with_timeout(call: Callable[[], Any], what: str) -> Any:
 
 
 class KeyringKeyStore:
-    """Keeps the key ring in the OS keyring: service `secure-ohlcv-downloader`, one entry."""
+    """Keeps the key ring in the OS keyring: service `secure-ohlcv-downloader`, one entry.
+
+    A save first copies the current entry to `fernet-key-ring.previous`, and deletes that
+    copy only once the new entry reads back equal: interrupted or refused, the previous
+    ring is still in the keyring (`load` falls back to it when the main entry is gone)."""
 
     label = "OS keyring"
 
@@ -593,33 +667,57 @@ class KeyringKeyStore:
         self.info = describe_backend(self.backend)
 
     def load(self) -> list[StoredKey] | None:
-        raw = self._call(lambda: self.backend.get_password(KEYRING_SERVICE, KEYRING_USERNAME),
-                         "read the key ring")
+        raw = self._get(KEYRING_USERNAME)
         if raw is None:
-            return None
-        redact.add(raw)
+            raw = self._get(KEYRING_PREVIOUS_USERNAME)  # a save cut short after the copy
+        return None if raw is None else self._parse(raw)
+
+    def save(self, keys: list[StoredKey]) -> None:
+        payload = json.dumps({"format": 1, "keys": [
+            {"key": k.key, "status": k.status, "added": k.added} for k in keys]})
+        previous = self._get(KEYRING_USERNAME)
+        if previous is not None:
+            self._call(lambda: self.backend.set_password(
+                KEYRING_SERVICE, KEYRING_PREVIOUS_USERNAME, previous), "keep the previous key ring")
+        self._call(lambda: self.backend.set_password(KEYRING_SERVICE, KEYRING_USERNAME, payload),
+                   "store the key ring")
+        try:
+            stored = self._get(KEYRING_USERNAME)
+            proven = stored is not None and self._parse(stored) == keys
+        except KeyStoreError:
+            proven = False
+        if not proven:
+            # Drop what it gave back, so `load` falls back to the previous ring, kept aside.
+            self._delete(KEYRING_USERNAME)
+            raise KeyStoreError(
+                "the OS keyring accepted the key ring but gave back something else; the "
+                f"previous ring stays in its entry {KEYRING_PREVIOUS_USERNAME} and is what "
+                "loads now. It cannot be trusted with keys: use OHLCV_ENCRYPTION_KEY.")
+        self._delete(KEYRING_PREVIOUS_USERNAME)
+
+    def _delete(self, username: str) -> None:
+        with contextlib.suppress(keyring.errors.PasswordDeleteError):
+            self._call(lambda: self.backend.delete_password(KEYRING_SERVICE, username),
+                       "drop a key ring entry")
+
+    def _get(self, username: str) -> str | None:
+        raw = self._call(lambda: self.backend.get_password(KEYRING_SERVICE, username),
+                         "read the key ring")
+        if raw is not None:
+            Secret(raw)
+        return raw
+
+    @staticmethod
+    def _parse(raw: str) -> list[StoredKey]:
         try:
             entries = json.loads(raw)["keys"]
-            keys = [StoredKey(e["key"], e.get("status", "retired"), e.get("added", ""))
+            return [StoredKey(e["key"], e.get("status", "retired"), e.get("added", ""))
                     for e in entries]
         except (ValueError, KeyError, TypeError):
             raise KeyStoreError(
                 f"the keyring entry {KEYRING_SERVICE}/{KEYRING_USERNAME} is not a key ring "
                 "written by this tool (content not shown). Fix: remove it with your keyring "
                 "tool and run --recover with the key from your offline copy.") from None
-        for k in keys:
-            redact.add(k.key)
-        return keys
-
-    def save(self, keys: list[StoredKey]) -> None:
-        payload = json.dumps({"format": 1, "keys": [
-            {"key": k.key, "status": k.status, "added": k.added} for k in keys]})
-        redact.add(payload)
-        self._call(lambda: self.backend.set_password(KEYRING_SERVICE, KEYRING_USERNAME, payload),
-                   "store the key ring")
-        if self.load() != keys:
-            raise KeyStoreError("the OS keyring accepted the key ring but gave back something "
-                                "else; it cannot be trusted with keys. Use OHLCV_ENCRYPTION_KEY.")
 
     def _call(self, call: Callable[[], Any], what: str) -> Any:
         if not self.info.usable:
@@ -631,6 +729,8 @@ class KeyringKeyStore:
                 "the OS keyring is locked. Fix: unlock it (log in to the desktop session, or "
                 "`gnome-keyring-daemon --unlock` on a server), or set OHLCV_ENCRYPTION_KEY."
             ) from None
+        except keyring.errors.PasswordDeleteError:
+            raise
         except keyring.errors.KeyringError as exc:
             raise KeyStoreError(f"the OS keyring refused to {what}: "
                                 f"{type(exc).__name__}: {redact(str(exc))}. Fix: check the "
@@ -638,19 +738,57 @@ class KeyringKeyStore:
 
 
 class EnvKeyStore:
-    """The key ring given in OHLCV_ENCRYPTION_KEY (primary first). It cannot be written."""
+    """The key ring given in OHLCV_ENCRYPTION_KEY by the environment (a service file, a
+    credential store: outside this program's reach), primary first. It cannot be written:
+    a save says exactly what the operator must set."""
 
-    label = "OHLCV_ENCRYPTION_KEY"
+    label = KEY_VARIABLE
 
     def __init__(self, settings: Settings) -> None:
-        self._keys = [StoredKey(s.reveal(), "primary" if i == 0 else "retired")
-                      for i, s in enumerate(settings.encryption_keys)]
+        self._keys = ring_of(settings.encryption_keys) if not settings.encryption_key_in_env_file else []
 
     def load(self) -> list[StoredKey] | None:
         return list(self._keys) or None
 
     def save(self, keys: list[StoredKey]) -> None:
-        raise KeyStoreError("OHLCV_ENCRYPTION_KEY is read-only to this program; set it yourself.")
+        old = [k.fingerprint for k in self._keys]
+        new = [k.fingerprint for k in keys]
+        raise KeyStoreError(
+            f"{KEY_VARIABLE} is set outside this program (keys {', '.join(old)}) and is "
+            f"read-only to it. Fix: set it where it is defined to the keys {', '.join(new)} in this "
+            "order (the values are in your offline copy).")
+
+
+class EnvFileKeyStore:
+    """The key ring as OHLCV_ENCRYPTION_KEY in the `.env` file: read afresh at every load
+    (another run may have rotated), replaced atomically, its other lines kept, and the
+    new file read back and compared before it replaces the old one."""
+
+    def __init__(self, path: Path, file_mode: int) -> None:
+        self.path = path
+        self.file_mode = file_mode & ~0o022  # writable by others, it would be refused
+        self.label = f"{KEY_VARIABLE} in {path}"
+
+    def load(self) -> list[StoredKey] | None:
+        return self._read(self.path) or None
+
+    def save(self, keys: list[StoredKey]) -> None:
+        lines = open_private_file(self.path, ".env file")[0].splitlines() \
+            if os.path.lexists(self.path) else []
+        lines = [ln for ln in lines if not re.match(rf"\s*(export\s+)?{KEY_VARIABLE}\s*=", ln)]
+        lines.append(f"{KEY_VARIABLE}={','.join(k.key for k in keys)}")
+        wanted = [k.key for k in keys]
+
+        def read_back(temp: Path) -> None:
+            if [k.key for k in self._read(temp)] != wanted:
+                raise KeyStoreError(f"{self.path} did not read back as written; it was left "
+                                    "as it was.")
+
+        atomic_write(self.path, ("\n".join(lines) + "\n").encode(), self.file_mode, read_back)
+
+    def _read(self, path: Path) -> list[StoredKey]:
+        values, _ = read_env_file(path)
+        return ring_of(parse_key_list(values.get(KEY_VARIABLE, ""), f"{KEY_VARIABLE} in {path}"))
 
 
 @dataclass
@@ -661,6 +799,7 @@ class KeySources:
     keyring_keys: list[StoredKey] | None
     keyring_problem: str
     env_keys: list[StoredKey] | None
+    env_label: str = KEY_VARIABLE
     warnings: list[str] = field(default_factory=list)
 
     def choose(self) -> tuple[KeyRing, str]:
@@ -668,39 +807,198 @@ class KeySources:
         kr, env = self.keyring_keys, self.env_keys
         if kr and env and kr[0].key != env[0].key:
             raise KeyStoreError(
-                f"the OS keyring (primary key {kr[0].fingerprint}) and OHLCV_ENCRYPTION_KEY "
+                f"the OS keyring (primary key {kr[0].fingerprint}) and {self.env_label} "
                 f"(primary key {env[0].fingerprint}) disagree. Fix: if the keyring is right, "
-                "unset OHLCV_ENCRYPTION_KEY or set it to the value printed by the last "
-                "--rotate-key; if the variable is right, run --recover to re-link the keyring.")
+                "unset OHLCV_ENCRYPTION_KEY or set it to the value the last --rotate-key "
+                "handed over; if the variable is right, run --recover to re-link the keyring.")
         if kr:
             return KeyRing(kr), KeyringKeyStore.label
         if env:
-            return KeyRing(env), EnvKeyStore.label
+            return KeyRing(env), self.env_label
         if self.keyring_problem:
             raise KeyStoreError(f"no encryption key: {self.keyring_problem}")
         raise KeyStoreError("no encryption key is stored yet. Fix: run "
                             "`python secure_ohlcv_downloader.py --init`.")
 
 
-def read_key_sources(settings: Settings, keyring_store: KeyringKeyStore) -> KeySources:
-    """Look in both key stores; a failing keyring is recorded, not raised, so the variable
-    can still serve (the headless and cron case)."""
-    env = EnvKeyStore(settings).load()
-    info = keyring_store.info
-    keys, problem, warnings = None, "", []
-    if not info.usable:
-        problem = info.problem
-    else:
-        if not info.secure:
-            warnings.append(f"insecure keyring backend: {info.problem}")
+CANARY_NAME = "canary.fernet"
+CANARY_TEXT = b"secure-ohlcv-downloader canary v1"
+NEW_KEY_PREFIX = "new-key-"
+
+
+@dataclass
+class NewKey:
+    """A new key ring a person must see once: `value` (OHLCV_ENCRYPTION_KEY's whole value,
+    new primary first) is shown on the terminal, or, off a terminal, written to a 0600
+    `file` named by the fingerprint, to be moved offline."""
+
+    fingerprint: str
+    value: str = field(repr=False)
+    file: Path | None = None
+
+
+class KeyCustody:
+    """Owns the encryption keys: which store holds the ring (OS keyring, the variable set
+    outside, the `.env` file), reading it again under the lock, storing a ring only once it
+    is proven, the canary, the keys a recovery offers, and handing a new key to a person.
+
+    Invariants: a key enters custody only after it opens the canary, a backup manifest or
+    a stored dataset; custody never drops a key (remove-key aside); a store keeps its
+    previous version until the new one reads back equal."""
+
+    def __init__(self, settings: Settings, keyring_store: KeyringKeyStore | None = None,
+                 warnings: list[str] | None = None) -> None:
+        self.settings = settings
+        self.keyring = keyring_store if keyring_store is not None else KeyringKeyStore()
+        self.variable: EnvKeyStore | EnvFileKeyStore = (
+            EnvFileKeyStore(settings.env_file, settings.file_mode)
+            if settings.encryption_key_in_env_file else EnvKeyStore(settings))
+        self.canary_path = settings.state_dir / CANARY_NAME
+        self.warnings = warnings if warnings is not None else []
+        self.source = ""
+        self._ring: KeyRing | None = None
+
+    # -- reading ----------------------------------------------------------------------
+
+    def sources(self) -> KeySources:
+        """Look in every store; a failing keyring is recorded, not raised, so the variable
+        can still serve (the headless and cron case)."""
+        env = self.variable.load()
+        info = self.keyring.info
+        keys, problem, warnings = None, "", []
+        if not info.usable:
+            problem = info.problem
+        else:
+            if not info.secure:
+                warnings.append(f"insecure keyring backend: {info.problem}")
+            try:
+                keys = self.keyring.load()
+            except KeyStoreError as exc:
+                problem = str(exc)
+        if problem and env and info.usable:  # no backend at all is the headless norm
+            warnings.append(f"OS keyring not used ({problem.split('. Fix')[0]}); "
+                            f"keys come from {self.variable.label}.")
+        return KeySources(info, keys, problem, env, self.variable.label, warnings)
+
+    def ring(self) -> KeyRing:
+        """The key ring in use (read once per run; `reload` reads it again)."""
+        if self._ring is None:
+            sources = self.sources()
+            self.warnings += [w for w in sources.warnings if w not in self.warnings]
+            self._ring, self.source = sources.choose()
+            log.info("key ring from %s, primary %s, %d key(s)", self.source,
+                     self._ring.primary.fingerprint, len(self._ring.keys))
+        return self._ring
+
+    def reload(self) -> KeyRing:
+        """The ring as stored now: call under the data-directory lock, so a run that
+        waited while another rotated never writes under the ring it read before."""
+        self._ring = None
+        return self.ring()
+
+    # -- the canary -------------------------------------------------------------------
+
+    def check_canary(self, ring: KeyRing) -> str:
         try:
-            keys = keyring_store.load()
-        except KeyStoreError as exc:
-            problem = str(exc)
-    if problem and env and info.usable:  # no backend at all is the headless norm: no warning
-        warnings.append(f"OS keyring not used ({problem.split('. Fix')[0]}); "
-                        "keys come from OHLCV_ENCRYPTION_KEY.")
-    return KeySources(info, keys, problem, env, warnings)
+            if ring.decrypt(self.canary_path.read_bytes()) != CANARY_TEXT:
+                raise InvalidToken
+        except InvalidToken:
+            raise KeyStoreError(
+                f"the key ring ({', '.join(ring.fingerprints())}) does not open the canary "
+                f"{self.canary_path}: these are not the keys this store was initialised "
+                "with. Fix: use the key from your offline copy (OHLCV_ENCRYPTION_KEY) and "
+                "run --recover.") from None
+        return "decrypts with the key ring"
+
+    def write_canary(self, ring: KeyRing) -> None:
+        atomic_write(self.canary_path, ring.encrypt(CANARY_TEXT), self.settings.file_mode)
+
+    # -- proof and storing --------------------------------------------------------------
+
+    def prove(self, keys: list[StoredKey], tokens: Iterator[tuple[str, bytes]],
+              named: dict[str, str] | None = None) -> tuple[dict[str, str], list[StoredKey]]:
+        """Which of `keys` open something: {fingerprint: what it opened}, and the keys
+        that open nothing. `tokens` yields (what, token) pairs (canary, manifest,
+        datasets), read lazily until every key is proven; `named` are fingerprints an
+        opened manifest vouches for (the keys of its datasets)."""
+        proven = {fp: what for fp, what in (named or {}).items()
+                  if fp in {k.fingerprint for k in keys}}
+        waiting = [(k, Fernet(k.key)) for k in keys if k.fingerprint not in proven]
+        for what, token in tokens:
+            if not waiting:
+                break
+            for stored, single in list(waiting):
+                if signed_by(single, token):
+                    proven[stored.fingerprint] = what
+                    waiting.remove((stored, single))
+        return proven, [k for k, _ in waiting]
+
+    def store(self, keys: list[StoredKey]) -> tuple[list[str], bool]:
+        """Keep `keys` (already proven) in every store that holds the ring: the OS keyring
+        when it works, the `.env` file when it holds keys or no keyring does. Returns the
+        stores written, and whether OHLCV_ENCRYPTION_KEY set outside must be updated by
+        the operator (it then disagrees with the stores)."""
+        sources = self.sources()
+        keyring_ok = sources.backend.usable and not sources.keyring_problem
+        targets: list[KeyringKeyStore | EnvFileKeyStore] = [self.keyring] if keyring_ok else []
+        outside = isinstance(self.variable, EnvKeyStore) and bool(sources.env_keys)
+        if isinstance(self.variable, EnvFileKeyStore) and (sources.env_keys or not keyring_ok):
+            targets.append(self.variable)
+        elif not targets and not outside:  # headless: `.env` is the home of the keys
+            targets.append(EnvFileKeyStore(self.settings.env_file, self.settings.file_mode))
+        written = []
+        for target in targets:
+            if target.load() != keys:
+                target.save(keys)
+                written.append(target.label)
+        self._ring = KeyRing(keys)
+        self.source = targets[0].label if targets else self.variable.label
+        log.info("key ring stored in %s: %s", ", ".join(written) or "no store (unchanged)",
+                 ", ".join(k.fingerprint for k in keys))
+        return written, outside and [k.key for k in (sources.env_keys or [])] != [k.key for k in keys]
+
+    # -- keys from outside --------------------------------------------------------------
+
+    def read_key_file(self, path: Path) -> list[StoredKey]:
+        """Keys from an operator's file: never through a link, never another user's or a
+        writable-by-others file; a file others can read gives a warning."""
+        text, warnings = open_private_file(path, "--key-file")
+        self.warnings += warnings
+        for warning in warnings:
+            log.warning("%s", warning)
+        return ring_of(parse_key_list(text, f"--key-file {path}"))
+
+    # -- a new key, seen once by a person -------------------------------------------------
+
+    def hand_over(self, ring: KeyRing, show: Callable[[NewKey], None] | None) -> NewKey:
+        """Give the new ring to a person before it is used: `show` it (a terminal), or,
+        with no one to show it to (cron, systemd), write it to a 0600 file in the state
+        directory named by its fingerprint. The value is what OHLCV_ENCRYPTION_KEY and
+        `--key-file` take: the whole ring, new primary first."""
+        new = NewKey(ring.primary.fingerprint, ",".join(k.key for k in ring.keys))
+        if show is not None:
+            show(new)
+            return new
+        path = self.settings.state_dir / f"{NEW_KEY_PREFIX}{new.fingerprint}.txt"
+        text = (f"# Secure OHLCV Downloader: key ring, new primary key {new.fingerprint}, "
+                f"made {utc_now_iso()}.\n"
+                "# Move it offline now (password manager, paper in a safe), then delete this "
+                f"file: shred -u {path}\n"
+                "# It serves as --key-file for --recover on a new machine.\n"
+                f"{KEY_VARIABLE}={new.value}\n")
+        atomic_write(path, text.encode(), 0o600)  # 0600 whatever OHLCV_FILE_MODE allows
+        new.file = path
+        log.warning("new key %s written to %s: move it offline, then delete it",
+                    new.fingerprint, path)
+        return new
+
+    def key_files_waiting(self) -> list[Path]:
+        """New-key files not yet moved offline (and deleted)."""
+        state = self.settings.state_dir
+        if not state.is_dir():
+            return []
+        return sorted(p for p in state.glob(f"{NEW_KEY_PREFIX}*.txt")
+                      if stat.S_ISREG(os.lstat(p).st_mode))
 
 
 # =========================================================================================
@@ -909,7 +1207,7 @@ def api_key_fingerprint(api_key: str) -> str:
 # 6. Alpha Vantage client
 # =========================================================================================
 
-class Outcome(str, Enum):
+class Outcome(str, Enum):  # noqa: UP042 -- str() of a member is its name, as logged
     """What an Alpha Vantage body means. The API says nearly everything with HTTP 200."""
 
     DATA = "data"
@@ -1358,7 +1656,7 @@ class DatasetId:
         return Path(self.name, self.symbol + FILE_SUFFIX)
 
     @classmethod
-    def from_relative_path(cls, rel: Path) -> "DatasetId":
+    def from_relative_path(cls, rel: Path) -> DatasetId:
         """The inverse of relative_path; UsageError for a path the store did not write."""
         parts = rel.parts
         if not parts or not parts[-1].endswith(FILE_SUFFIX):
@@ -1534,6 +1832,140 @@ class EncryptedStore:
                 yield DatasetId.from_relative_path(path.relative_to(self.root))
 
 
+def stored_frame(store: EncryptedStore, symbol: str, interval: str,
+                 adjusted: bool) -> pd.DataFrame:
+    """One dataset's table; for intraday, its month files joined in order."""
+    if interval not in INTRADAY:
+        dataset = DatasetId(symbol, interval, adjusted)
+        try:
+            return store.read(dataset)[0]
+        except FileNotFoundError:
+            raise UsageError(f"nothing stored for {dataset}: download it first.") from None
+    symbol = validate_symbol(symbol)
+    months = sorted((d for d in store.datasets() if d.symbol == symbol and d.interval == interval),
+                    key=lambda d: d.month or "")
+    if not months:
+        raise UsageError(f"nothing stored for {symbol} intraday_{interval}: download it first.")
+    return pd.concat([store.read(d)[0] for d in months], ignore_index=True)
+
+
+def load_frame(store: EncryptedStore, symbol: str, interval: str, adjusted: bool,
+               start: str | date | None, end: str | date | None) -> pd.DataFrame:
+    """The stored bars of one symbol as a DataFrame indexed by timestamp, oldest first."""
+    frame = stored_frame(store, symbol, interval, adjusted)
+    stamps = frame["timestamp"]
+    if start is not None:
+        frame = frame[stamps >= _bound(start, stamps)]
+    if end is not None:
+        frame = frame[frame["timestamp"] < _bound(end, stamps) + pd.Timedelta(days=1)]
+    return frame.set_index("timestamp")
+
+
+def load_many(store: EncryptedStore, symbols: list[str], interval: str,
+              adjusted: bool) -> pd.DataFrame:
+    """Many symbols' bars in one DataFrame: columns `symbol` (categorical), `timestamp`
+    and the bars, symbol by symbol, oldest first.
+
+    Memory stays near the result's own size: a first pass reads only each file's row
+    count, the columns are allocated once, and each dataset is decoded straight into
+    its slice, so no per-symbol frame or concatenation copy is ever held."""
+    if interval in INTRADAY:
+        raise UsageError("load_many takes daily, weekly or monthly bars; use load() "
+                         "for intraday months.")
+    datasets = [DatasetId(s, interval, adjusted) for s in symbols]
+    counts = [pq.ParquetFile(pa.BufferReader(_plaintext(store, d))).metadata.num_rows
+              for d in datasets]
+    columns: dict[str, np.ndarray] = {}
+    offset = 0
+    for dataset, count in zip(datasets, counts, strict=True):
+        table, _ = decode_arrow(_plaintext(store, dataset))
+        for name in table.column_names:
+            values = table[name].to_numpy()
+            if name not in columns:
+                columns[name] = np.empty(sum(counts), dtype=values.dtype)
+            columns[name][offset:offset + count] = values
+        offset += count
+    codes = np.repeat(np.arange(len(datasets), dtype="int32"), counts)
+    symbol = pd.Categorical.from_codes(codes, [d.symbol for d in datasets])
+    return pd.DataFrame({"symbol": symbol, **columns}, copy=False)
+
+
+def _plaintext(store: EncryptedStore, dataset: DatasetId) -> bytes:
+    path = store.path(dataset)
+    try:
+        return store.key_ring.decrypt(path.read_bytes())
+    except FileNotFoundError:
+        raise UsageError(f"nothing stored for {dataset}: download it first.") from None
+    except InvalidToken:
+        raise IntegrityError(f"{path} does not decrypt with the key ring.") from None
+
+
+def _bound(value: str | date, stamps: pd.Series) -> pd.Timestamp:
+    try:
+        bound = pd.Timestamp(value)
+    except ValueError:
+        raise UsageError(f"invalid date {value!r}: use YYYY-MM-DD.") from None
+    if stamps.dt.tz is not None and bound.tz is None:
+        bound = bound.tz_localize(stamps.dt.tz)
+    return bound
+
+
+@dataclass
+class RunContext:
+    """What a command's body gets: the settings, key custody, the resource monitor, where
+    notes go, and the facts it leaves for the metrics file. Command bodies take this,
+    never the front door, so calls only go down the file."""
+
+    settings: Settings
+    custody: KeyCustody
+    monitor: ResourceMonitor
+    warnings: list[str]
+    notify: Callable[[str], None] = log.warning  # the CLI also shows these on stderr
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, settings: Settings, keyring_store: KeyringKeyStore | None = None) -> RunContext:
+        warnings = list(settings.warnings)
+        return cls(settings, KeyCustody(settings, keyring_store, warnings),
+                   ResourceMonitor(settings), warnings)
+
+    def check_dirs(self) -> None:
+        """Every directory a command uses must be ours, no link, and no looser than
+        configured: a loose one is reported (UnsafePathError, exit 3), never used."""
+        s = self.settings
+        for directory in (s.data_dir, s.state_dir, s.backup_dir):
+            if os.path.lexists(directory) or directory != s.backup_dir:
+                try:
+                    check_private_dir(directory, s.dir_mode)
+                except FileNotFoundError:
+                    raise UsageError(f"{directory} does not exist. Fix: run "
+                                     "`python secure_ohlcv_downloader.py --init`.") from None
+
+    def store(self) -> EncryptedStore:
+        """The store for reading; writers use `exclusive()`."""
+        self.check_dirs()
+        return EncryptedStore(self.settings, self.custody.ring())
+
+    @contextlib.contextmanager
+    def locked(self, record: bool = True, remove_temps: bool = True) -> Iterator[None]:
+        """The data-directory lock. Temp files found under it are crashed writers' and go
+        (cleanup reports them instead)."""
+        s = self.settings
+        self.check_dirs()
+        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode, record, self.notify):
+            if remove_temps:
+                remove_temp_files(s.data_dir)
+            yield
+
+    @contextlib.contextmanager
+    def exclusive(self, record: bool = True, reload_keys: bool = True,
+                  remove_temps: bool = True) -> Iterator[KeyRing]:
+        """The lock, then the key ring as stored *now*: a run that waited while another
+        rotated the keys must not write under the ring it read before."""
+        with self.locked(record, remove_temps):
+            yield self.custody.reload() if reload_keys else self.custody.ring()
+
+
 # =========================================================================================
 # 9. Downloader: what to fetch, how to merge, what is left
 # =========================================================================================
@@ -1549,7 +1981,7 @@ COMPACT_MAX_GAP = 90  # weekdays; leaves room for holidays inside the 100-bar wi
 def latest_session(now: datetime | None = None) -> date:
     """The newest trading day whose bar should be published by `now` (weekends skipped;
     exchange holidays are learned from the API, see is_current)."""
-    now = (now or datetime.now(timezone.utc)).astimezone(MARKET_TZ)
+    now = (now or datetime.now(UTC)).astimezone(MARKET_TZ)
     day = now.date() if now.time() >= SESSION_CLOSE else now.date() - timedelta(days=1)
     while day.weekday() >= 5:
         day -= timedelta(days=1)
@@ -1817,6 +2249,105 @@ class PendingQueue:
         atomic_write(self.path, json.dumps(sorted(pending)).encode(), self.file_mode)
 
 
+def api_keys_of(settings: Settings) -> list[str]:
+    """The API keys to use; the public demo key (IBM only) when none is set."""
+    return [k.reveal() for k in settings.api_keys] or ["demo"]
+
+
+def quota_facts(settings: Settings) -> list[tuple[str, int, int | None]]:
+    """(key fingerprint, used today, left today or None when unlimited) per API key."""
+    facts = []
+    for api_key in api_keys_of(settings):
+        daily = DailyQuota(settings, api_key_fingerprint(api_key))
+        facts.append((daily.path.stem, daily.read()["used"], daily.left()))
+    return facts
+
+
+def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: bool,
+                 full: bool, month: str | None,
+                 on_result: Callable[[DatasetResult], None] | None) -> DownloadReport:
+    """Bring each symbol's dataset up to date, within the rate limits, under the lock.
+    Per-symbol failures are in the report; the quota running out stops the run cleanly."""
+    settings = ctx.settings
+    trailing = interval in INTRADAY and month is None
+    if trailing:
+        month = datetime.now(MARKET_TZ).strftime("%Y-%m")
+    elif interval not in INTRADAY and month is not None:
+        raise UsageError("--month applies to intraday intervals only.")
+    datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
+    if not datasets:
+        raise UsageError("no symbols given.")
+    pending = PendingQueue(settings)
+    if not settings.api_keys:
+        ctx.warnings.append("ALPHA_VANTAGE_API_KEY is not set: using the public demo key, "
+                            "which serves IBM only. Claim a free key at "
+                            "https://www.alphavantage.co/support/#api-key.")
+    stats = RunStats()
+    now = datetime.now(UTC)
+    results: list[DatasetResult] = []
+    with ctx.exclusive() as ring:
+        store = EncryptedStore(settings, ring)
+        limiter = RateLimiter(settings, api_keys_of(settings))
+        client = AlphaVantageClient(settings, limiter, stats)
+        worker = DatasetDownloader(store, client)
+        stop = threading.Event()
+        fatal: list[OHLCVError] = []
+        memory_stop = threading.Event()
+
+        quota_note = "the daily API quota is spent"
+        memory_note = f"the run reached OHLCV_MAX_MEMORY_MB={settings.max_memory_mb}"
+
+        def job(dataset: DatasetId) -> DatasetResult:
+            # A spent quota does not skip the job: a current dataset still says so, and
+            # one that needs a request gets QuotaExhausted from the limiter, unsent.
+            if fatal:
+                return DatasetResult(dataset, "pending", error="the run stopped on an error")
+            if memory_stop.is_set() or not ctx.monitor.memory_ok():
+                memory_stop.set()  # the datasets in hand finish; no new one starts
+                return DatasetResult(dataset, "pending", error=memory_note)
+            try:
+                return worker.run(dataset, full, now, trailing)
+            except QuotaExhausted:
+                stop.set()
+                return DatasetResult(dataset, "pending", error=quota_note)
+            except OSError as exc:  # a full disk, a file-size limit: the next would fail too
+                stop.set()
+                failure = OHLCVError(f"cannot write {dataset}: {exc.strerror or exc}"
+                                     + (f" ({exc.filename})" if exc.filename else "")
+                                     + "; the previous version of that file is intact.")
+                fatal.append(failure)
+                return DatasetResult(dataset, "failed", error=str(failure))
+            except (InvalidApiKey, DiskSpaceLow) as exc:
+                stop.set()
+                fatal.append(exc)
+                return DatasetResult(dataset, "failed", error=str(exc))
+            except ApiError as exc:
+                log.warning("%s: failed: %s", dataset, exc)
+                return DatasetResult(dataset, "failed", error=str(exc))
+
+        try:
+            with ThreadPoolExecutor(settings.max_workers, "download") as pool:
+                futures = [pool.submit(job, d) for d in pending.order(datasets)]
+                for future in as_completed(futures):
+                    result = future.result()
+                    log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
+                             result.outcome, result.mode, result.rows, result.added,
+                             result.seconds, f" error={result.error}" if result.error else "")
+                    results.append(result)
+                    if on_result:
+                        on_result(result)
+        finally:
+            limiter.close()
+            client.close()
+        report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
+                                memory_exceeded=memory_stop.is_set())
+        pending.save(report)
+    ctx.facts.update(stats=stats, results=results, quota=quota_facts(settings))
+    if fatal:
+        raise fatal[0]
+    return report
+
+
 # =========================================================================================
 # 10. Lifecycle: rotate keys, back up, verify, recover, clean up
 # =========================================================================================
@@ -1839,9 +2370,10 @@ class RotationReport:
     rotated: int = 0
     already_done: int = 0
     seconds: float = 0.0
-    new_env_value: str | None = field(default=None, repr=False)  # shown once, then forgotten
-    awaiting_env_update: bool = False
-    env_file_updated: Path | None = None
+    new_key: NewKey | None = None  # the new ring, shown once or in a file to move offline
+    awaiting_env_update: bool = False  # keys only in a variable set outside: set it, re-run
+    stored_in: list[str] = field(default_factory=list)
+    variable_disagrees: bool = False  # the keyring moved on; the outside variable must follow
 
 
 # Each file's fsyncs release the GIL while another thread decrypts and encrypts the next
@@ -1861,20 +2393,22 @@ class KeyRotation:
     then open under the new key alone.
     """
 
-    def __init__(self, app: "SecureOHLCVDownloader") -> None:
-        self.app = app
-        self.settings = app.settings
+    def __init__(self, ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.canary_path = ctx.custody.canary_path
+        self.show_key = show_key
 
     def run(self) -> RotationReport:
         started = time.monotonic()
-        with self.app.exclusive() as ring:
-            canary_fp = ring.decrypt_with_fingerprint(self.app.canary_path.read_bytes(),
-                                                      self.app.canary_path)[1]
+        with self.ctx.exclusive() as ring:
+            canary_fp = ring.decrypt_with_fingerprint(self.canary_path.read_bytes(),
+                                                      self.canary_path)[1]
             if canary_fp == ring.primary.fingerprint:  # no rotation under way: start one
                 report = self._new_primary(ring)
                 if report.awaiting_env_update:
                     return report
-                ring = self.app.key_ring()
+                ring = self.ctx.custody.ring()
             else:
                 old = next(k for k in ring.keys if k.fingerprint == canary_fp)
                 report = RotationReport(old.fingerprint, ring.primary.fingerprint)
@@ -1884,20 +2418,20 @@ class KeyRotation:
             written: dict[Path, bytes] = {}  # SHA-256 of each token this run wrote
             with ThreadPoolExecutor(ROTATION_THREADS, thread_name_prefix="rotate") as pool:
                 try:
-                    for path, digest in zip(datasets, pool.map(rotate_one, datasets)):
+                    for path, digest in zip(datasets, pool.map(rotate_one, datasets), strict=True):
                         if digest is None:
                             report.already_done += 1
                         else:
                             written[path], report.rotated = digest, report.rotated + 1
                     # Only once every dataset is on disk under the new key: the canary,
                     # whose old key is how a re-run after a crash knows it is unfinished.
-                    digest = rotate_one(self.app.canary_path)
+                    digest = rotate_one(self.canary_path)
                     if digest is not None:
-                        written[self.app.canary_path] = digest
+                        written[self.canary_path] = digest
                     # Proof that every file opens under the new key alone.
-                    files = datasets + [self.app.canary_path]  # the lock keeps the set fixed
+                    files = datasets + [self.canary_path]  # the lock keeps the set fixed
                     check = functools.partial(self._under_primary_alone, ring, written)
-                    for path, sound in zip(files, pool.map(check, files)):
+                    for path, sound in zip(files, pool.map(check, files), strict=True):
                         if not sound:
                             raise IntegrityError(f"{path} does not open under the new key "
                                                  "alone after rotation; run --rotate-key again.")
@@ -1938,30 +2472,20 @@ class KeyRotation:
         return ring.signed_by_primary(token)
 
     def _new_primary(self, ring: KeyRing) -> RotationReport:
-        """Store a ring with a new primary (old keys retired) where the keys are kept."""
+        """A ring with a new primary (old keys retired): first handed to a person (shown,
+        or written to a file to move offline), then stored where the keys are kept."""
+        custody = self.ctx.custody
         new = StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso())
-        redact.add(new.key)
         keys = [new] + [replace(k, status="retired") for k in ring.keys]
         report = RotationReport(ring.primary.fingerprint, new.fingerprint)
-        env_value = ",".join(k.key for k in keys)
-        if self.app.key_source == KeyringKeyStore.label:
-            self.app.keyring_store.save(keys)
-            # The variable must follow, or every later run stops because the two disagree.
-            if self.settings.encryption_key_in_env_file:
-                write_env_key(self.settings.env_file, env_value, self.settings.file_mode)
-                report.env_file_updated = self.settings.env_file
-            elif self.settings.encryption_keys:
-                report.new_env_value = env_value
-        elif self.settings.encryption_key_in_env_file:
-            write_env_key(self.settings.env_file, env_value, self.settings.file_mode)
-            report.env_file_updated = self.settings.env_file
-        else:
+        report.new_key = custody.hand_over(KeyRing(keys), self.show_key)
+        if custody.source == EnvKeyStore.label:
             # The keys live in a variable set outside our reach: nothing may be encrypted
             # under a key that exists only in this process. The operator sets it, then
             # runs --rotate-key again, which finds the canary under an old key and resumes.
-            report.new_env_value, report.awaiting_env_update = env_value, True
+            report.awaiting_env_update = True
             return report
-        self.app.use_keys(keys)
+        report.stored_in, report.variable_disagrees = custody.store(keys)
         return report
 
 
@@ -2000,44 +2524,45 @@ class BackupWriter:
     """One archive: the encrypted dataset files as they are, the canary, and an encrypted
     manifest (per file: path, size, SHA-256, key, rows, first and last bar)."""
 
-    def __init__(self, app: "SecureOHLCVDownloader") -> None:
-        self.app = app
-        self.settings = app.settings
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
 
     def write(self, dest: Path | None) -> BackupReport:
         s = self.settings
-        directory = ensure_private_dir(dest or s.backup_dir, s.dir_mode)
-        name = f"{BACKUP_PREFIX}{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}{BACKUP_SUFFIX}"
+        directory = ensure_private_dir(Path(os.path.abspath(dest or s.backup_dir)), s.dir_mode)
+        BackupDestinations(s).add(directory)  # before the archive: remove-key must find it
+        name = f"{BACKUP_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}{BACKUP_SUFFIX}"
         target = directory / name
         tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
         entries = []
-        with self.app.exclusive() as ring:
+        with self.ctx.exclusive() as ring:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, s.file_mode)
             try:
                 os.fchmod(fd, s.file_mode)
-                with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w",
-                                                              format=tarfile.PAX_FORMAT) as tar:
-                    for path in dataset_files(s.data_dir):
-                        token = path.read_bytes()
-                        plaintext, key_fp = ring.decrypt_with_fingerprint(token, path)
-                        frame, _ = decode_table(plaintext)
-                        rel = path.relative_to(s.data_dir).as_posix()
-                        entries.append({"path": rel, "size": len(token),
-                                        "sha256": hashlib.sha256(token).hexdigest(), "key": key_fp,
-                                        "rows": len(frame),
-                                        "first_bar": str(frame["timestamp"].iloc[0]) if len(frame) else None,
-                                        "last_bar": str(frame["timestamp"].iloc[-1]) if len(frame) else None})
-                        tar.addfile(_tar_member("data/" + rel, len(token)), io.BytesIO(token))
-                        del plaintext, frame
-                    canary = self.app.canary_path.read_bytes()
-                    tar.addfile(_tar_member(CANARY_MEMBER, len(canary)), io.BytesIO(canary))
-                    manifest = {"format": 1, "created_at": utc_now_iso(), "datasets": entries,
-                                "primary_key": ring.primary.fingerprint,
-                                "canary": {"size": len(canary),
-                                           "sha256": hashlib.sha256(canary).hexdigest()}}
-                    sealed = ring.encrypt(json.dumps(manifest).encode())
-                    tar.addfile(_tar_member(MANIFEST_MEMBER, len(sealed)), io.BytesIO(sealed))
-                    tar.fileobj.flush()
+                with os.fdopen(fd, "wb") as raw:
+                    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                        for path in dataset_files(s.data_dir):
+                            token = path.read_bytes()
+                            plaintext, key_fp = ring.decrypt_with_fingerprint(token, path)
+                            frame, _ = decode_table(plaintext)
+                            rel = path.relative_to(s.data_dir).as_posix()
+                            entries.append({"path": rel, "size": len(token),
+                                            "sha256": hashlib.sha256(token).hexdigest(), "key": key_fp,
+                                            "rows": len(frame),
+                                            "first_bar": str(frame["timestamp"].iloc[0]) if len(frame) else None,
+                                            "last_bar": str(frame["timestamp"].iloc[-1]) if len(frame) else None})
+                            tar.addfile(_tar_member("data/" + rel, len(token)), io.BytesIO(token))
+                            del plaintext, frame
+                        canary = self.ctx.custody.canary_path.read_bytes()
+                        tar.addfile(_tar_member(CANARY_MEMBER, len(canary)), io.BytesIO(canary))
+                        manifest = {"format": 1, "created_at": utc_now_iso(), "datasets": entries,
+                                    "primary_key": ring.primary.fingerprint,
+                                    "canary": {"size": len(canary),
+                                               "sha256": hashlib.sha256(canary).hexdigest()}}
+                        sealed = ring.encrypt(json.dumps(manifest).encode())
+                        tar.addfile(_tar_member(MANIFEST_MEMBER, len(sealed)), io.BytesIO(sealed))
+                    raw.flush()  # the end-of-archive blocks too: tar is closed by now
                     os.fsync(raw.fileno())
                 os.replace(tmp, target)
                 fsync_dir(directory)
@@ -2052,6 +2577,41 @@ class BackupWriter:
         log.info("backup %s: %d datasets, %d bytes; pruned %d old archive(s)", target,
                  len(entries), size, len(pruned))
         return BackupReport(target, len(entries), size, pruned)
+
+
+DESTINATIONS_NAME = "backup-destinations.json"
+
+
+class BackupDestinations:
+    """Every directory `backup` has written an archive to (state/backup-destinations.json),
+    so that remove-key can list every archive that still needs a key, wherever it went."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.path = settings.state_dir / DESTINATIONS_NAME
+
+    def read(self) -> list[Path]:
+        """OHLCV_BACKUP_DIR first, then every other directory written to."""
+        dirs = [Path(os.path.abspath(self.settings.backup_dir))]
+        for listed in self._load()["dirs"]:
+            if isinstance(listed, str) and Path(listed) not in dirs:
+                dirs.append(Path(listed))
+        return dirs
+
+    def add(self, directory: Path) -> None:
+        with locked_json(self.path, self._load, self.settings.file_mode,
+                         self.settings.dir_mode) as state:
+            if str(directory) not in state["dirs"]:
+                state["dirs"].append(str(directory))
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, ValueError):
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("dirs"), list):
+            return {"dirs": []}
+        return data
 
 
 def prune_backups(directory: Path, keep: int, dry_run: bool = False) -> list[Path]:
@@ -2088,6 +2648,7 @@ class BackupArchive:
         self.problems: list[str] = []
         self.altered: set[str] = set()  # members whose bytes differ from the manifest
         self.manifest: dict[str, Any] = {}
+        self.manifest_key = ""  # fingerprint of the key that opened the manifest
         self._read()
 
     def _read(self) -> None:
@@ -2114,8 +2675,9 @@ class BackupArchive:
             self.problems.append(f"{MANIFEST_MEMBER}: missing")
             return
         try:
-            manifest = json.loads(self.ring.decrypt(sealed))
-        except (InvalidToken, ValueError):
+            plaintext, self.manifest_key = self.ring.decrypt_with_fingerprint(sealed, self.path)
+            manifest = json.loads(plaintext)
+        except (IntegrityError, ValueError):
             self.problems.append(f"{MANIFEST_MEMBER}: does not decrypt with the key ring "
                                  f"({', '.join(self.ring.fingerprints())}) or is altered")
             return
@@ -2126,6 +2688,12 @@ class BackupArchive:
 
     def entries(self) -> list[dict[str, Any]]:
         return list(self.manifest.get("datasets", []))
+
+    def keys_named(self) -> set[str]:
+        """Fingerprints of the keys this archive needs: its manifest's and its datasets'."""
+        named = {e.get("key") for e in self.entries()} | {self.manifest.get("primary_key"),
+                                                         self.manifest_key}
+        return {fp for fp in named if isinstance(fp, str) and fp}
 
     def check_members(self) -> int:
         """Compare every member with the manifest; returns how many were checked."""
@@ -2218,6 +2786,354 @@ class RecoverReport:
     restored: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    proven: dict[str, str] = field(default_factory=dict)  # fingerprint -> what it opened
+    stored_in: list[str] = field(default_factory=list)
+    variable_disagrees: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 5 if self.failed else 0
+
+
+@dataclass
+class InitReport:
+    created_dirs: list[Path]
+    already_initialised: bool
+    key_source: str
+    fingerprints: list[str]
+    new_key: NewKey | None = None  # a key generated now, shown once or in a file
+    stored_in: list[str] = field(default_factory=list)
+
+
+def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> InitReport:
+    """Create the private directories and the first key (or take the keys already held);
+    a second run changes nothing."""
+    s, custody = ctx.settings, ctx.custody
+    created = [d for d in (s.data_dir, s.backup_dir, s.state_dir) if not os.path.lexists(d)]
+    for directory in (s.data_dir, s.backup_dir, s.state_dir):
+        ensure_private_dir(directory, s.dir_mode)
+    sources = custody.sources()
+    ctx.warnings += sources.warnings
+    if custody.canary_path.exists():
+        ring, source = sources.choose()
+        custody.check_canary(ring)
+        return InitReport(created, True, source, ring.fingerprints())
+    new_key = None
+    if sources.keyring_keys or sources.env_keys:
+        ring, source = sources.choose()  # never replace a key a store already holds
+        stored = dataset_files(s.data_dir)
+        if stored:  # a restored data directory: the keys must open it
+            proven, _ = custody.prove(ring.keys, ((str(p), p.read_bytes()) for p in stored))
+            if not proven:
+                raise KeyStoreError(
+                    f"the key ring from {source} ({', '.join(ring.fingerprints())}) opens none "
+                    f"of the {len(stored)} datasets in {s.data_dir}; nothing was changed. Fix: "
+                    "run --recover with the key from your offline copy.")
+    elif sources.keyring_problem and sources.backend.usable:
+        # A keyring exists but fails (locked, refusing): a key generated now could be
+        # kept nowhere, so stop and let the operator fix the keyring first.
+        raise KeyStoreError(sources.keyring_problem)
+    else:
+        ring, source = KeyRing.generate(), "generated"
+        new_key = custody.hand_over(ring, show_key)  # seen by a person before it is used
+    stored_in, _ = custody.store(ring.keys)
+    if new_key is not None and not sources.backend.usable:
+        ctx.warnings.append(f"no usable OS keyring: the new key was written to "
+                            f"{s.env_file} (mode {s.file_mode:04o}) as OHLCV_ENCRYPTION_KEY. "
+                            "Cron jobs must run in this directory or get the variable "
+                            "another way.")
+    custody.write_canary(ring)
+    log.info("initialised: key ring from %s, primary %s, stored in %s", source,
+             ring.primary.fingerprint, ", ".join(stored_in) or "no store (already there)")
+    return InitReport(created, False, source, ring.fingerprints(), new_key, stored_in)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class KeyCheckReport:
+    checks: list[Check]
+    warnings: list[str]
+
+    @property
+    def sound(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.sound else 3
+
+
+def check_keys(ctx: RunContext) -> KeyCheckReport:
+    """Prove the key store end to end; every check says what it found."""
+    s, custody = ctx.settings, ctx.custody
+    sources = custody.sources()
+    checks = []
+    backend = sources.backend
+    # No backend is sound when the variable holds the keys (the headless case); an
+    # insecure one is sound but warned about (sources() adds the warning).
+    headless = not backend.usable and bool(sources.env_keys)
+    checks.append(Check("keyring backend", backend.usable or headless,
+                        f"{backend.name}: " + ("secure" if backend.secure else
+                                               f"none; keys come from {sources.env_label} "
+                                               "(the headless fallback)" if headless
+                                               else backend.problem)))
+    kr = sources.keyring_keys
+    checks.append(Check("keyring entry", not sources.keyring_problem or bool(sources.env_keys),
+                        f"{len(kr)} key(s), primary {kr[0].fingerprint}" if kr
+                        else "no backend" if headless else sources.keyring_problem or "empty"))
+    env = sources.env_keys
+    checks.append(Check(KEY_VARIABLE, True,
+                        f"{len(env)} key(s), primary {env[0].fingerprint} ({sources.env_label})"
+                        if env else "not set"))
+    warnings = ctx.warnings + sources.warnings + [
+        f"{path} holds a new key ring that must be moved offline: copy it to your password "
+        f"manager or safe, then `shred -u {path}`." for path in custody.key_files_waiting()]
+    try:
+        ring, source = sources.choose()
+    except KeyStoreError as exc:
+        checks.append(Check("key ring in use", False, str(exc)))
+        return KeyCheckReport(checks, warnings)
+    agree = "agree" if kr and env else "only one source"
+    checks.append(Check("key ring in use", True,
+                        f"from {source}: {', '.join(ring.fingerprints())} "
+                        f"(primary first; keyring and variable: {agree})"))
+    if custody.canary_path.exists():
+        try:
+            checks.append(Check("canary", True, custody.check_canary(ring)))
+        except KeyStoreError as exc:
+            checks.append(Check("canary", False, str(exc)))
+    else:
+        checks.append(Check("canary", False, f"{custody.canary_path} is missing. Fix: run --init."))
+    probe = secrets.token_bytes(32)
+    checks.append(Check("round trip", ring.decrypt(ring.encrypt(probe)) == probe,
+                        "fresh encrypt/decrypt with the primary key"))
+    for label, directory in (("data directory", s.data_dir), ("backup directory", s.backup_dir),
+                             ("state directory", s.state_dir)):
+        try:
+            check_private_dir(directory, s.dir_mode)
+            checks.append(Check(label, True, f"{directory} (mode within {s.dir_mode:04o})"))
+        except FileNotFoundError:
+            checks.append(Check(label, False, f"{directory} is missing. Fix: run --init."))
+        except UnsafePathError as exc:
+            checks.append(Check(label, False, str(exc)))
+    return KeyCheckReport(checks, warnings)
+
+
+@dataclass
+class RemoveKeyReport:
+    fingerprint: str
+    needed_by: list[str] = field(default_factory=list)  # archives that need the key
+    unchecked: list[str] = field(default_factory=list)  # destinations that could not be read
+    removed: bool = False
+    edit: str = ""  # what the operator must change in a variable set outside
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.removed else 1
+
+
+def archives_needing(settings: Settings, ring: KeyRing,
+                     key_fp: str) -> tuple[list[str], list[str]]:
+    """Archives that need `key_fp` (or cannot be read), in the backup directory and in
+    every directory `backup --dest` wrote to; and those directories that could not be
+    checked (gone, unmounted, unreadable)."""
+    needed, unchecked = [], []
+    for directory in BackupDestinations(settings).read():
+        try:
+            if not directory.is_dir():
+                if directory != Path(os.path.abspath(settings.backup_dir)):
+                    unchecked.append(f"{directory}: not found (unmounted or moved?)")
+                continue
+            archives = backup_archives(directory)
+        except OSError as exc:
+            unchecked.append(f"{directory}: {exc.strerror}")
+            continue
+        for archive in archives:
+            backup = BackupArchive(archive, ring)
+            if key_fp in backup.keys_named() or not backup.manifest:
+                needed.append(str(archive))
+    return needed, unchecked
+
+
+def remove_key(ctx: RunContext, key_fp: str, confirm: bool) -> RemoveKeyReport:
+    """Drop a retired key from custody, after listing every archive that still needs it.
+    Nothing is removed without `confirm`, nor while a destination cannot be checked."""
+    custody = ctx.custody
+    with ctx.exclusive() as ring:
+        target = [k for k in ring.keys if k.fingerprint == key_fp]
+        if not target:
+            raise UsageError(f"no key with fingerprint {key_fp} in the ring "
+                             f"({', '.join(ring.fingerprints())}).")
+        if target[0] is ring.primary:
+            raise UsageError("the primary key cannot be removed; rotate first (--rotate-key).")
+        report = RemoveKeyReport(key_fp)
+        report.needed_by, report.unchecked = archives_needing(ctx.settings, ring, key_fp)
+        for path in dataset_files(ctx.settings.data_dir) + [custody.canary_path]:
+            if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
+                raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
+                                     "the rotation (--rotate-key) first.")
+        keys = [k for k in ring.keys if k.fingerprint != key_fp]
+        position = ring.fingerprints().index(key_fp) + 1
+        edit = (f"remove item {position} (key {key_fp}) from OHLCV_ENCRYPTION_KEY where it is "
+                f"set, keeping the others in order: {', '.join(k.fingerprint for k in keys)}.")
+        if not confirm or report.unchecked:
+            return report
+        if custody.source == EnvKeyStore.label:
+            report.edit = edit  # a variable set outside: only the operator can change it
+            return report
+        _, outside = custody.store(keys)
+        report.removed = True
+        report.edit = edit if outside else ""
+        log.info("removed retired key %s from %s", key_fp, custody.source)
+        return report
+
+
+def recovery_keys(ctx: RunContext, key_file: Path | None,
+                  prompt: Callable[[], str] | None) -> tuple[list[StoredKey], str]:
+    """The keys a recovery offers, and where they came from: --key-file, the variable
+    (environment or `.env`), the OS keyring, or a prompt on a terminal."""
+    custody = ctx.custody
+    if key_file is not None:
+        return custody.read_key_file(key_file), f"key file {key_file}"
+    held = custody.variable.load()
+    if held:
+        return held, custody.variable.label
+    sources = custody.sources()
+    if sources.keyring_keys:
+        return sources.keyring_keys, KeyringKeyStore.label
+    if prompt is not None:
+        return ring_of(parse_key_list(prompt(), "the key typed")), "prompt"
+    raise KeyStoreError("no key to recover with: set OHLCV_ENCRYPTION_KEY, give "
+                        "--key-file FILE, or run on a terminal to type the key.")
+
+
+def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
+            prompt: Callable[[], str] | None) -> RecoverReport:
+    """On a rebuilt machine: prove the offered keys, merge them into custody (dropping
+    none), check every dataset, and restore from `from_backup` what is missing or
+    broken, never overwriting a sound file."""
+    s, custody = ctx.settings, ctx.custody
+    if from_backup is not None and not from_backup.is_file():
+        raise UsageError(f"--from-backup {from_backup}: no such archive file.")
+    for directory in (s.data_dir, s.backup_dir, s.state_dir):
+        ensure_private_dir(directory, s.dir_mode)
+    offered, source = recovery_keys(ctx, key_file, prompt)
+    sources = custody.sources()
+    held = [k for k in (sources.keyring_keys or []) + (sources.env_keys or [])]
+    held = list({k.key: k for k in reversed(held)}.values())[::-1]  # unique, order kept
+    report = RecoverReport(source, False)
+    with ctx.locked():
+        offered_values = {k.key for k in offered}
+        trial = KeyRing(offered + [k for k in held if k.key not in offered_values])
+        archive = BackupArchive(from_backup, trial) if from_backup else None
+        report.proven, unproven = custody.prove(
+            offered, _proof_tokens(custody, archive, s.data_dir),
+            {fp: f"the manifest of {archive.path.name}" for fp in archive.keys_named()}
+            if archive is not None and archive.manifest else None)
+        if not report.proven:
+            raise KeyStoreError(
+                f"the key(s) from {source} ({', '.join(k.fingerprint for k in offered)}) open "
+                "nothing here: not the canary, " + (f"not the manifest of {from_backup.name}, "
+                if from_backup else "") + "not any stored dataset. Nothing was changed. Fix: "
+                "use the key from your offline copy" + ("" if from_backup else ", or give "
+                "--from-backup ARCHIVE when the store is empty") + ".")
+        held_values = {k.key for k in held}
+        for key in (k for k in unproven if k.key not in held_values):
+            report.warnings.append(
+                f"key {key.fingerprint} from {source} opens nothing here (canary, manifest, "
+                "datasets), so it was not taken into custody; to keep it, run --recover "
+                "--from-backup with an archive it opens.")
+        # Proven keys in the order offered, primary first; then every key custody already
+        # held (proven or not by this recovery: custody never drops a key).
+        kept = [k for k in offered if k.fingerprint in report.proven]
+        kept_values = {k.key for k in kept}
+        keys = [replace(k, status="primary" if i == 0 else "retired") for i, k in enumerate(kept)]
+        keys += [replace(k, status="retired") for k in held if k.key not in kept_values]
+        keys = _canary_opener_first(custody, keys)
+        report.stored_in, report.variable_disagrees = custody.store(keys)
+        report.relinked = bool(report.stored_in)
+        ring = custody.ring()
+        if archive is not None:
+            archive.ring = ring
+            if not archive.manifest:
+                # Nothing in it can be trusted; above all, its canary must not become ours.
+                raise IntegrityError(f"cannot recover from {archive.path.name}: "
+                                     + "; ".join(archive.problems))
+            archive.check_members()
+            report.warnings += [f"backup: {p}" for p in archive.problems]
+        _restore(ctx, ring, archive, report)
+    log.info("recover: %d checked, %d restored, %d failed", report.checked,
+             len(report.restored), len(report.failed))
+    return report
+
+
+def _canary_opener_first(custody: KeyCustody, keys: list[StoredKey]) -> list[StoredKey]:
+    """The key the canary is under stays primary: recovering with an older key from an
+    offline copy must not make it encrypt again. Without a canary, the order given."""
+    if not custody.canary_path.is_file():
+        return keys
+    canary = custody.canary_path.read_bytes()
+    opener = next((k for k in keys if signed_by(Fernet(k.key), canary)), None)
+    if opener is None or opener is keys[0]:
+        return keys
+    return [replace(opener, status="primary")] + [replace(k, status="retired")
+                                                  for k in keys if k is not opener]
+
+
+def _proof_tokens(custody: KeyCustody, archive: BackupArchive | None,
+                  data_dir: Path) -> Iterator[tuple[str, bytes]]:
+    """What a recovery key may open, cheapest first: the canary, the archive's manifest,
+    then the stored datasets (read one by one, only while a key is still unproven)."""
+    if custody.canary_path.is_file():
+        yield "the canary", custody.canary_path.read_bytes()
+    if archive is not None and MANIFEST_MEMBER in archive.members:
+        yield f"the manifest of {archive.path.name}", archive.members[MANIFEST_MEMBER]
+    for path in dataset_files(data_dir):
+        yield f"the dataset {path.relative_to(data_dir)}", path.read_bytes()
+
+
+def _restore(ctx: RunContext, ring: KeyRing, archive: BackupArchive | None,
+             report: RecoverReport) -> None:
+    """Check every stored dataset; write from `archive` what is missing or broken."""
+    s, custody = ctx.settings, ctx.custody
+    store = EncryptedStore(s, ring)
+    broken = set()
+    for path in dataset_files(s.data_dir):
+        report.checked += 1
+        try:
+            validate_bars(store.read_file(path)[0])
+        except (IntegrityError, InvalidPayload) as exc:
+            broken.add(path.relative_to(s.data_dir).as_posix())
+            log.warning("recover: %s", exc)
+    for entry in archive.entries() if archive is not None else []:
+        assert archive is not None
+        rel = entry["path"]
+        target = s.data_dir / rel
+        if target.exists() and rel not in broken:
+            continue  # a sound file in the store is never overwritten
+        try:
+            token, _ = archive.dataset(entry)
+        except IntegrityError as exc:
+            report.failed.append(str(exc))
+            continue
+        ensure_private_dir(target.parent, s.dir_mode)
+        atomic_write(target, token, s.file_mode)
+        broken.discard(rel)
+        report.restored.append(rel)
+    report.failed += [f"{rel}: does not decrypt or validate, and no backup copy"
+                      for rel in sorted(broken)]
+    if not custody.canary_path.exists():
+        # The key ring is proven (canary, manifest or a dataset): a fresh canary under
+        # its primary is the truth from here on.
+        custody.write_canary(ring)
+    else:
+        custody.check_canary(ring)
 
 
 @dataclass
@@ -2233,6 +3149,51 @@ class CleanupReport:
 def retention_cutoff(days: int, today: date | None = None) -> date:
     """Bars dated on or after this day are kept; older ones go."""
     return (today or market_today()) - timedelta(days=days)
+
+
+def cleanup(ctx: RunContext, dry_run: bool) -> CleanupReport:
+    """Apply OHLCV_RETENTION_DAYS, prune old archives, remove crashed writers' temp files."""
+    s = ctx.settings
+    report = CleanupReport(dry_run)
+    with ctx.exclusive(record=not dry_run, remove_temps=False) as ring:
+        store = EncryptedStore(s, ring)
+        for root in (s.data_dir, s.state_dir, s.backup_dir):
+            temps = [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.is_file() and not p.is_symlink()] \
+                if root.is_dir() and not root.is_symlink() else []
+            report.temp_files += temps
+            report.bytes_freed += sum(p.stat().st_size for p in temps)
+            if not dry_run:
+                for path in temps:
+                    path.unlink()
+        if s.retention_days:
+            _apply_retention(store, retention_cutoff(s.retention_days), report)
+        pruned = prune_backups(s.backup_dir, s.backup_keep, dry_run=True)
+        report.bytes_freed += sum(p.stat().st_size for p in pruned)
+        report.pruned_backups = pruned if dry_run else prune_backups(s.backup_dir, s.backup_keep)
+    return report
+
+
+def _apply_retention(store: EncryptedStore, cutoff: date, report: CleanupReport) -> None:
+    for path in dataset_files(store.root):
+        dataset = DatasetId.from_relative_path(path.relative_to(store.root))
+        if dataset.month is not None:
+            year, number = map(int, dataset.month.split("-"))
+            if date(year, number, 1) >= cutoff:
+                continue  # the whole month is inside the window: no need to decrypt
+        frame, meta = store.read_file(path)
+        keep = frame[frame["timestamp"].dt.date >= cutoff].reset_index(drop=True)
+        if len(keep) == len(frame):
+            continue
+        report.trimmed.append((str(dataset), len(frame) - len(keep)))
+        size = path.stat().st_size
+        if keep.empty:
+            report.removed_files.append(path)
+            report.bytes_freed += size
+            if not report.dry_run:
+                path.unlink()
+        elif not report.dry_run:
+            store.write(dataset, keep, meta)
+            report.bytes_freed += max(size - path.stat().st_size, 0)
 
 
 # =========================================================================================
@@ -2471,640 +3432,207 @@ def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tupl
     return (size / rows, True) if rows else (None, False)
 
 
+def status_of(ctx: RunContext) -> dict[str, Any]:
+    """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
+    store = ctx.store()
+    now = datetime.now(UTC)
+    datasets = []
+    for dataset in store.datasets():
+        entry: dict[str, Any] = {"dataset": str(dataset), "path": str(dataset.relative_path())}
+        try:
+            frame, meta, key_fp = store.read_with_key(dataset)
+            newest = frame["timestamp"].iloc[-1].date()
+            shown: Callable[[pd.Timestamp], str] = str if dataset.month else (lambda t: str(t.date()))
+            entry |= {"rows": len(frame), "first_bar": shown(frame["timestamp"].iloc[0]),
+                      "last_bar": shown(frame["timestamp"].iloc[-1]),
+                      "age_days": (market_today() - newest).days,
+                      "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
+                                    or is_current(newest, meta.get("checked_at"), now)),
+                      "updated_at": meta.get("written_at"), "key": key_fp,
+                      "partial_history": bool(meta.get("partial_history"))}
+        except IntegrityError as exc:
+            entry["error"] = str(exc)
+        datasets.append(entry)
+    facts = quota_facts(ctx.settings)
+    quota = [{"key": fp, "day": market_today().isoformat(), "used": used,
+              "limit": ctx.settings.rate_limit_per_day or None, "left": left}
+             for fp, used, left in facts]
+    ctx.facts["quota"] = facts
+    return {"datasets": datasets, "quota": quota, "runs": RunRecord(ctx.settings).read(),
+            "pending": sorted(PendingQueue(ctx.settings).load())}
+
+
+def status_exit_code(status: dict[str, Any]) -> int:
+    return 5 if any("error" in row for row in status["datasets"]) else 0
+
+
+def finish_run(ctx: RunContext, command: str, code: int, duration: float) -> None:
+    """Record the run (state/runs.json) and write the metrics file; a failure here is
+    reported as a note, never fatal: the command itself is done."""
+    try:
+        ctx.monitor.snapshot("end")
+        samples = run_samples(command, duration, ctx.monitor.peak(), ctx.facts)
+        runs = RunRecord(ctx.settings).record(command, code, time.time(), samples)
+        if ctx.settings.metrics_file is not None:
+            write_metrics(ctx.settings.metrics_file, ctx.settings.metrics_file_mode, runs)
+    except (OSError, OHLCVError) as exc:
+        ctx.notify(f"could not record the run or write the metrics file: {exc}")
+    log.info("command %s finished with exit code %d in %.2f s", command, code, duration)
+
+
 # =========================================================================================
 # 12. The library's front door
 # =========================================================================================
 
-CANARY_NAME = "canary.fernet"
-CANARY_TEXT = b"secure-ohlcv-downloader canary v1"
-
-
-@dataclass
-class InitReport:
-    created_dirs: list[Path]
-    already_initialised: bool
-    key_source: str
-    fingerprints: list[str]
-    generated_key: str | None = field(default=None, repr=False)
-    stored_in_keyring: bool = False
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class KeyCheckReport:
-    checks: list[Check]
-    warnings: list[str]
-
-    @property
-    def sound(self) -> bool:
-        return all(c.ok for c in self.checks)
+Result = Any
 
 
 class SecureOHLCVDownloader:
-    """The library's front door: one object per run, built from Settings."""
+    """The library's front door: one object per run, built from Settings. Each command
+    delegates to its section with the run context, and is recorded (state/runs.json and
+    the metrics file) as it is on the command line.
+
+    `show_key`: how a newly generated key reaches a person. None (the default, and cron):
+    it is written to a 0600 file in the state directory; the CLI on a terminal prints it."""
 
     def __init__(self, settings: Settings, keyring_store: KeyringKeyStore | None = None) -> None:
-        self.settings = settings
-        redact.add(*settings.secrets())
-        self.keyring_store = keyring_store if keyring_store is not None else KeyringKeyStore()
-        self._key_ring: KeyRing | None = None
-        self.key_source = ""
-        self.warnings: list[str] = list(settings.warnings)
-        self.monitor = ResourceMonitor(settings)
-        self.notify: Callable[[str], None] = log.warning  # the CLI also shows these on stderr
-        self.facts: dict[str, Any] = {}  # what the last command did, for the metrics file
+        self.ctx = RunContext.build(settings, keyring_store)
+        self.show_key: Callable[[NewKey], None] | None = None
 
     @classmethod
-    def from_env(cls) -> "SecureOHLCVDownloader":
+    def from_env(cls) -> SecureOHLCVDownloader:
         """Settings from the environment and `.env`; the keyring picked by `keyring`."""
         return cls(load_settings())
 
-    # -- keys ----------------------------------------------------------------------------
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
 
     @property
-    def canary_path(self) -> Path:
-        return self.settings.state_dir / CANARY_NAME
+    def warnings(self) -> list[str]:
+        return self.ctx.warnings
 
     def key_ring(self) -> KeyRing:
-        """The key ring in use (read once per run)."""
-        if self._key_ring is None:
-            sources = read_key_sources(self.settings, self.keyring_store)
-            self.warnings += sources.warnings
-            self._key_ring, self.key_source = sources.choose()
-            log.info("key ring from %s, primary %s, %d key(s)", self.key_source,
-                     self._key_ring.primary.fingerprint, len(self._key_ring.keys))
-        return self._key_ring
+        return self.ctx.custody.ring()
 
     def store(self) -> EncryptedStore:
-        """The store for reading; writers use `exclusive()`."""
-        self.check_dirs()
-        return EncryptedStore(self.settings, self.key_ring())
-
-    def check_dirs(self) -> None:
-        """Every directory a command uses must be ours and no looser than configured:
-        a loose one is reported (UnsafePathError, exit 3), never silently used."""
-        s = self.settings
-        for directory in (s.data_dir, s.state_dir, s.backup_dir):
-            if directory.exists() or directory != s.backup_dir:
-                try:
-                    check_private_dir(directory, s.dir_mode)
-                except FileNotFoundError:
-                    raise UsageError(f"{directory} does not exist. Fix: run "
-                                     "`python secure_ohlcv_downloader.py --init`.") from None
+        """The encrypted store, for reading (writers take the lock: `ctx.exclusive()`)."""
+        return self.ctx.store()
 
     @contextlib.contextmanager
-    def exclusive(self, record: bool = True, reload_keys: bool = True,
-                  remove_temps: bool = True) -> Iterator[KeyRing]:
-        """The data-directory lock, then the key ring as stored *now*: a run that waited
-        while another rotated the keys must not write under the ring it read before.
-        Temp files found under the lock are crashed writers' and go (cleanup reports them)."""
-        s = self.settings
-        self.check_dirs()
-        with DataDirLock(s.data_dir, s.lock_timeout, s.file_mode, record, self.notify):
-            if remove_temps:
-                remove_temp_files(s.data_dir)
-            if reload_keys:
-                self._reload_keys()
-            yield self.key_ring()
+    def command(self, name: str, code_of: Callable[[Result], int] | None = None,
+                record: bool = True) -> Iterator[list[Result]]:
+        """Time a command, then record its run and write the metrics file, whatever the
+        outcome. Put the command's result in the yielded list for `code_of` to judge."""
+        started = time.monotonic()
+        log.info("command %s started", name)
+        self.ctx.monitor.snapshot("start")
+        outcome: list[Result] = []
+        code = 1
+        try:
+            yield outcome
+            code = code_of(outcome[0]) if code_of and outcome else 0
+        except BaseException as exc:
+            code = exit_code_of(exc)
+            raise
+        finally:
+            if record:
+                finish_run(self.ctx, name, code, time.monotonic() - started)
 
-    def _reload_keys(self) -> None:
-        if self.settings.encryption_key_in_env_file:
-            value = read_env_file(self.settings.env_file)[0].get("OHLCV_ENCRYPTION_KEY", "")
-            self.settings = replace(self.settings, encryption_keys=parse_encryption_keys(value))
-            redact.add(*self.settings.secrets())
-        self._key_ring = None
+    def _run(self, name: str, body: Callable[[], Result], record: bool = True) -> Result:
+        with self.command(name, lambda r: getattr(r, "exit_code", 0), record) as outcome:
+            outcome.append(body())
+        return outcome[0]
+
+    # -- keys ------------------------------------------------------------------------
 
     def init(self) -> InitReport:
-        """Create the private directories and the first key; a second run changes nothing."""
-        s = self.settings
-        created = [d for d in (s.data_dir, s.backup_dir, s.state_dir) if not d.exists()]
-        for directory in (s.data_dir, s.backup_dir, s.state_dir):
-            ensure_private_dir(directory, s.dir_mode)
-        sources = read_key_sources(s, self.keyring_store)
-        self.warnings += sources.warnings
-
-        if self.canary_path.exists():
-            ring, source = sources.choose()
-            self._check_canary(ring)
-            return InitReport(created, True, source, ring.fingerprints(), warnings=self.warnings)
-
-        generated = None
-        if sources.keyring_keys:
-            ring, source = sources.choose()  # never replace a key the keyring already holds
-        elif sources.env_keys:
-            ring, source = KeyRing(sources.env_keys), EnvKeyStore.label
-        elif sources.keyring_problem and sources.backend.usable:
-            # A keyring exists but fails (locked, refusing): a key generated now could be
-            # kept nowhere, so stop and let the operator fix the keyring first.
-            raise KeyStoreError(sources.keyring_problem)
-        else:
-            ring, source = KeyRing.generate(), "generated"
-            generated = ring.primary.key
-        stored = False
-        if not sources.keyring_keys and sources.backend.usable and not sources.keyring_problem:
-            self.keyring_store.save(ring.keys)
-            stored = True
-        elif generated:
-            # Headless: the guide's own fallback is OHLCV_ENCRYPTION_KEY in a 0600 .env.
-            write_env_key(s.env_file, generated, s.file_mode)
-            self.warnings.append(f"no usable OS keyring: the new key was written to "
-                                 f"{s.env_file} (mode {s.file_mode:04o}) as "
-                                 "OHLCV_ENCRYPTION_KEY. Cron jobs must run in this directory "
-                                 "or get the variable another way.")
-        atomic_write(self.canary_path, ring.encrypt(CANARY_TEXT), s.file_mode)
-        log.info("initialised: key ring from %s, primary %s, stored in keyring: %s",
-                 source, ring.primary.fingerprint, stored)
-        self._key_ring, self.key_source = ring, source
-        return InitReport(created, False, source, ring.fingerprints(), generated, stored,
-                          self.warnings)
-
-    def _check_canary(self, ring: KeyRing) -> str:
-        try:
-            if ring.decrypt(self.canary_path.read_bytes()) != CANARY_TEXT:
-                raise InvalidToken
-        except InvalidToken:
-            raise KeyStoreError(
-                f"the key ring ({', '.join(ring.fingerprints())}) does not open the canary "
-                f"{self.canary_path}: these are not the keys this store was initialised "
-                "with. Fix: use the key from your offline copy (OHLCV_ENCRYPTION_KEY) and "
-                "run --recover.") from None
-        return "decrypts with the key ring"
+        return self._run("init", lambda: init_store(self.ctx, self.show_key))
 
     def check_keys(self) -> KeyCheckReport:
-        """Prove the key store end to end; every check says what it found."""
-        s = self.settings
-        sources = read_key_sources(s, self.keyring_store)
-        checks = []
-        backend = sources.backend
-        # No backend is sound when the variable holds the keys (the headless case); an
-        # insecure one is sound but warned about (read_key_sources adds the warning).
-        headless = not backend.usable and bool(sources.env_keys)
-        checks.append(Check("keyring backend", backend.usable or headless,
-                            f"{backend.name}: " + ("secure" if backend.secure else
-                                                   "none; keys come from OHLCV_ENCRYPTION_KEY "
-                                                   "(the headless fallback)" if headless
-                                                   else backend.problem)))
-        kr = sources.keyring_keys
-        checks.append(Check("keyring entry", not sources.keyring_problem or bool(sources.env_keys),
-                            f"{len(kr)} key(s), primary {kr[0].fingerprint}" if kr
-                            else "no backend" if headless else sources.keyring_problem or "empty"))
-        env = sources.env_keys
-        checks.append(Check("OHLCV_ENCRYPTION_KEY", True,
-                            f"{len(env)} key(s), primary {env[0].fingerprint}" if env else "not set"))
-        try:
-            ring, source = sources.choose()
-        except KeyStoreError as exc:
-            checks.append(Check("key ring in use", False, str(exc)))
-            return KeyCheckReport(checks, self.warnings + sources.warnings)
-        agree = "agree" if kr and env else "only one source"
-        checks.append(Check("key ring in use", True,
-                            f"from {source}: {', '.join(ring.fingerprints())} "
-                            f"(primary first; keyring and variable: {agree})"))
-        if self.canary_path.exists():
-            try:
-                checks.append(Check("canary", True, self._check_canary(ring)))
-            except KeyStoreError as exc:
-                checks.append(Check("canary", False, str(exc)))
-        else:
-            checks.append(Check("canary", False, f"{self.canary_path} is missing. Fix: run --init."))
-        probe = secrets.token_bytes(32)
-        checks.append(Check("round trip", ring.decrypt(ring.encrypt(probe)) == probe,
-                            "fresh encrypt/decrypt with the primary key"))
-        for label, directory in (("data directory", s.data_dir), ("backup directory", s.backup_dir),
-                                 ("state directory", s.state_dir)):
-            try:
-                check_private_dir(directory, s.dir_mode)
-                checks.append(Check(label, True, f"{directory} (mode within {s.dir_mode:04o})"))
-            except FileNotFoundError:
-                checks.append(Check(label, False, f"{directory} is missing. Fix: run --init."))
-            except UnsafePathError as exc:
-                checks.append(Check(label, False, str(exc)))
-        return KeyCheckReport(checks, self.warnings + sources.warnings)
+        return self._run("check-keys", lambda: check_keys(self.ctx))
 
-    # -- data ----------------------------------------------------------------------------
+    def rotate_key(self) -> RotationReport:
+        """A new primary key, every dataset re-encrypted under it; resumable."""
+        return self._run("rotate-key", KeyRotation(self.ctx, self.show_key).run)
+
+    def remove_key(self, key_fp: str, confirm: bool) -> RemoveKeyReport:
+        return self._run("remove-key", lambda: remove_key(self.ctx, key_fp, confirm))
+
+    # -- data ------------------------------------------------------------------------
 
     def download(self, symbols: list[str], interval: str = "daily", adjusted: bool = False,
                  full: bool = False, month: str | None = None,
                  on_result: Callable[[DatasetResult], None] | None = None) -> DownloadReport:
-        """Bring each symbol's dataset up to date, within the rate limits. Per-symbol
-        failures are in the report; the quota running out stops the run cleanly."""
-        trailing = interval in INTRADAY and month is None
-        if trailing:
-            month = datetime.now(MARKET_TZ).strftime("%Y-%m")
-        elif interval not in INTRADAY and month is not None:
-            raise UsageError("--month applies to intraday intervals only.")
-        datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
-        if not datasets:
-            raise UsageError("no symbols given.")
-        pending = PendingQueue(self.settings)
-        api_keys = [k.reveal() for k in self.settings.api_keys]
-        if not api_keys:
-            self.warnings.append("ALPHA_VANTAGE_API_KEY is not set: using the public demo key, "
-                                 "which serves IBM only. Claim a free key at "
-                                 "https://www.alphavantage.co/support/#api-key.")
-            api_keys = ["demo"]
-        stats = RunStats()
-        now = datetime.now(timezone.utc)
-        results: list[DatasetResult] = []
-        with self.exclusive() as ring:
-            store = EncryptedStore(self.settings, ring)
-            limiter = RateLimiter(self.settings, api_keys)
-            client = AlphaVantageClient(self.settings, limiter, stats)
-            worker = DatasetDownloader(store, client)
-            stop = threading.Event()
-            fatal: list[OHLCVError] = []
-            memory_stop = threading.Event()
-
-            quota_note = "the daily API quota is spent"
-            memory_note = f"the run reached OHLCV_MAX_MEMORY_MB={self.settings.max_memory_mb}"
-
-            def job(dataset: DatasetId) -> DatasetResult:
-                # A spent quota does not skip the job: a current dataset still says so, and
-                # one that needs a request gets QuotaExhausted from the limiter, unsent.
-                if fatal:
-                    return DatasetResult(dataset, "pending", error="the run stopped on an error")
-                if memory_stop.is_set() or not self.monitor.memory_ok():
-                    memory_stop.set()  # the datasets in hand finish; no new one starts
-                    return DatasetResult(dataset, "pending", error=memory_note)
-                try:
-                    return worker.run(dataset, full, now, trailing)
-                except QuotaExhausted:
-                    stop.set()
-                    return DatasetResult(dataset, "pending", error=quota_note)
-                except OSError as exc:  # a full disk, a file-size limit: the next would fail too
-                    stop.set()
-                    failure = OHLCVError(f"cannot write {dataset}: {exc.strerror or exc}"
-                                         + (f" ({exc.filename})" if exc.filename else "")
-                                         + "; the previous version of that file is intact.")
-                    fatal.append(failure)
-                    return DatasetResult(dataset, "failed", error=str(failure))
-                except (InvalidApiKey, DiskSpaceLow) as exc:
-                    stop.set()
-                    fatal.append(exc)
-                    return DatasetResult(dataset, "failed", error=str(exc))
-                except ApiError as exc:
-                    log.warning("%s: failed: %s", dataset, exc)
-                    return DatasetResult(dataset, "failed", error=str(exc))
-
-            try:
-                with ThreadPoolExecutor(self.settings.max_workers, "download") as pool:
-                    futures = [pool.submit(job, d) for d in pending.order(datasets)]
-                    for future in as_completed(futures):
-                        result = future.result()
-                        log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
-                                 result.outcome, result.mode, result.rows, result.added,
-                                 result.seconds, f" error={result.error}" if result.error else "")
-                        results.append(result)
-                        if on_result:
-                            on_result(result)
-            finally:
-                limiter.close()
-                client.close()
-            report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
-                                    memory_exceeded=memory_stop.is_set())
-            pending.save(report)
-        self.facts.update(stats=stats, results=results, quota=self.quota_facts())
-        if fatal:
-            raise fatal[0]
-        return report
-
-    def quota_facts(self) -> list[tuple[str, int, int | None]]:
-        """(key fingerprint, used today, left today or None when unlimited) per API key."""
-        facts = []
-        for api_key in [k.reveal() for k in self.settings.api_keys] or ["demo"]:
-            daily = DailyQuota(self.settings, api_key_fingerprint(api_key))
-            facts.append((daily.path.stem, daily.read()["used"], daily.left()))
-        return facts
+        return self._run("download", lambda: run_download(
+            self.ctx, symbols, interval, adjusted, full, month, on_result))
 
     def load(self, symbol: str, interval: str = "daily", adjusted: bool = False,
              start: str | date | None = None, end: str | date | None = None) -> pd.DataFrame:
         """The stored bars of one symbol as a DataFrame indexed by timestamp, oldest first."""
-        frame = self._stored_frame(symbol, interval, adjusted)
-        stamps = frame["timestamp"]
-        if start is not None:
-            frame = frame[stamps >= _bound(start, stamps)]
-        if end is not None:
-            frame = frame[frame["timestamp"] < _bound(end, stamps) + pd.Timedelta(days=1)]
-        return frame.set_index("timestamp")
+        return load_frame(self.ctx.store(), symbol, interval, adjusted, start, end)
 
     def load_many(self, symbols: list[str], interval: str = "daily",
                   adjusted: bool = False) -> pd.DataFrame:
-        """Many symbols' bars in one DataFrame: columns `symbol` (categorical), `timestamp`
-        and the bars, symbol by symbol, oldest first.
-
-        Memory stays near the result's own size: a first pass reads only each file's row
-        count, the columns are allocated once, and each dataset is decoded straight into
-        its slice, so no per-symbol frame or concatenation copy is ever held."""
-        if interval in INTRADAY:
-            raise UsageError("load_many takes daily, weekly or monthly bars; use load() "
-                             "for intraday months.")
-        store = self.store()
-        datasets = [DatasetId(s, interval, adjusted) for s in symbols]
-        counts = [pq.ParquetFile(pa.BufferReader(self._plaintext(store, d))).metadata.num_rows
-                  for d in datasets]
-        columns: dict[str, np.ndarray] = {}
-        offset = 0
-        for dataset, count in zip(datasets, counts):
-            table, _ = decode_arrow(self._plaintext(store, dataset))
-            for name in table.column_names:
-                values = table[name].to_numpy()
-                if name not in columns:
-                    columns[name] = np.empty(sum(counts), dtype=values.dtype)
-                columns[name][offset:offset + count] = values
-            offset += count
-        codes = np.repeat(np.arange(len(datasets), dtype="int32"), counts)
-        symbol = pd.Categorical.from_codes(codes, [d.symbol for d in datasets])
-        return pd.DataFrame({"symbol": symbol, **columns}, copy=False)
-
-    @staticmethod
-    def _plaintext(store: EncryptedStore, dataset: DatasetId) -> bytes:
-        path = store.path(dataset)
-        try:
-            return store.key_ring.decrypt(path.read_bytes())
-        except FileNotFoundError:
-            raise UsageError(f"nothing stored for {dataset}: download it first.") from None
-        except InvalidToken:
-            raise IntegrityError(f"{path} does not decrypt with the key ring.") from None
-
-    def _stored_frame(self, symbol: str, interval: str, adjusted: bool) -> pd.DataFrame:
-        """One dataset's table; for intraday, its month files joined in order."""
-        store = self.store()
-        if interval not in INTRADAY:
-            dataset = DatasetId(symbol, interval, adjusted)
-            try:
-                return store.read(dataset)[0]
-            except FileNotFoundError:
-                raise UsageError(f"nothing stored for {dataset}: download it first.") from None
-        symbol = validate_symbol(symbol)
-        months = sorted((d for d in store.datasets() if d.symbol == symbol and d.interval == interval),
-                        key=lambda d: d.month or "")
-        if not months:
-            raise UsageError(f"nothing stored for {symbol} intraday_{interval}: download it first.")
-        return pd.concat([store.read(d)[0] for d in months], ignore_index=True)
+        """Many symbols in one DataFrame with a categorical `symbol` column."""
+        return load_many(self.ctx.store(), symbols, interval, adjusted)
 
     def status(self) -> dict[str, Any]:
-        """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
-        store = self.store()
-        now = datetime.now(timezone.utc)
-        datasets = []
-        for dataset in store.datasets():
-            entry: dict[str, Any] = {"dataset": str(dataset), "path": str(dataset.relative_path())}
+        with self.command("status", status_exit_code) as outcome:
+            outcome.append(status_of(self.ctx))
+        return outcome[0]
+
+    def estimate(self, symbols: int, interval: str = "daily", years: float = 20.0) -> Estimate:
+        def body() -> Estimate:
             try:
-                frame, meta, key_fp = store.read_with_key(dataset)
-                newest = frame["timestamp"].iloc[-1].date()
-                shown = (lambda t: str(t)) if dataset.month else (lambda t: str(t.date()))
-                entry |= {"rows": len(frame), "first_bar": shown(frame["timestamp"].iloc[0]),
-                          "last_bar": shown(frame["timestamp"].iloc[-1]),
-                          "age_days": (market_today() - newest).days,
-                          "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
-                                        or is_current(newest, meta.get("checked_at"), now)),
-                          "updated_at": meta.get("written_at"), "key": key_fp,
-                          "partial_history": bool(meta.get("partial_history"))}
-            except IntegrityError as exc:
-                entry["error"] = str(exc)
-            datasets.append(entry)
-        quota = [{"key": fp, "day": market_today().isoformat(), "used": used,
-                  "limit": self.settings.rate_limit_per_day or None, "left": left}
-                 for fp, used, left in self.quota_facts()]
-        self.facts["quota"] = self.quota_facts()
-        return {"datasets": datasets, "quota": quota, "runs": RunRecord(self.settings).read(),
-                "pending": sorted(PendingQueue(self.settings).load())}
+                found = self.ctx.store()
+                store: EncryptedStore | None = found if any(found.datasets()) else None
+            except (OHLCVError, FileNotFoundError):
+                store = None  # not initialised yet: estimate from the documented defaults
+            return estimate(self.settings, store, symbols, interval, years)
+        return self._run("estimate", body)
 
-    # -- lifecycle -----------------------------------------------------------------------
-
-    def use_keys(self, keys: list[StoredKey]) -> None:
-        """Switch this run to a key ring just stored (rotation, recovery)."""
-        self._key_ring = KeyRing(keys)
-
-    def rotate_key(self) -> RotationReport:
-        """A new primary key, every dataset re-encrypted under it; resumable."""
-        return KeyRotation(self).run()
+    # -- lifecycle -------------------------------------------------------------------
 
     def backup(self, dest: Path | None = None) -> BackupReport:
-        report = BackupWriter(self).write(dest)
-        self.facts.update(backup_datasets=report.datasets, backup_bytes=report.bytes)
-        return report
+        def body() -> BackupReport:
+            report = BackupWriter(self.ctx).write(dest)
+            self.ctx.facts.update(backup_datasets=report.datasets, backup_bytes=report.bytes)
+            return report
+        return self._run("backup", body)
 
     def verify_backup(self, archive: Path | None = None, sample: int | None = 5) -> VerifyReport:
-        if archive is None:
-            archives = backup_archives(self.settings.backup_dir)
-            if not archives:
-                raise UsageError(f"no backup archive in {self.settings.backup_dir}; run backup first.")
-            archive = archives[-1]
-        if not archive.is_file():
-            raise UsageError(f"{archive} is not a file.")
-        report = verify_backup(archive, self.key_ring(), sample)
-        self.facts.update(verify_members_checked=report.members_checked,
-                          verify_datasets_decrypted=report.datasets_decrypted,
-                          verify_problems=len(report.problems))
-        return report
-
-    def remove_key(self, key_fp: str, confirm: bool) -> tuple[list[str], bool]:
-        """Drop a retired key from the keyring's ring. Returns the backups that need it
-        (they become unreadable) and whether it was removed (only with `confirm`)."""
-        with self.exclusive() as ring:
-            return self._remove_key(ring, key_fp, confirm)
-
-    def _remove_key(self, ring: KeyRing, key_fp: str, confirm: bool) -> tuple[list[str], bool]:
-        target = [k for k in ring.keys if k.fingerprint == key_fp]
-        if not target:
-            raise UsageError(f"no key with fingerprint {key_fp} in the ring "
-                             f"({', '.join(ring.fingerprints())}).")
-        if target[0] is ring.primary:
-            raise UsageError("the primary key cannot be removed; rotate first (--rotate-key).")
-        if self.key_source != KeyringKeyStore.label:
-            raise UsageError("keys come from OHLCV_ENCRYPTION_KEY: remove the key from the "
-                             "variable yourself, after checking the backups listed here.")
-        needed = []
-        for archive in backup_archives(self.settings.backup_dir):
-            backup = BackupArchive(archive, ring)
-            keys = {e.get("key") for e in backup.entries()}
-            if key_fp in keys or backup.problems:
-                needed.append(archive.name)
-        for path in dataset_files(self.settings.data_dir) + [self.canary_path]:
-            if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
-                raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
-                                     "the rotation (--rotate-key) first.")
-        if confirm:
-            keys = [k for k in ring.keys if k.fingerprint != key_fp]
-            self.keyring_store.save(keys)
-            self.use_keys(keys)
-        return needed, confirm
+        def body() -> VerifyReport:
+            chosen = archive
+            if chosen is None:
+                archives = backup_archives(self.settings.backup_dir)
+                if not archives:
+                    raise UsageError(f"no backup archive in {self.settings.backup_dir}; run backup first.")
+                chosen = archives[-1]
+            if not chosen.is_file():
+                raise UsageError(f"{chosen} is not a file.")
+            report = verify_backup(chosen, self.ctx.custody.ring(), sample)
+            self.ctx.facts.update(verify_members_checked=report.members_checked,
+                                  verify_datasets_decrypted=report.datasets_decrypted,
+                                  verify_problems=len(report.problems))
+            return report
+        return self._run("verify-backup", body)
 
     def recover(self, from_backup: Path | None = None, key_file: Path | None = None,
                 prompt: Callable[[], str] | None = None) -> RecoverReport:
-        """On a rebuilt machine: re-link the keys, check every dataset, and restore from
-        `from_backup` what is missing or broken, never overwriting a sound file."""
-        s = self.settings
-        if from_backup is not None and not from_backup.is_file():
-            raise UsageError(f"--from-backup {from_backup}: no such archive file.")
-        for directory in (s.data_dir, s.backup_dir, s.state_dir):
-            ensure_private_dir(directory, s.dir_mode)
-        keys, source = self._recovery_keys(key_file, prompt)
-        report = RecoverReport(source, False)
-        sources = read_key_sources(s, self.keyring_store)
-        if sources.backend.usable and not sources.keyring_problem:
-            kept = [replace(k, status="retired") for k in sources.keyring_keys or []
-                    if k.key not in {n.key for n in keys}]
-            if (sources.keyring_keys or []) != keys + kept:
-                self.keyring_store.save(keys + kept)
-                report.relinked = True
-            keys = keys + kept
-        elif source.startswith(("key file", "prompt")):
-            write_env_key(s.env_file, ",".join(k.key for k in keys), s.file_mode)
-            report.warnings.append(f"no usable OS keyring: the keys were written to {s.env_file} "
-                                   f"(mode {s.file_mode:04o}) as OHLCV_ENCRYPTION_KEY.")
-        self.use_keys(keys)
-        self.key_source = source
-        with self.exclusive(reload_keys=False) as ring:
-            archive = BackupArchive(from_backup, ring) if from_backup else None
-            if archive is not None and not archive.manifest:
-                # Nothing in it can be trusted; above all, its canary must not become ours.
-                raise IntegrityError(f"cannot recover from {from_backup.name}: "
-                                     + "; ".join(archive.problems))
-            if archive is not None:
-                archive.check_members()
-                report.warnings += [f"backup: {p}" for p in archive.problems]
-            store = EncryptedStore(s, ring)
-            broken = set()
-            for path in dataset_files(s.data_dir):
-                report.checked += 1
-                try:
-                    validate_bars(store.read_file(path)[0])
-                except (IntegrityError, InvalidPayload) as exc:
-                    broken.add(path.relative_to(s.data_dir).as_posix())
-                    log.warning("recover: %s", exc)
-            for entry in archive.entries() if archive is not None else []:
-                rel = entry["path"]
-                target = s.data_dir / rel
-                if target.exists() and rel not in broken:
-                    continue  # a sound file in the store is never overwritten
-                try:
-                    token, _ = archive.dataset(entry)
-                except IntegrityError as exc:
-                    report.failed.append(str(exc))
-                    continue
-                ensure_private_dir(target.parent, s.dir_mode)
-                atomic_write(target, token, s.file_mode)
-                broken.discard(rel)
-                report.restored.append(rel)
-            report.failed += [f"{rel}: does not decrypt or validate, and no backup copy"
-                              for rel in sorted(broken)]
-            if not self.canary_path.exists():
-                # The key ring opened the manifest (or every dataset was checked with it):
-                # a fresh canary under its primary is the truth from here on.
-                atomic_write(self.canary_path, ring.encrypt(CANARY_TEXT), s.file_mode)
-            else:
-                self._check_canary(ring)
-        log.info("recover: %d checked, %d restored, %d failed", report.checked,
-                 len(report.restored), len(report.failed))
-        return report
-
-    def _recovery_keys(self, key_file: Path | None,
-                       prompt: Callable[[], str] | None) -> tuple[list[StoredKey], str]:
-        if key_file is not None:
-            return parse_key_text(read_key_file(key_file)), f"key file {key_file}"
-        if self.settings.encryption_keys:
-            return EnvKeyStore(self.settings).load() or [], EnvKeyStore.label
-        sources = read_key_sources(self.settings, self.keyring_store)
-        if sources.keyring_keys:
-            return sources.keyring_keys, KeyringKeyStore.label
-        if prompt is not None:
-            return parse_key_text(prompt()), "prompt"
-        raise KeyStoreError("no key to recover with: set OHLCV_ENCRYPTION_KEY, give "
-                            "--key-file FILE, or run on a terminal to type the key.")
+        return self._run("recover", lambda: recover(self.ctx, from_backup, key_file, prompt))
 
     def cleanup(self, dry_run: bool = False) -> CleanupReport:
-        """Apply OHLCV_RETENTION_DAYS, prune old archives, remove crashed writers' temp files."""
-        s = self.settings
-        report = CleanupReport(dry_run)
-        with self.exclusive(record=not dry_run, remove_temps=False) as ring:
-            store = EncryptedStore(s, ring)
-            for root in (s.data_dir, s.state_dir, s.backup_dir):
-                temps = [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.is_file()] if root.exists() else []
-                report.temp_files += temps
-                report.bytes_freed += sum(p.stat().st_size for p in temps)
-                if not dry_run:
-                    for path in temps:
-                        path.unlink()
-            if s.retention_days:
-                self._apply_retention(store, retention_cutoff(s.retention_days), report)
-            pruned = prune_backups(s.backup_dir, s.backup_keep, dry_run=True)
-            report.bytes_freed += sum(p.stat().st_size for p in pruned)
-            report.pruned_backups = pruned if dry_run else prune_backups(s.backup_dir, s.backup_keep)
-        return report
-
-    def _apply_retention(self, store: EncryptedStore, cutoff: date, report: CleanupReport) -> None:
-        for path in dataset_files(store.root):
-            dataset = DatasetId.from_relative_path(path.relative_to(store.root))
-            if dataset.month is not None:
-                year, number = map(int, dataset.month.split("-"))
-                if date(year, number, 1) >= cutoff:
-                    continue  # the whole month is inside the window: no need to decrypt
-            frame, meta = store.read_file(path)
-            keep = frame[frame["timestamp"].dt.date >= cutoff].reset_index(drop=True)
-            if len(keep) == len(frame):
-                continue
-            report.trimmed.append((str(dataset), len(frame) - len(keep)))
-            size = path.stat().st_size
-            if keep.empty:
-                report.removed_files.append(path)
-                report.bytes_freed += size
-                if not report.dry_run:
-                    path.unlink()
-            elif not report.dry_run:
-                store.write(dataset, keep, meta)
-                report.bytes_freed += max(size - path.stat().st_size, 0)
-
-
-def read_key_file(path: Path) -> str:
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read --key-file {path}: {exc.strerror}.") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("key file %s is readable by group or others (mode %04o)", path,
-                    stat.S_IMODE(mode))
-    return text
-
-
-def parse_key_text(text: str) -> list[StoredKey]:
-    """Keys typed or kept in a file: comma or newline separated, '#' comments, and an
-    optional `OHLCV_ENCRYPTION_KEY=` in front. Primary first."""
-    text = re.sub(r"#.*", "", text)
-    text = re.sub(r"(?m)^\s*(export\s+)?OHLCV_ENCRYPTION_KEY\s*=", "", text)
-    values = [v.strip().strip("'\"") for v in re.split(r"[,\s]+", text) if v.strip()]
-    if not values:
-        raise KeyStoreError("no key given.")
-    for position, value in enumerate(values, 1):
-        problem = fernet_key_problem(value)
-        if problem:
-            raise KeyStoreError(f"key {position} {problem} (the value is not shown).")
-        redact.add(value)
-    return [StoredKey(v, "primary" if i == 0 else "retired") for i, v in enumerate(values)]
-
-
-def _bound(value: str | date, stamps: pd.Series) -> pd.Timestamp:
-    try:
-        bound = pd.Timestamp(value)
-    except ValueError:
-        raise UsageError(f"invalid date {value!r}: use YYYY-MM-DD.") from None
-    if stamps.dt.tz is not None and bound.tz is None:
-        bound = bound.tz_localize(stamps.dt.tz)
-    return bound
+        # A dry run changes nothing, not even the run record.
+        return self._run("cleanup", lambda: cleanup(self.ctx, dry_run), record=not dry_run)
 
 
 if __name__ == "__main__":
     import sys
 
+    # Run as a script, this file is `__main__`; the CLI's `import secure_ohlcv_downloader`
+    # must find this very module, not load a second copy of it.
+    sys.modules.setdefault("secure_ohlcv_downloader", sys.modules[__name__])
     from secure_ohlcv_cli import main
 
     sys.exit(main())

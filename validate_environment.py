@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def split_fix(message: str) -> tuple[str, str]:
 
 def check_python() -> Check:
     version = ".".join(map(str, sys.version_info[:3]))
-    if sys.version_info >= (3, 11):
+    if sys.version_info >= (3, 11):  # noqa: UP036 (reports an older Python instead of failing)
         return Check("python", OK, f"Python {version}")
     return Check("python", FAIL, f"Python {version}; 3.11 or newer is required",
                  "install Python 3.11 or newer and recreate the virtual environment")
@@ -203,13 +204,13 @@ def check_disk(data_dir: Path, minimum_mb: int) -> Check:
 def project_checks(sod) -> list[Check]:
     """Every check that needs the project's settings and key store."""
     import keyring
+
     from config import ConfigError, load_settings
     try:
         settings = load_settings()
     except ConfigError as exc:
         return [Check("settings", FAIL, str(exc),
                       "correct that variable in the environment or .env")]
-    sod.redact.add(*settings.secrets())
     store = sod.KeyringKeyStore(keyring.get_keyring())
     return [Check("settings", OK, "every variable is well-formed"),
             check_env_file(settings.warnings), check_api_key(settings),
@@ -246,21 +247,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.dont_write_bytecode = True  # not even a __pycache__ appears next to the project
     checks = [check_python(), check_packages(args.requirements)]
+    redact: Callable[[str], str] | None = None  # the downloader's, once it imports
     try:
         import secure_ohlcv_downloader as sod
-        from config import VARIABLES
+        from config import VARIABLES, Secret
     except ImportError as exc:  # a missing package: say so instead of a traceback
-        sod = None
         checks.append(Check("import", FAIL, f"cannot import the downloader: {exc}",
                             f"pip install -r {args.requirements}"))
     else:  # what the environment holds is redacted even when it is malformed
-        sod.redact.add(*(part.strip() for v in VARIABLES if v.secret
-                         for part in os.environ.get(v.name, "").split(",")))
+        for v in VARIABLES:
+            for part in os.environ.get(v.name, "").split(",") if v.secret else ():
+                Secret(part.strip())
         checks += project_checks(sod)
+        redact = sod.redact
     ok = all(c.status != FAIL for c in checks)
     text = (json.dumps({"ok": ok, "checks": [asdict(c) for c in checks]}, indent=2)
             if args.json else render_table(checks))
-    print(sod.redact(text) if sod is not None else text)
+    print(redact(text) if redact is not None else text)
     return 0 if ok else 3
 
 

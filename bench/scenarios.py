@@ -12,9 +12,10 @@ import shutil
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.common import (
     API_KEY,
@@ -203,7 +204,7 @@ def quota(ws: Workspace) -> ScenarioResult:
                 client = peer_client(av.base_url)
                 errors = 0
 
-                def peer_run() -> None:
+                def peer_run(client=client) -> None:
                     nonlocal errors
                     for symbol in syms:
                         try:
@@ -421,7 +422,7 @@ def read(ws: Workspace) -> ScenarioResult:
                 f"{out['maxrss_after'] / MB:.0f} MB, frame {out['frame_bytes'] / MB:.0f} MB")
     plain_paths = ws.plain2000()
     plains = []
-    for i in range(plain_runs):
+    for _ in range(plain_runs):
         plains.append(run_child("read-plain", {"paths": [str(p) for p in plain_paths]}))
     growth = [(o["maxrss_after"] - o["baseline_rss"]) / MB for o in loads]
     frame_mb = [o["frame_bytes"] / MB for o in loads]
@@ -688,14 +689,14 @@ def incremental(ws: Workspace) -> ScenarioResult:
             run_dir = fresh_copy(base, ws.root / "incremental-run")
             run_app = make_app(run_dir, bench_env(run_dir, av.base_url, per_minute=60_000, key=key))
             av.reset_counters()
-            seconds, report = timed(lambda: run_app.download(syms))
+            seconds, report = timed(lambda run_app=run_app: run_app.download(syms))
             c = av.counters()
             modes.update(f"behind:{r.outcome}/{r.mode}" for r in report.results)
             behind_bytes.append(c["bytes_sent"])
             behind_requests.append(c["request_count"])
             behind_seconds.append(seconds)
             av.reset_counters()
-            seconds, report = timed(lambda: run_app.download(syms))
+            seconds, report = timed(lambda run_app=run_app: run_app.download(syms))
             c = av.counters()
             modes.update(f"current:{r.outcome}/{r.mode}" for r in report.results)
             current_requests.append(c["request_count"])
@@ -760,7 +761,7 @@ def rotate(ws: Workspace) -> ScenarioResult:
 
     def rotation(app: Any) -> float:
         seconds, report = timed(app.rotate_key)
-        if report.awaiting_env_update or report.rotated != count or report.env_file_updated is None:
+        if report.awaiting_env_update or report.rotated != count or not report.stored_in:
             raise RuntimeError(f"rotation did not complete: {report}")
         return seconds
 
@@ -773,7 +774,7 @@ def rotate(ws: Workspace) -> ScenarioResult:
         assert len(files) == count
         settle()
 
-        def plain_pass() -> None:
+        def plain_pass(files=files) -> None:
             for path in files:
                 plain_atomic_write(path, path.read_bytes())
         plain.append(timed(plain_pass)[0])

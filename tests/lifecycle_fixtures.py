@@ -39,10 +39,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,12 +53,12 @@ from config import Settings
 from secure_ohlcv_downloader import (
     DatasetId,
     EncryptedStore,
+    KeyCustody,
     KeyRing,
     KeyringKeyStore,
     SecureOHLCVDownloader,
     dataset_files,
     decode_table,
-    read_key_sources,
 )
 from tests.foundation_fixtures import (
     REPO,
@@ -246,7 +247,7 @@ class Site:
 
     def ring(self) -> KeyRing:
         """The key ring as stored right now: .env, the variable and the keyring read again."""
-        return read_key_sources(self.settings(), KeyringKeyStore(self.backend)).choose()[0]
+        return KeyCustody(self.settings(), KeyringKeyStore(self.backend)).sources().choose()[0]
 
     # -- its files -------------------------------------------------------------------
 
@@ -341,7 +342,7 @@ def keyring_site(root: Path, service, backend, **variables: str) -> Site:
     cwd, home = _site_dirs(root)
     site = Site(cwd, home, dict(variables), backend, service)
     report = init_in_process(cwd, backend, **site.variables)
-    assert report.stored_in_keyring and not site.env_file.exists()
+    assert "OS keyring" in report.stored_in and not site.env_file.exists()
     return site
 
 

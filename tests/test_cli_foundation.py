@@ -14,6 +14,7 @@ from keyring.backends import fail
 from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
     CLI,
     MODULE,
+    handed_over_keys,
     headless_env,
     init_in_process,
     keyring_backend,
@@ -21,8 +22,6 @@ from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fix
     run_cli,
     secret_service_env,
 )
-
-GENERATED_KEY = re.compile(r"^ {4}([A-Za-z0-9_-]{43}=)$", re.MULTILINE)
 
 
 def _log(cwd) -> str:
@@ -125,14 +124,14 @@ def test_debug_log_never_holds_a_key_given_in_the_variable(tmp_path):
     assert [f for f in _fragments(key) if f in seen] == []
 
 
-def test_generated_key_is_printed_once_and_never_logged(tmp_path):
+def test_generated_key_is_handed_over_once_and_never_logged(tmp_path):
     env = headless_env(tmp_path, OHLCV_LOG_LEVEL="DEBUG")
 
     init = run_cli(["--init"], tmp_path, env)
 
     assert init.returncode == 0, init.stderr
-    (key,) = GENERATED_KEY.findall(init.stdout)
-    assert init.stdout.count(key) == 1 and key not in init.stderr
+    (key,) = handed_over_keys(tmp_path)  # no terminal: handed over in a 0600 file
+    assert key not in init.stdout and key not in init.stderr
     check = run_cli(["--check-keys"], tmp_path, dict(env, OHLCV_ENCRYPTION_KEY=key))
     assert check.returncode == 0, check.stdout + check.stderr
     seen = _log(tmp_path) + check.stdout + check.stderr
@@ -147,7 +146,7 @@ def test_debug_log_never_holds_a_key_from_the_secret_service(tmp_path, secret_se
     check = run_cli(["--check-keys"], tmp_path, env)
 
     assert (init.returncode, check.returncode) == (0, 0), init.stderr + check.stdout
-    (key,) = GENERATED_KEY.findall(init.stdout)
+    (key,) = handed_over_keys(tmp_path)
     seen = _log(tmp_path) + init.stderr + check.stdout + check.stderr
     assert [f for f in _fragments(key) if f in seen] == []
 

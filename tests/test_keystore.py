@@ -21,14 +21,15 @@ from config import KEYRING_SERVICE
 from secure_ohlcv_downloader import (
     KEYRING_USERNAME,
     EnvKeyStore,
+    KeyCustody,
     KeyringKeyStore,
     KeyStoreError,
     StoredKey,
     describe_backend,
     fingerprint,
-    read_key_sources,
 )
 from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
+    handed_over_keys,
     headless_env,
     init_in_process,
     keyring_backend,
@@ -223,13 +224,13 @@ def test_plaintext_backend_is_warned_about_when_keys_are_read(tmp_path):
     store = KeyringKeyStore(PlaintextFileKeyring(tmp_path / "keyring.json"))
     store.save(three_keys())
 
-    sources = read_key_sources(settings_for(tmp_path), store)
+    sources = KeyCustody(settings_for(tmp_path), store).sources()
 
     assert any("insecure keyring backend" in w for w in sources.warnings)
 
 
 # =========================================================================================
-# Which store wins: read_key_sources(...).choose()
+# Which store wins: KeyCustody(...).sources().choose()
 # =========================================================================================
 
 def test_keyring_alone_supplies_the_key_ring(tmp_path, keyring_backend):
@@ -237,7 +238,7 @@ def test_keyring_alone_supplies_the_key_ring(tmp_path, keyring_backend):
     store = KeyringKeyStore(keyring_backend)
     store.save(keys)
 
-    ring, source = read_key_sources(settings_for(tmp_path), store).choose()
+    ring, source = KeyCustody(settings_for(tmp_path), store).sources().choose()
 
     assert (ring.fingerprints(), source) == ([k.fingerprint for k in keys], "OS keyring")
 
@@ -246,7 +247,7 @@ def test_variable_alone_supplies_the_key_ring_on_a_headless_server(tmp_path):
     primary, older = new_key(), new_key()
     settings = settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=f"{primary},{older}")
 
-    ring, source = read_key_sources(settings, KeyringKeyStore(fail.Keyring())).choose()
+    ring, source = KeyCustody(settings, KeyringKeyStore(fail.Keyring())).sources().choose()
 
     assert (ring.fingerprints(), source) == ([fingerprint(primary), fingerprint(older)],
                                              "OHLCV_ENCRYPTION_KEY")
@@ -258,7 +259,7 @@ def test_keyring_and_variable_agreeing_give_that_key_ring(tmp_path, keyring_back
     store.save(keys)
     settings = settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=keys[0].key)
 
-    ring, _ = read_key_sources(settings, store).choose()
+    ring, _ = KeyCustody(settings, store).sources().choose()
 
     assert ring.primary.key == keys[0].key
 
@@ -270,7 +271,7 @@ def test_keyring_and_variable_disagreeing_is_an_error_naming_both(tmp_path, keyr
     settings = settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=in_variable)
 
     with pytest.raises(KeyStoreError) as caught:
-        read_key_sources(settings, store).choose()
+        KeyCustody(settings, store).sources().choose()
 
     message = str(caught.value)
     assert fingerprint(in_keyring) in message and fingerprint(in_variable) in message
@@ -279,14 +280,14 @@ def test_keyring_and_variable_disagreeing_is_an_error_naming_both(tmp_path, keyr
 
 
 def test_no_key_anywhere_tells_to_run_init(tmp_path, keyring_backend):
-    sources = read_key_sources(settings_for(tmp_path), KeyringKeyStore(keyring_backend))
+    sources = KeyCustody(settings_for(tmp_path), KeyringKeyStore(keyring_backend)).sources()
 
     with pytest.raises(KeyStoreError, match="--init"):
         sources.choose()
 
 
 def test_no_key_and_no_backend_tells_to_set_the_variable(tmp_path):
-    sources = read_key_sources(settings_for(tmp_path), KeyringKeyStore(fail.Keyring()))
+    sources = KeyCustody(settings_for(tmp_path), KeyringKeyStore(fail.Keyring())).sources()
 
     with pytest.raises(KeyStoreError, match="OHLCV_ENCRYPTION_KEY"):
         sources.choose()
@@ -310,13 +311,14 @@ def desktop(tmp_path, secret_service, keyring_backend):
     return run
 
 
-def test_cli_init_stores_a_generated_key_in_the_keyring(desktop, keyring_backend):
+def test_cli_init_stores_a_generated_key_in_the_keyring(desktop, keyring_backend, tmp_path):
     result = desktop("--init")
 
     assert result.returncode == 0, result.stderr
     (key,) = _stored_ring(keyring_backend)
-    assert "Stored in the OS keyring" in result.stdout
-    assert result.stdout.count(key) == 1 and key not in result.stderr
+    assert "Stored in: OS keyring" in result.stdout
+    assert handed_over_keys(tmp_path) == [key]  # no terminal: handed over in a file
+    assert key not in result.stdout and key not in result.stderr
 
 
 def test_cli_init_twice_changes_nothing(desktop, keyring_backend, tmp_path):
@@ -382,14 +384,14 @@ def test_headless_init_imports_the_variable_without_printing_it(tmp_path):
     assert run_cli(["--check-keys"], tmp_path, env).returncode == 0
 
 
-def test_headless_init_without_a_key_prints_a_new_one_once_with_a_warning(tmp_path):
+def test_headless_init_without_a_key_hands_the_new_one_over_in_a_file_with_a_warning(tmp_path):
     result = run_cli(["--init"], tmp_path, headless_env(tmp_path))
 
     assert result.returncode == 0, result.stderr
-    keys = re.findall(r"[A-Za-z0-9_-]{43}=", result.stdout)
-    assert len(keys) == 1
+    (key,) = handed_over_keys(tmp_path)
+    assert re.findall(r"[A-Za-z0-9_-]{43}=", result.stdout + result.stderr) == []
     assert "warning:" in result.stderr and "OHLCV_ENCRYPTION_KEY" in result.stderr
-    assert keys[0] not in result.stderr
+    assert "new-key-" in result.stdout and "move it offline" in result.stdout
 
 
 def test_headless_init_keeps_the_new_key_in_a_private_env_file(tmp_path):
@@ -397,7 +399,7 @@ def test_headless_init_keeps_the_new_key_in_a_private_env_file(tmp_path):
 
     env_file = tmp_path / ".env"
     assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
-    assert f"OHLCV_ENCRYPTION_KEY={report.generated_key}\n" in env_file.read_text()
+    assert f"OHLCV_ENCRYPTION_KEY={report.new_key.value}\n" in env_file.read_text()
     assert run_cli(["--check-keys"], tmp_path, headless_env(tmp_path)).returncode == 0
 
 

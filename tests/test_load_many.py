@@ -30,7 +30,7 @@ def app(tmp_path):
     downloader = SecureOHLCVDownloader(settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=new_key()),
                                        KeyringKeyStore(fail.Keyring()))
     downloader.init()
-    with downloader.exclusive() as ring:
+    with downloader.ctx.exclusive() as ring:
         store = EncryptedStore(downloader.settings, ring)
         for seed, (symbol, rows) in enumerate([("IBM", 30), ("MSFT", 7), ("BRK.B", 12)]):
             store.write(DatasetId(symbol), daily_bars(rows, seed), {})

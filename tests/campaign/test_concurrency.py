@@ -39,6 +39,7 @@ from keyring.backends import fail
 
 from config import load_settings
 from secure_ohlcv_downloader import (
+    KeyCustody,
     KeyRing,
     KeyringKeyStore,
     SecureOHLCVDownloader,
@@ -46,7 +47,6 @@ from secure_ohlcv_downloader import (
     dataset_files,
     decode_table,
     market_today,
-    read_key_sources,
     retention_cutoff,
     validate_bars,
     verify_backup,
@@ -132,7 +132,7 @@ class Site:
     def ring(self) -> KeyRing:
         """The key ring as stored now (.env read again)."""
         settings = load_settings(environ=self.env(), cwd=self.cwd)
-        return read_key_sources(settings, KeyringKeyStore(fail.Keyring())).choose()[0]
+        return KeyCustody(settings, KeyringKeyStore(fail.Keyring())).sources().choose()[0]
 
     def key_reads(self) -> int:
         """How many runs have read their key ring so far (each logs it once)."""

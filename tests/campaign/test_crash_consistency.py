@@ -165,7 +165,7 @@ def templates(tmp_path_factory):
         empty.mkdir(parents=True)
         env = site_env(empty, av)
         report = app_for(empty, env).init()
-        assert report.generated_key and (empty / ".env").exists()
+        assert report.new_key and (empty / ".env").exists()
         full = root / "templates" / "full"
         shutil.copytree(empty, full)
         env = site_env(full, av)
@@ -351,7 +351,7 @@ def consistency_problems(t: Templates, op: str, site: Path, env: dict[str, str],
         if missing and not cleanup_may_remove:
             problems.append(f"datasets lost: {sorted(missing)}")
     try:
-        if ring.decrypt(app.canary_path.read_bytes()) != CANARY_TEXT:
+        if ring.decrypt(app.ctx.custody.canary_path.read_bytes()) != CANARY_TEXT:
             problems.append("the canary holds something else")
     except Exception as exc:
         problems.append(f"the canary does not decrypt: {type(exc).__name__}")
@@ -394,7 +394,7 @@ def finished_problems(t: Templates, op: str, site: Path, env: dict[str, str]) ->
         problems.append("temp files remain in the data directory after a completed run")
     if op == "rotate-key":
         primary = KeyRing([ring.primary])
-        for path in dataset_files(data) + [app.canary_path]:
+        for path in dataset_files(data) + [app.ctx.custody.canary_path]:
             try:
                 primary.decrypt(path.read_bytes())
             except Exception:
@@ -465,8 +465,9 @@ def trial(t: Templates, servers: queue.Queue, op: str, index: int, window: float
     delay = rng.uniform(0.0, window)
     started = time.monotonic()
     phases: dict[str, float] = {}
+    since = [started]
 
-    def phase(name: str, since: list[float] = [started]) -> None:
+    def phase(name: str) -> None:
         now = time.monotonic()
         phases[name] = now - since[0]
         since[0] = now

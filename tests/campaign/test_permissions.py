@@ -145,17 +145,21 @@ def test_every_created_path_has_the_configured_mode(tmp_path, emulator, figures,
     outcome, temps = created_modes(site, env, umask)
     failed = [(r["argv"], r["code"], r["stderr"][-300:]) for r in outcome["results"] if r["code"] != 0]
     assert not failed, failed
-    want = {"dir": int(dir_mode, 8), "file": int(file_mode, 8), "metrics": int(metrics_mode, 8)}
+    # A new key handed over in a file is 0600 whatever OHLCV_FILE_MODE lets a group read.
+    want = {"dir": int(dir_mode, 8), "file": int(file_mode, 8), "metrics": int(metrics_mode, 8),
+            "key": 0o600}
     problems, checked = [], 0
     for path in sorted(site.rglob("*")):
         info = path.lstat()
-        kind = "dir" if stat.S_ISDIR(info.st_mode) else "metrics" if path == metrics else "file"
+        kind = "dir" if stat.S_ISDIR(info.st_mode) else "metrics" if path == metrics else \
+            "key" if path.name.startswith("new-key-") else "file"
         checked += 1
         if stat.S_IMODE(info.st_mode) != want[kind]:
             problems.append(f"{path.relative_to(site)}: {stat.S_IMODE(info.st_mode):04o}, "
                             f"configured {want[kind]:04o}")
-    for source, target, mode in temps:
-        kind = "metrics" if Path(target) == metrics else "file"
+    for _source, target, mode in temps:
+        kind = "metrics" if Path(target) == metrics else \
+            "key" if Path(target).name.startswith("new-key-") else "file"
         checked += 1
         if mode != want[kind]:
             problems.append(f"temp file for {Path(target).name}: {mode:04o}, configured {want[kind]:04o}")
@@ -222,7 +226,7 @@ def test_a_loose_directory_is_reported_and_never_used(tmp_path, emulator, figure
     row = report.get(CHECK_NAMES[directory], {})
     if row.get("status") != "FAIL" or fix not in row.get("fix", ""):
         problems.append(f"validate_environment.py: {row}")
-    results = dict(zip(commands, outcome["results"]))
+    results = dict(zip(commands, outcome["results"], strict=True))
     check_keys = results.pop("--check-keys")
     if check_keys["code"] != 3 or fix not in check_keys["stdout"]:
         problems.append(f"--check-keys: exit {check_keys['code']}, no FAIL with `{fix}`")
