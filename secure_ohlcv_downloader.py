@@ -219,6 +219,23 @@ class SecretRedactor:
 redact = SecretRedactor()
 
 
+OUTSIDE_TEXT_LIMIT = 300
+_UNSAFE_CHARACTER = re.compile(r"[^\x20-\x7e\u00a0-\ud7ff\ue000-\ufffd]|[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def outside_text(text: object, limit: int = OUTSIDE_TEXT_LIMIT) -> str:
+    """Text from outside (a server message, a field name, a timestamp, an archive member
+    name, an exception quoting them) as one safe line: secrets redacted first, on the whole
+    text, so no cut can leave part of a key; control characters, ESC, new lines and
+    direction overrides escaped as repr() would; at most `limit` characters, then a note of
+    how many more there were. Use it wherever such text is printed or logged."""
+    line = redact(str(text))
+    line = _UNSAFE_CHARACTER.sub(lambda m: repr(m.group())[1:-1], line)
+    if len(line) > limit:
+        return f"{line[:limit]}... ({len(line) - limit} more characters)"
+    return line
+
+
 class RedactingFormatter(logging.Formatter):
     """Formats the whole record, traceback included, then removes secrets from the result."""
 
