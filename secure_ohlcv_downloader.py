@@ -358,13 +358,14 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, file_mode: int,
-                 proof: Callable[[Path], None] | None = None) -> None:
+                 proof: Callable[[Path], None] | None = None, durable: bool = True) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never half.
 
     Temp file in the same directory (same file system, so the rename is atomic), fsync,
     os.replace, then fsync of the directory so the rename itself survives a power cut.
     A link at `path` is replaced, never written through. `proof(temp)` may read the temp
-    file back and raise: the previous version then stays. A crash leaves at most a
+    file back and raise: the previous version then stays. `durable=False` skips both fsyncs
+    (still atomic; a power cut may keep the previous version): for bookkeeping only. A crash leaves at most a
     `.tmp-*` file, which is never taken for data and is removed the next time a run takes
     the data-directory lock.
     """
@@ -375,7 +376,8 @@ def atomic_write(path: Path, data: bytes, file_mode: int,
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -392,12 +394,13 @@ def atomic_write(path: Path, data: bytes, file_mode: int,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager
 def locked_json(path: Path, load: Callable[[], dict[str, Any]], file_mode: int,
-                dir_mode: int) -> Iterator[dict[str, Any]]:
+                dir_mode: int, durable: bool = True) -> Iterator[dict[str, Any]]:
     """Read-modify-write of a small JSON state file, serialised between processes by a
     flock on a sibling `.lock` file; written back atomically only when it changed."""
     ensure_private_dir(path.parent, dir_mode)
@@ -409,7 +412,7 @@ def locked_json(path: Path, load: Callable[[], dict[str, Any]], file_mode: int,
         before = json.dumps(state, sort_keys=True)
         yield state
         if json.dumps(state, sort_keys=True) != before:
-            atomic_write(path, json.dumps(state).encode(), file_mode)
+            atomic_write(path, json.dumps(state).encode(), file_mode, durable=durable)
     finally:
         os.close(fd)  # closing drops the flock
 
@@ -3290,8 +3293,10 @@ class RunRecord:
         entry_now = {"last_run": finished, "exit_code": exit_code, "samples": samples}
         if not self.settings.state_dir.is_dir():
             return {command: entry_now}
+        # Not fsynced: a record is bookkeeping, and a library user calling download() per
+        # symbol would pay two fsyncs a call (bench/RESULTS.md, per-symbol cost).
         with locked_json(self.path, self.read, self.settings.file_mode,
-                         self.settings.dir_mode) as runs:
+                         self.settings.dir_mode, durable=False) as runs:
             entry = runs.setdefault(command, {})
             entry.update(entry_now)
             if exit_code == 0:
@@ -3543,7 +3548,6 @@ class SecureOHLCVDownloader:
         outcome. Put the command's result in the yielded list for `code_of` to judge."""
         started = time.monotonic()
         log.info("command %s started", name)
-        self.ctx.monitor.snapshot("start")
         outcome: list[Result] = []
         code = 1
         try:

@@ -761,7 +761,8 @@ def rotate(ws: Workspace) -> ScenarioResult:
 
     def rotation(app: Any) -> float:
         seconds, report = timed(app.rotate_key)
-        if report.awaiting_env_update or report.rotated != count or not report.stored_in:
+        if report.awaiting_env_update or report.rotated != count or not (
+                getattr(report, "stored_in", None) or getattr(report, "env_file_updated", None)):
             raise RuntimeError(f"rotation did not complete: {report}")
         return seconds
 
