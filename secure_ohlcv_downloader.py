@@ -870,7 +870,7 @@ class KeyCustody:
                  warnings: list[str] | None = None) -> None:
         self.settings = settings
         self.keyring = keyring_store if keyring_store is not None else KeyringKeyStore()
-        self.variable: EnvKeyStore | EnvFileKeyStore = (
+        self.variable: KeyStore = (
             EnvFileKeyStore(settings.env_file, settings.file_mode)
             if settings.encryption_key_in_env_file else EnvKeyStore(settings))
         self.canary_path = settings.state_dir / CANARY_NAME
@@ -960,7 +960,7 @@ class KeyCustody:
         the operator (it then disagrees with the stores)."""
         sources = self.sources()
         keyring_ok = sources.backend.usable and not sources.keyring_problem
-        targets: list[KeyringKeyStore | EnvFileKeyStore] = [self.keyring] if keyring_ok else []
+        targets: list[KeyStore] = [self.keyring] if keyring_ok else []
         outside = isinstance(self.variable, EnvKeyStore) and bool(sources.env_keys)
         if isinstance(self.variable, EnvFileKeyStore) and (sources.env_keys or not keyring_ok):
             targets.append(self.variable)
