@@ -1252,6 +1252,7 @@ class Classified:
     outcome: Outcome
     message: str = ""
     payload: Any = None
+    meta: Any = None  # a JSON answer's "Meta Data", to check it against the request
 
 
 def classify_response(body: bytes) -> Classified:
@@ -1299,7 +1300,7 @@ def classify_response(body: bytes) -> Classified:
         return Classified(Outcome.EMPTY, f"no time series in the answer (keys: {sorted(payload)[:5]})")
     if not payload[series[0]]:
         return Classified(Outcome.EMPTY, "the time series is empty")
-    return Classified(Outcome.DATA, payload=payload[series[0]])
+    return Classified(Outcome.DATA, payload=payload[series[0]], meta=payload.get("Meta Data"))
 
 
 FUNCTIONS = {
@@ -1496,12 +1497,13 @@ def parse_payload(answer: Classified, dataset: DatasetId, now: datetime | None =
     """A DATA answer (JSON series or CSV body) for `dataset` as our typed table, oldest first.
 
     Refuses, with the reason and the first bad bar, anything that is not a valid series of
-    that symbol: missing or repeated fields, missing,
+    that symbol: a Meta Data naming another symbol, missing or repeated fields, missing,
     zero or non-numeric prices, timestamps that are not exactly Alpha Vantage's, duplicate
     timestamps, bars dated after `now` (an aware datetime, by default the clock: when the
     answer arrived), high or low inconsistent with open and close, negative prices or
     volume. A refused payload stores nothing.
     """
+    _check_symbol(answer.meta, dataset)
     wanted = columns_for(dataset)
     numbers = _fast_numbers(answer.payload, wanted)
     if numbers is None:  # something is off: the careful path finds it and says what
@@ -1523,6 +1525,21 @@ def parse_payload(answer: Classified, dataset: DatasetId, now: datetime | None =
     validate_bars(frame)
     _check_prices_above_zero(frame, dataset)
     return frame
+
+
+def _check_symbol(meta: Any, dataset: DatasetId) -> None:
+    """An answer whose Meta Data names another symbol is another symbol's data (a proxy or
+    cache that mixed answers up): never stored under ours. Alpha Vantage echoes the symbol
+    in the case it was asked in ("msft"), so only ASCII case is ignored: "\u0131bm" is not IBM."""
+    if not isinstance(meta, dict):
+        return
+    for key, named in meta.items():
+        if _wire_name(str(key)) == "symbol" and not (
+                isinstance(named, str) and named.isascii() and named.upper() == dataset.symbol):
+            raise InvalidPayload(
+                f"the answer is for another symbol: its Meta Data names '{outside_text(named)}', "
+                f"not {dataset.symbol}; nothing stored. Fix: run again; if it repeats, check "
+                "what answers at ALPHA_VANTAGE_BASE_URL (a proxy or cache mixing answers up).")
 
 
 _PLAIN_NUMBERS = re.compile(r"[0-9eE+\-. ]*", re.ASCII)
