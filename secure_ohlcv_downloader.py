@@ -54,7 +54,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
@@ -506,6 +506,11 @@ class DataDirLock:
 
 def utc_now_iso() -> str:
     return datetime.now(UTC).replace(microsecond=0).isoformat()
+
+
+def utc_now() -> datetime:
+    """The clock a run judges "now" by (RunContext.clock; tests set another)."""
+    return datetime.now(UTC)
 
 
 # =========================================================================================
@@ -1247,6 +1252,7 @@ class Classified:
     outcome: Outcome
     message: str = ""
     payload: Any = None
+    meta: Any = None  # a JSON answer's "Meta Data", to check it against the request
 
 
 def classify_response(body: bytes) -> Classified:
@@ -1294,7 +1300,7 @@ def classify_response(body: bytes) -> Classified:
         return Classified(Outcome.EMPTY, f"no time series in the answer (keys: {sorted(payload)[:5]})")
     if not payload[series[0]]:
         return Classified(Outcome.EMPTY, "the time series is empty")
-    return Classified(Outcome.DATA, payload=payload[series[0]])
+    return Classified(Outcome.DATA, payload=payload[series[0]], meta=payload.get("Meta Data"))
 
 
 FUNCTIONS = {
@@ -1454,6 +1460,28 @@ BASE_COLUMNS = ["timestamp", *PRICE_COLUMNS, "volume"]
 ADJUSTED_COLUMNS = {"daily": ["adjusted_close", "dividend_amount", "split_coefficient"],
                     "weekly": ["adjusted_close", "dividend_amount"],
                     "monthly": ["adjusted_close", "dividend_amount"]}
+# A traded price is above zero; a zero one poisons every return computed from the series.
+# (Volume 0 is a real bar: no trade in that minute, or a halted day.)
+POSITIVE_COLUMNS = [*PRICE_COLUMNS, "adjusted_close"]
+
+# No bar is dated after today anywhere on Earth. The furthest-ahead time zone is UTC+14
+# (the Line Islands, Pacific/Kiritimati), where it is already New York's tomorrow for most
+# of New York's day; and a bar carries its exchange's own date (600104.SHH's session is
+# dated in Shanghai, ahead of New York), so a daily, weekly or monthly bar may be dated up
+# to today's date there and no later. A fixed offset: no time zone database can move it.
+FURTHEST_AHEAD = timezone(timedelta(hours=14), "UTC+14")
+# Intraday bars are New York wall times, stamped by their start; none may start after now
+# there. We ask for no `entitlement`, so intraday answers are end-of-day data whose newest bar
+# is hours old: the allowance is only for our clock running behind the server's. NTP keeps
+# hosts within a second; a host without it, or a VM resumed from suspend, can be minutes
+# off before anyone notices. Five minutes covers that and is still no room for a bar that
+# has not happened (the next bar of a session is a minute to an hour away).
+CLOCK_SKEW = timedelta(minutes=5)
+# Timestamps exactly as Alpha Vantage writes them, ASCII digits only: pandas alone would
+# also take "2024-1-2" and full-width digits, and the old daily parser cut everything after
+# the 10th character ("2024-01-02garbage", "2024-01-02T23:00:00-12:00").
+STAMP_SHAPES = {False: r"[0-9]{4}-[0-9]{2}-[0-9]{2}",
+                True: r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}"}
 
 
 def columns_for(dataset: DatasetId) -> list[str]:
@@ -1465,20 +1493,25 @@ def _wire_name(name: str) -> str:
     return re.sub(r"^\d+[a-z]?\.\s*", "", name.strip()).replace(" ", "_").lower()
 
 
-def parse_payload(answer: Classified, dataset: DatasetId) -> pd.DataFrame:
-    """A DATA answer (JSON series or CSV body) as our typed table, oldest first.
+def parse_payload(answer: Classified, dataset: DatasetId, now: datetime | None = None) -> pd.DataFrame:
+    """A DATA answer (JSON series or CSV body) for `dataset` as our typed table, oldest first.
 
-    Refuses, with the reason, anything that is not a valid series: missing or repeated
-    fields, non-numeric values, missing timestamps, high or low inconsistent with open and
-    close, negative prices or volume, duplicate timestamps. A refused payload stores nothing.
+    Refuses, with the reason and the first bad bar, anything that is not a valid series of
+    that symbol: a Meta Data naming another symbol, missing or repeated fields, missing,
+    zero or non-numeric prices, timestamps that are not exactly Alpha Vantage's, duplicate
+    timestamps, bars dated after `now` (an aware datetime, by default the clock: when the
+    answer arrived), high or low inconsistent with open and close, negative prices or
+    volume. A refused payload stores nothing.
     """
+    _check_symbol(answer.meta, dataset)
     wanted = columns_for(dataset)
     numbers = _fast_numbers(answer.payload, wanted)
     if numbers is None:  # something is off: the careful path finds it and says what
         numbers = _checked_numbers(_text_table(answer.payload), wanted)
     # Built from whole columns at once: per-column assignment and list indexing of a
     # DataFrame cost more than the parsing itself (the per-symbol benchmark's profile).
-    columns: dict[str, Any] = {"timestamp": _parse_timestamps(numbers["timestamp"], dataset)}
+    stamps = _parse_timestamps(numbers["timestamp"], dataset, now or utc_now())
+    columns: dict[str, Any] = {"timestamp": stamps}
     for column in wanted[1:]:
         values = numbers[column].to_numpy(dtype="float64")
         if column == "volume":
@@ -1490,7 +1523,23 @@ def parse_payload(answer: Classified, dataset: DatasetId) -> pd.DataFrame:
         columns[column] = values
     frame = pd.DataFrame(columns).sort_values("timestamp", kind="stable").reset_index(drop=True)
     validate_bars(frame)
+    _check_prices_above_zero(frame, dataset)
     return frame
+
+
+def _check_symbol(meta: Any, dataset: DatasetId) -> None:
+    """An answer whose Meta Data names another symbol is another symbol's data (a proxy or
+    cache that mixed answers up): never stored under ours. Alpha Vantage echoes the symbol
+    in the case it was asked in ("msft"), so only ASCII case is ignored: "\u0131bm" is not IBM."""
+    if not isinstance(meta, dict):
+        return
+    for key, named in meta.items():
+        if _wire_name(str(key)) == "symbol" and not (
+                isinstance(named, str) and named.isascii() and named.upper() == dataset.symbol):
+            raise InvalidPayload(
+                f"the answer is for another symbol: its Meta Data names '{outside_text(named)}', "
+                f"not {dataset.symbol}; nothing stored. Fix: run again; if it repeats, check "
+                "what answers at ALPHA_VANTAGE_BASE_URL (a proxy or cache mixing answers up).")
 
 
 _PLAIN_NUMBERS = re.compile(r"[0-9eE+\-. ]*", re.ASCII)
@@ -1549,8 +1598,11 @@ def _checked_numbers(raw: pd.DataFrame, wanted: list[str]) -> pd.DataFrame:
         values = pd.to_numeric(raw[column].str.strip(), errors="coerce").astype("float64")
         bad = ~np.isfinite(values)  # NaN (not a number), inf
         if bad.any():
-            row = raw.loc[bad.idxmax()]
-            raise InvalidPayload(f"non-numeric {column} {row[column]!r} at {row['timestamp']!r}.")
+            row = int(bad.to_numpy().argmax())
+            cell, at = raw[column].iloc[row], f"at '{outside_text(raw['timestamp'].iloc[row])}'"
+            if not cell.strip():  # JSON: the field is absent; CSV: the cell is empty
+                raise InvalidPayload(f"missing {column} {at}.")
+            raise InvalidPayload(f"non-numeric {column} '{outside_text(cell)}' {at}.")
         numbers[column] = values
     return numbers
 
@@ -1583,22 +1635,55 @@ def _text_table(payload: Any) -> pd.DataFrame:
     return raw.fillna("").astype(str)
 
 
-def _parse_timestamps(values: pd.Series, dataset: DatasetId) -> pd.Series:
+def _parse_timestamps(values: pd.Series, dataset: DatasetId, now: datetime) -> pd.Series:
+    """Daily, weekly and monthly bars: exactly a date (midnight, no time zone), no later than
+    today in UTC+14; intraday: exactly a New York date and time, no later than `now` there
+    (plus CLOCK_SKEW). Whole-column checks; the first bad stamp is named (the earliest, for
+    one dated in the future)."""
     text = values.str.strip()
     if (text == "").any():
         raise InvalidPayload("a bar has no timestamp.")
+    intraday = dataset.interval in INTRADAY
+    shape = "YYYY-MM-DD HH:MM:SS, New York time" if intraday else "YYYY-MM-DD"
+    bad = ~text.str.fullmatch(STAMP_SHAPES[intraday]).to_numpy(dtype=bool, na_value=False)
+    if bad.any():
+        raise InvalidPayload(f"bad timestamp '{outside_text(text.iloc[int(bad.argmax())])}' "
+                             f"(a bar is stamped {shape}).")
     try:
-        if dataset.interval in INTRADAY:
-            stamps = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S")
-            stamps = stamps.dt.tz_localize(MARKET_TZ, ambiguous="raise", nonexistent="raise")
-        else:
-            # A daily series may be stamped with a time for the session in progress.
-            stamps = pd.to_datetime(text.str.slice(0, 10), format="%Y-%m-%d")  # midnight
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidPayload(f"bad timestamp: {exc}") from None
-    if stamps.isna().any():
-        raise InvalidPayload("a bar has no valid timestamp.")
+        stamps = pd.to_datetime(text, format="%Y-%m-%d %H:%M:%S" if intraday else "%Y-%m-%d",
+                                errors="coerce")
+    except (ValueError, TypeError, OverflowError):
+        stamps = pd.Series(pd.NaT, index=text.index)
+    bad = stamps.isna().to_numpy()
+    if bad.any():
+        raise InvalidPayload(f"bad timestamp '{outside_text(text.iloc[int(bad.argmax())])}' "
+                             f"(it is no {'date and time' if intraday else 'date'}).")
+    # Compared as wall times, before localizing: a stamp late in 9999 cannot be localized at
+    # all (its UTC instant is in year 10000), and wall-time order is time order except in
+    # the hour a DST change repeats, whose stamps are refused as ambiguous below.
+    if intraday:
+        local = now.astimezone(MARKET_TZ)
+        latest = pd.Timestamp(local.replace(tzinfo=None) + CLOCK_SKEW)
+        limit = f"now is {local:%Y-%m-%d %H:%M:%S} in New York"
+    else:
+        today = now.astimezone(FURTHEST_AHEAD).date()
+        latest = pd.Timestamp(today)
+        limit = f"today is {today} even in UTC+14, the furthest-ahead time zone"
+    late = (stamps > latest).to_numpy()
+    if late.any():
+        raise InvalidPayload(f"bar dated in the future at {_bar_name(stamps[late].min(), intraday)} "
+                             f"({limit}): it cannot have happened yet.")
+    if intraday:  # a time the clocks skipped, or passed twice, is no instant
+        stamps = stamps.dt.tz_localize(MARKET_TZ, ambiguous="NaT", nonexistent="NaT")
+        bad = stamps.isna().to_numpy()
+        if bad.any():
+            raise InvalidPayload(f"bad timestamp '{outside_text(text.iloc[int(bad.argmax())])}' "
+                                 "(New York's clocks skipped or repeated that time).")
     return stamps
+
+
+def _bar_name(stamp: pd.Timestamp, intraday: bool) -> str:
+    return outside_text(stamp.strftime("%Y-%m-%d %H:%M:%S") if intraday else stamp.date().isoformat())
 
 
 def validate_bars(frame: pd.DataFrame) -> None:
@@ -1615,6 +1700,20 @@ def validate_bars(frame: pd.DataFrame) -> None:
     for bad, reason in checks:
         if bad.any():
             raise InvalidPayload(f"{reason} at {stamps.iloc[int(bad.argmax())]}.")
+
+
+def _check_prices_above_zero(frame: pd.DataFrame, dataset: DatasetId) -> None:
+    """Every price of a bar from the API is above zero; the first (oldest) bar with a zero
+    one is named. validate_bars does not judge this, so bars stored before this check
+    existed still verify, restore and merge."""
+    columns = [c for c in POSITIVE_COLUMNS if c in frame]
+    if min(frame[c].to_numpy().min(initial=np.inf) for c in columns) > 0:
+        return
+    zero = np.column_stack([frame[c].to_numpy() <= 0 for c in columns])  # negatives: refused
+    row = int(zero.any(axis=1).argmax())
+    named = ", ".join(c for c, z in zip(columns, zero[row], strict=True) if z)
+    stamp = _bar_name(frame["timestamp"].iloc[row], dataset.interval in INTRADAY)
+    raise InvalidPayload(f"zero price ({named}) at {stamp}: not a traded price.")
 
 
 # =========================================================================================
@@ -1942,6 +2041,7 @@ class RunContext:
     warnings: list[str]
     notify: Callable[[str], None] = log.warning  # the CLI also shows these on stderr
     facts: dict[str, Any] = field(default_factory=dict)
+    clock: Callable[[], datetime] = utc_now  # "now" for a download; tests set their own
 
     @classmethod
     def build(cls, settings: Settings, keyring_store: KeyringKeyStore | None = None) -> RunContext:
@@ -2107,9 +2207,11 @@ class DatasetDownloader:
     Shared by the worker threads of a run; each call touches one dataset file only, so
     writes to one file are never concurrent."""
 
-    def __init__(self, store: EncryptedStore, client: AlphaVantageClient) -> None:
+    def __init__(self, store: EncryptedStore, client: AlphaVantageClient,
+                 clock: Callable[[], datetime] = utc_now) -> None:
         self.store = store
         self.client = client
+        self.clock = clock  # read as each answer arrives: no bar may be dated after it
         self.full_refused = False  # learned once per run: this key's plan has no full history
         self.full_works = False    # learned once per run: it has
         self._full_probe = threading.Lock()
@@ -2219,7 +2321,8 @@ class DatasetDownloader:
             return compact, self._fetch(compact, dataset)
 
     def _fetch(self, request: ApiRequest, dataset: DatasetId) -> pd.DataFrame:
-        frame = parse_payload(self.client.fetch(request), dataset)
+        answer = self.client.fetch(request)
+        frame = parse_payload(answer, dataset, self.clock())
         if request.month:
             frame = frame[frame["timestamp"].dt.strftime("%Y-%m") == request.month]
             if frame.empty:
@@ -2289,9 +2392,10 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     """Bring each symbol's dataset up to date, within the rate limits, under the lock.
     Per-symbol failures are in the report; the quota running out stops the run cleanly."""
     settings = ctx.settings
+    now = ctx.clock()
     trailing = interval in INTRADAY and month is None
     if trailing:
-        month = datetime.now(MARKET_TZ).strftime("%Y-%m")
+        month = now.astimezone(MARKET_TZ).strftime("%Y-%m")
     elif interval not in INTRADAY and month is not None:
         raise UsageError("--month applies to intraday intervals only.")
     datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
@@ -2303,13 +2407,12 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                             "which serves IBM only. Claim a free key at "
                             "https://www.alphavantage.co/support/#api-key.")
     stats = RunStats()
-    now = datetime.now(UTC)
     results: list[DatasetResult] = []
     with ctx.exclusive() as ring:
         store = EncryptedStore(settings, ring)
         limiter = RateLimiter(settings, api_keys_of(settings))
         client = AlphaVantageClient(settings, limiter, stats)
-        worker = DatasetDownloader(store, client)
+        worker = DatasetDownloader(store, client, ctx.clock)
         stop = threading.Event()
         fatal: list[OHLCVError] = []
         memory_stop = threading.Event()

@@ -1185,12 +1185,15 @@ class QueryService:
             days = days[bisect.bisect_right(days, emu.as_of - timedelta(days=30)):]
 
         rows: list[tuple[str, tuple[str, ...]]] = []
+        # No server has a bar that has not started yet: with as_of today (session_day()
+        # after 16:30 New York time), the evening's extended-hours bars are still to come.
+        started = _now_in_new_york()
         for day in reversed(days):
             bar = series.bars[series.index[day]]
             factor = bar.adjusted_close / bar.close if adjusted and bar.close else 1.0
             for item in reversed(emu._model.intraday_day(series, day, minutes)):
                 start = item.timestamp.hour * 60 + item.timestamp.minute
-                if not extended and not in_regular_session(start, minutes):
+                if (not extended and not in_regular_session(start, minutes)) or item.timestamp > started:
                     continue
                 prices = tuple(_fmt_price(max(0.0001, round(p * factor, 4)))
                                for p in (item.open, item.high, item.low, item.close))
@@ -1336,11 +1339,16 @@ def _previous_weekday(today: date) -> date:
     return day
 
 
-def _today_in_new_york() -> date:
+def _now_in_new_york() -> datetime:
+    """The wall clock in New York, naive (as the emulator's intraday stamps are)."""
     try:
-        return datetime.now(ZoneInfo("America/New_York")).date()
+        return datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)
     except ZoneInfoNotFoundError:  # no tz database here: UTC is close enough for a default
-        return datetime.now(UTC).date()
+        return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _today_in_new_york() -> date:
+    return _now_in_new_york().date()
 
 
 def _as_date(value: date | str) -> date:

@@ -573,9 +573,9 @@ REFUSALS = {
     "negative price": (changed("low", "-0.5000"), None, None, "negative price"),
     "negative volume": (changed("volume", "-5"), None, None, "negative price or volume"),
     "duplicate timestamps": (GOOD + [list(GOOD[0])], None,
-                             # JSON keys are unique: a daily series may stamp its newest bar
-                             # with a time, which names the same day twice.
-                             GOOD + [["2024-01-03 16:00:00", *GOOD[0][1:]]],
+                             # JSON keys are unique: a space before the date (stripped)
+                             # names the same day twice.
+                             GOOD + [[" 2024-01-03", *GOOD[0][1:]]],
                              "duplicate timestamp"),
 }
 

@@ -13,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 import requests
@@ -345,6 +346,17 @@ def test_intraday_regular_session_runs_09_30_to_15_55(av, client):
                                  interval="5min", extended_hours="false", outputsize="full")))
     today = sorted(s[11:] for s in stamps if s.startswith(str(AS_OF)))
     assert (today[0], today[-1], len(today)) == ("09:30:00", "15:55:00", 78)
+
+
+def test_intraday_serves_no_bar_that_has_not_started(client):
+    """With as_of after today, the days still to come have no bars (a real server has none;
+    the downloader refuses a bar dated after now)."""
+    ahead = date.today() + timedelta(days=7)
+    with AlphaVantageEmulator(premium_keys={PREMIUM: 60_000}, as_of=ahead, skip_holidays=False) as av:
+        stamps = list(series_of(call(client, av, function="TIME_SERIES_INTRADAY", symbol="IBM",
+                                     interval="60min", outputsize="full")))
+    now = datetime.now(ZoneInfo("America/New_York")).replace(tzinfo=None)
+    assert stamps and max(datetime.fromisoformat(s) for s in stamps) <= now
 
 
 def test_intraday_month_full_covers_the_whole_month(av, client):

@@ -5,7 +5,9 @@ What is attacked, and the property each test holds the product to:
 * the response classifier and the parser (classify_response, parse_payload) on arbitrary
   bytes, arbitrary JSON, near-valid series and arbitrary CSV: nothing raises outside our
   error family (OHLCVError), and a table that is accepted is a valid one (docs/FORMAT.md
-  invariants; never empty, since the JSON form of an empty series is refused); the CSV and
+  invariants; never empty, since the JSON form of an empty series is refused) of real bars
+  (no zero price, none dated after the parser's clock, daily stamps exactly a date, not
+  another symbol's answer: test_hostile_bars.py drives the same classes end to end); the CSV and
   JSON forms of the same bars give the same verdict and the same table (README: "Both give
   the same data"); end to end, a hostile body fails its own symbol, not the whole run;
 * symbols, intervals and months: refused (UsageError, exit 2) or mapped to a path inside
@@ -37,7 +39,7 @@ import tarfile
 import threading
 import traceback
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
@@ -211,6 +213,18 @@ DATASETS = (DatasetId("IBM"), DatasetId("IBM", adjusted=True), DatasetId("IBM", 
             DatasetId("IBM", "monthly"), DatasetId("IBM", "5min", month="2024-01"))
 MESSAGE_KEYS = ("Information", "Note", "Error Message")
 
+# The parser's clock in these properties (never the machine's): Monday 3 June 2024, 11:00 in
+# New York, already 05:00 on Tuesday 4 June in UTC+14, the furthest-ahead time zone.
+CAMPAIGN_NOW = datetime(2024, 6, 3, 15, 0, tzinfo=UTC)
+LATEST_DATE = CAMPAIGN_NOW.astimezone(timezone(timedelta(hours=14))).date()  # 2024-06-04
+# Stamps of bars that cannot have happened by CAMPAIGN_NOW, and the latest that can.
+FUTURE_STAMPS = {False: ("2200-01-01", "9999-12-31", str(LATEST_DATE + timedelta(days=1))),
+                 True: ("2200-01-01 09:30:00", "9999-12-31 19:55:00", "2024-06-03 11:30:00",
+                        "2024-06-04 04:00:00")}
+EDGE_STAMPS = {False: (str(LATEST_DATE), "2024-06-03"),  # tomorrow in New York: allowed
+               True: ("2024-06-03 11:00:00", "2024-06-03 10:55:00")}
+PRICES = ("open", "high", "low", "close", "adjusted_close")
+
 # column -> (JSON bar key, CSV header name), per dataset kind, as Alpha Vantage sends them
 _PLAIN_WIRE = {"open": ("1. open", "open"), "high": ("2. high", "high"), "low": ("3. low", "low"),
                "close": ("4. close", "close"), "volume": ("5. volume", "volume")}
@@ -234,7 +248,8 @@ def wire(dataset: DatasetId) -> dict[str, tuple[str, str]]:
 
 
 def table_problem(frame: pd.DataFrame, dataset: DatasetId) -> str | None:
-    """Why an accepted table is not a valid one (docs/FORMAT.md), or None."""
+    """Why an accepted table is not a valid one (docs/FORMAT.md), or one that holds a bar
+    that cannot be real (a zero price, a bar after CAMPAIGN_NOW); None when it is sound."""
     wanted = columns_for(dataset)
     if list(frame.columns) != wanted:
         return f"columns {list(frame.columns)}, expected {wanted}"
@@ -258,6 +273,26 @@ def table_problem(frame: pd.DataFrame, dataset: DatasetId) -> str | None:
         return "high below max(open, close) was accepted"
     if (frame["low"] > frame[["open", "close"]].min(axis=1)).any():
         return "low above min(open, close) was accepted"
+    if (frame[[c for c in PRICES if c in frame]] <= 0).any().any():
+        return "a zero price was accepted"
+    if dataset.interval in INTRADAY:
+        if (stamps > pd.Timestamp(CAMPAIGN_NOW) + pd.Timedelta(minutes=5)).any():
+            return "an intraday bar after now was accepted"
+    elif (stamps.dt.date > LATEST_DATE).any():
+        return "a bar dated after today in UTC+14 was accepted"
+    return None
+
+
+def _symbol_named(payload: Any, symbol: str) -> str | None:
+    """The other symbol a JSON answer's Meta Data names, or None (ours, in any ASCII case,
+    or none named)."""
+    meta = payload.get("Meta Data") if isinstance(payload, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    for key, value in meta.items():
+        if re.sub(r"^\d+[a-z]?\.\s*", "", key.strip()).lower() == "symbol" and not (
+                isinstance(value, str) and value.isascii() and value.upper() == symbol):
+            return repr(value)
     return None
 
 
@@ -273,7 +308,7 @@ def classify_and_parse(body: bytes, dataset: DatasetId) -> tuple[str, Any]:
     if answer.outcome is not Outcome.DATA:
         return ("refused", answer.outcome.value)
     try:
-        return ("accepted", parse_payload(answer, dataset))
+        return ("accepted", parse_payload(answer, dataset, CAMPAIGN_NOW))
     except OHLCVError as exc:
         return ("refused", str(exc))
     except Exception as exc:  # noqa: BLE001
@@ -291,6 +326,17 @@ def body_problem(body: bytes, dataset: DatasetId) -> tuple[str, str] | None:
         if isinstance(payload, dict) and any(k in payload for k in MESSAGE_KEYS) \
                 and verdict[0] == "accepted":
             return "an API message body was accepted as data", shown
+        if verdict[0] == "accepted" and _symbol_named(payload, dataset.symbol):
+            return "an answer naming another symbol was accepted", shown
+        if verdict[0] == "accepted" and dataset.interval not in INTRADAY:
+            series = next(v for k, v in payload.items() if k.startswith(("Time Series", "Weekly", "Monthly")))
+            if not all(re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", k.strip()) for k in series):
+                return "a daily stamp that is not exactly a date was accepted", shown
+    if verdict[0] == "accepted" and dataset.interval not in INTRADAY and b'"' not in body \
+            and not body.lstrip().startswith((b"{", b"[")):  # CSV, unquoted: the stamps as sent
+        stamps = [line.split(b",")[0].strip() for line in body.splitlines()[1:] if line.strip()]
+        if not all(re.fullmatch(rb"[0-9]{4}-[0-9]{2}-[0-9]{2}", stamp) for stamp in stamps):
+            return "a daily stamp that is not exactly a date was accepted", shown
     if verdict[0] == "accepted":
         problem = table_problem(verdict[1], dataset)
         if problem:
@@ -311,7 +357,12 @@ HOSTILE_CELLS = ("", " ", "NaN", "nan", "inf", "-inf", "1e309", "-1", "-0.01", "
 HOSTILE_STAMPS = ("", "2024-02-30", "2024-13-01", "yesterday", "2024-01-02T09:30:00Z",
                   "2023-11-05 01:30:00", "2024-03-10 02:30:00", "2024-01-02 25:00:00",
                   "0001-01-01", "9999-12-31", "2024-01-02\x00", "20240102", "2024-1-2",
-                  " 2024-01-03", "2024-01-02 09:30:00.5")
+                  " 2024-01-03", "2024-01-02 09:30:00.5",
+                  # a date with something after it: a daily stamp is exactly a date
+                  "2024-01-02garbage", "2024-01-02T23:00:00-12:00", "2024-01-02 00:00:00",
+                  "2024-01-02 09:30:00-05:00", "2024-01-02 09:30:00garbage",
+                  "\uff12\uff10\uff12\uff14-01-02", "2024-01-02 \uff10\uff19:30:00", "2200-01-01")
+ZERO_CELLS = ("0", "0.0000", "0.0", "-0", "0e0", "0.00000000")
 
 
 @st.composite
@@ -330,7 +381,8 @@ def bar_rows(draw, dataset: DatasetId) -> list[tuple[str, dict[str, str]]]:
     rows = []
     decimals = draw(st.integers(0, 4))
     for text in sorted(texts, reverse=True):
-        low = draw(st.floats(0, 5000, allow_nan=False))
+        # Traded prices are above zero, even once formatted (a zero is a mutation below).
+        low = draw(st.floats(10.0**-decimals, 5000, allow_nan=False))
         spread = draw(st.floats(0, 100, allow_nan=False))
         o, c = (draw(st.floats(0, 1)) for _ in range(2))
         high = low + spread
@@ -352,23 +404,38 @@ def bar_rows(draw, dataset: DatasetId) -> list[tuple[str, dict[str, str]]]:
 
 @st.composite
 def value_mutations(draw, dataset: DatasetId, rows: list) -> list:
-    """Mutations both wire forms can express: bad cells, bad stamps, high/low swapped."""
+    """Mutations both wire forms can express: bad cells, bad stamps, high/low swapped,
+    zero and missing prices, bars dated after CAMPAIGN_NOW (and right at its edge)."""
     rows = [(t, dict(c)) for t, c in rows]
+    intraday = dataset.interval in INTRADAY
     for _ in range(draw(st.integers(0, 2))):
         if not rows:
             break
         i = draw(st.integers(0, len(rows) - 1))
         text, cells = rows[i]
-        kind = draw(st.sampled_from(["cell", "stamp", "swap", "negative"]))
+        kind = draw(st.sampled_from(["cell", "stamp", "swap", "negative", "zero", "allzero",
+                                     "missing", "future", "edge"]))
         if kind == "cell":
             column = draw(st.sampled_from(sorted(cells)))
             cells[column] = draw(st.sampled_from(HOSTILE_CELLS) | st.text(max_size=6))
         elif kind == "stamp":
             text = draw(st.sampled_from(HOSTILE_STAMPS))
-        elif kind == "swap" and cells["high"] != cells["low"]:
-            cells["high"], cells["low"] = cells["low"], cells["high"]
-        elif kind == "negative":
-            column = draw(st.sampled_from(["open", "low", "volume"]))
+        elif kind == "zero":  # one price at zero, the bar still consistent (low is the min)
+            column = draw(st.sampled_from(["low", *(["adjusted_close"] if dataset.adjusted else [])]))
+            cells[column] = draw(st.sampled_from(ZERO_CELLS))
+        elif kind == "allzero":
+            for column in ("open", "high", "low", "close"):
+                cells[column] = draw(st.sampled_from(ZERO_CELLS))
+        elif kind == "missing":  # JSON: the key is absent; CSV: the cell is empty
+            cells.pop(draw(st.sampled_from([c for c in PRICES if c in cells])))
+        elif kind == "future":
+            text = draw(st.sampled_from(FUTURE_STAMPS[intraday]))
+        elif kind == "edge":
+            text = draw(st.sampled_from(EDGE_STAMPS[intraday]))
+        elif kind == "swap" and cells.get("high", "") != cells.get("low", ""):
+            cells["high"], cells["low"] = cells.get("low", ""), cells.get("high", "")
+        elif kind == "negative":  # (a missing price stays missing)
+            column = draw(st.sampled_from([c for c in ("open", "low", "volume") if c in cells]))
             cells[column] = "-" + cells[column].lstrip("-") if cells[column] not in ("0", "0.0") else "-1"
         rows[i] = (text, cells)
     if len({t for t, _ in rows}) != len(rows):  # JSON cannot hold two bars of one stamp
@@ -428,7 +495,13 @@ def near_valid_json(draw) -> tuple[DatasetId, bytes]:
             series[text] = {}
     series_key = draw(st.sampled_from([SERIES_KEY[dataset.interval], "Time Series (Daily)",
                                        "Weekly Adjusted Time Series", "Monthly", "Time Series"]))
-    payload: dict[str, Any] = {"Meta Data": draw(json_any), series_key: series}
+    symbols = st.sampled_from([dataset.symbol, dataset.symbol.lower(), "MSFT", "msft", "\u0131bm",
+                               " IBM", "IBM\u200b", "", None, 5, ["IBM"]])
+    meta = draw(json_any | st.builds(lambda key, symbol: {"1. Information": "Daily Prices",
+                                                          key: symbol},
+                                     st.sampled_from(["2. Symbol", "Symbol", "01. symbol"]),
+                                     symbols))
+    payload: dict[str, Any] = {"Meta Data": meta, series_key: series}
     if draw(st.integers(0, 9)) == 0:
         payload[draw(st.sampled_from(MESSAGE_KEYS))] = draw(st.text(max_size=30))
     body = json.dumps(payload, indent=draw(st.sampled_from([None, 4]))).encode()
@@ -516,10 +589,26 @@ def test_parser_on_near_valid_json_series(figures):
     accepted, everything else is refused with our errors."""
     day = DatasetId("IBM")
     bar = {"1. open": "1.0", "2. high": "2.0", "3. low": "0.5", "4. close": "1.5", "5. volume": "10"}
+    zero = dict(bar, **{k: "0.0000" for k in ("1. open", "2. high", "3. low", "4. close")})
+
+    def answer(series: dict, symbol: str = "IBM") -> bytes:
+        return json.dumps({"Meta Data": {"1. Information": "Daily Prices", "2. Symbol": symbol},
+                           "Time Series (Daily)": series}).encode()
+
     known = [  # found by this property; kept as explicit regressions
         (day, json.dumps({"Time Series (Daily)": {"2024-01-02": dict(bar, open="1.0")}}).encode()),
         (day, json.dumps({"Time Series (Daily)": {"2024-01-02": 5}}).encode()),
         (day, json.dumps({"Time Series (Daily)": {"2024-01-02": dict(bar, timestamp="x")}}).encode()),
+        # issue 12: future bars, an all-zero bar, stamps cut to a date, another symbol
+        (day, answer({"2200-01-01": bar, "2024-01-02": bar})),
+        (day, answer({"9999-12-31": bar})),
+        (day, answer({str(LATEST_DATE + timedelta(days=1)): bar})),
+        (day, answer({"2024-01-02": zero, "2024-01-03": bar})),
+        (day, answer({"2024-01-02garbage": bar})),
+        (day, answer({"2024-01-02T23:00:00-12:00": bar})),
+        (day, answer({"2024-01-02": bar}, symbol="MSFT")),
+        (DatasetId("IBM", "5min", month="2024-06"),
+         json.dumps({"Time Series (5min)": {"2024-06-03 11:30:00": bar}}).encode()),
     ]
     run_property(near_valid_json(), lambda pair: body_problem(pair[1], pair[0]), figures,
                  "hostile/parser-near-valid-json", examples=known)
@@ -528,9 +617,17 @@ def test_parser_on_near_valid_json_series(figures):
 def test_parser_on_arbitrary_csv(figures):
     """CSV bodies with arbitrary headers, cells, quoting, line ends and encodings."""
     day = DatasetId("IBM")
+    header = b"timestamp,open,high,low,close,volume\r\n"
     known = [
         (day, b"timestamp,open,1. open,high,low,close,volume\r\n2024-01-02,1,1,2,0.5,1,10\r\n"),
         (day, b"timestamp,open,high,low,close,volume\r\n"),
+        # issue 12: future bars, an all-zero bar, a missing price, stamps cut to a date
+        (day, header + b"2200-01-01,1,2,0.5,1,10\r\n2024-01-02,1,2,0.5,1,10\r\n"),
+        (day, header + b"9999-12-31,1,2,0.5,1,10\r\n"),
+        (day, header + b"2024-01-02,0,0,0,0,0\r\n"),
+        (day, header + b"2024-01-02,1,2,0.5,,10\r\n"),
+        (day, header + b"2024-01-02garbage,1,2,0.5,1,10\r\n"),
+        (day, header + b"2024-01-02T23:00:00-12:00,1,2,0.5,1,10\r\n"),
     ]
     run_property(arbitrary_csv(), lambda pair: body_problem(pair[1], pair[0]), figures,
                  "hostile/parser-arbitrary-csv", examples=known)
