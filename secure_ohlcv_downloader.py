@@ -19,9 +19,10 @@ Read top to bottom; the sections follow the data, and calls only go down the fil
                           load_frame / load_many, RunContext (what every command body gets)
     9. Downloader      -- latest_session / is_current, merge_bars, DatasetDownloader,
                           PendingQueue, run_download (the download command)
-   10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, BackupArchive
-                          (hostile-archive safe, bounded memory), verify_backup; the commands
-                          init_store, check_keys, remove_key, recover, cleanup
+   10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, archive_ages (newest
+                          by manifest), BackupArchive (hostile-archive safe, bounded memory),
+                          verify_backup; the commands init_store, check_keys, remove_key,
+                          recover, cleanup
    11. Monitoring      -- ResourceMonitor (psutil), RunRecord, write_metrics (Prometheus
                           text file), estimate, status_of, finish_run
    12. Front door      -- SecureOHLCVDownloader: a thin delegator that records every command
@@ -2512,6 +2513,8 @@ class KeyRotation:
 
 BACKUP_PREFIX = "ohlcv-backup-"
 BACKUP_SUFFIX = ".tar"
+BACKUP_TIME = "%Y%m%dT%H%M%S%fZ"  # the UTC time in an archive's name
+_BACKUP_NAME = re.compile(r"ohlcv-backup-(\d{8}T\d{12}Z)\.tar")
 MANIFEST_MEMBER = "manifest.fernet"
 CANARY_MEMBER = "state/" + "canary.fernet"
 MAX_MEMBER_BYTES = 1 << 30
@@ -2523,14 +2526,36 @@ MAX_MANIFEST_BYTES = 64 << 20
 # map); ours take about 1.5 KB. No member data is read while the headers are.
 MAX_HEADER_BYTES = 1 << 20
 READ_CHUNK = 1 << 20
+# An archive's name is the UTC time its writer started, and its manifest's created_at is
+# that same instant (archives written before this check stamped created_at when they were
+# finished: up to a backup's duration after the name). A name later than created_at is the
+# mark of an older archive copied under a newer name: a rollback.
+NAME_AFTER_MANIFEST = timedelta(minutes=5)
+NAME_BEFORE_MANIFEST = timedelta(days=1)
 
 
 def backup_archives(directory: Path) -> list[Path]:
-    """The backup archives in `directory`, oldest first (their names sort by UTC time)."""
+    """The backup archives in `directory`, by name (their names sort by UTC time; what
+    counts as newest is the manifests' time: archive_ages)."""
     if not directory.exists():
         return []
     return sorted(p for p in directory.glob(f"{BACKUP_PREFIX}*{BACKUP_SUFFIX}")
                   if p.is_file() and not p.name.startswith("."))
+
+
+def archive_name_time(name: str) -> datetime | None:
+    """The UTC time an archive's name gives; None for a name not of that form."""
+    match = _BACKUP_NAME.fullmatch(name)
+    if match is None:
+        return None
+    try:
+        return datetime.strptime(match.group(1), BACKUP_TIME).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def archive_name_for(when: datetime) -> str:
+    return f"{BACKUP_PREFIX}{when.astimezone(UTC):{BACKUP_TIME}}{BACKUP_SUFFIX}"
 
 
 def _tar_member(name: str, size: int) -> tarfile.TarInfo:
@@ -2551,7 +2576,8 @@ class BackupReport:
 
 class BackupWriter:
     """One archive: the encrypted dataset files as they are, the canary, and an encrypted
-    manifest (per file: path, size, SHA-256, key, rows, first and last bar)."""
+    manifest (per file: path, size, SHA-256, key, rows, first and last bar; the time the
+    archive is named for)."""
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -2561,7 +2587,8 @@ class BackupWriter:
         s = self.settings
         directory = ensure_private_dir(Path(os.path.abspath(dest or s.backup_dir)), s.dir_mode)
         BackupDestinations(s).add(directory)  # before the archive: remove-key must find it
-        name = f"{BACKUP_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}{BACKUP_SUFFIX}"
+        now = datetime.now(UTC)  # the name and the manifest's created_at: one instant
+        name = archive_name_for(now)
         target = directory / name
         tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
         entries = []
@@ -2585,7 +2612,7 @@ class BackupWriter:
                             del plaintext, frame
                         canary = self.ctx.custody.canary_path.read_bytes()
                         tar.addfile(_tar_member(CANARY_MEMBER, len(canary)), io.BytesIO(canary))
-                        manifest = {"format": 1, "created_at": utc_now_iso(), "datasets": entries,
+                        manifest = {"format": 1, "created_at": now.isoformat(), "datasets": entries,
                                     "primary_key": ring.primary.fingerprint,
                                     "canary": {"size": len(canary),
                                                "sha256": hashlib.sha256(canary).hexdigest()}}
@@ -2606,7 +2633,8 @@ class BackupWriter:
                 if isinstance(exc, OSError) and exc.filename is None:  # name the archive
                     raise OSError(exc.errno, exc.strerror, str(target)) from exc
                 raise
-        pruned = prune_backups(directory, s.backup_keep)
+        pruned, notes = prune_backups(directory, s.backup_keep, ring)
+        self.ctx.warnings += notes
         size = target.stat().st_size
         log.info("backup %s: %d datasets, %d bytes; pruned %d old archive(s)", target,
                  len(entries), size, len(pruned))
@@ -2648,13 +2676,63 @@ class BackupDestinations:
         return data
 
 
-def prune_backups(directory: Path, keep: int, dry_run: bool = False) -> list[Path]:
-    """Remove all but the newest `keep` archives; returns what went (or would go)."""
-    old = backup_archives(directory)[:-keep] if keep else []
+@dataclass
+class ArchiveAge:
+    path: Path
+    time: datetime | None  # its manifest's created_at; its name's time when that is unreadable
+    problem: str = ""  # why it does not count among the newest ("" when it does)
+
+
+def archive_ages(directory: Path, ring: KeyRing) -> list[ArchiveAge]:
+    """Every archive in `directory`, oldest first by its manifest's time (one whose manifest
+    cannot be read, by its name's). Only headers and manifests are read."""
+    ages = []
+    for path in backup_archives(directory):
+        archive = BackupArchive(path, ring)
+        if archive.created_at is not None:
+            ages.append(ArchiveAge(path, archive.created_at, archive.name_problem))
+        else:
+            ages.append(ArchiveAge(path, archive.named_at, "its manifest cannot be read: "
+                                   + brief(archive.problems)))
+    never = datetime.min.replace(tzinfo=UTC)
+    return sorted(ages, key=lambda age: (age.time or never, age.path.name))
+
+
+def prune_backups(directory: Path, keep: int, ring: KeyRing,
+                  dry_run: bool = False) -> tuple[list[Path], list[str]]:
+    """Keep the newest `keep` archives by manifest (0: keep all) and remove every archive
+    older than they are. An archive whose name disagrees with its manifest (a rolled-back
+    copy) or whose manifest cannot be read is not counted among the newest, and is
+    warned about; one of them is removed only when it is older (by manifest, or by name
+    when that is all there is) than every archive kept. Returns what went (or would go)
+    and the warnings."""
+    if not keep:
+        return [], []
+    ages = archive_ages(directory, ring)
+    counted = [age for age in ages if not age.problem]
+    notes = [f"backup {outside_text(age.path)}: {age.problem}; not counted among the newest "
+             f"{keep}." for age in ages if age.problem]
+    if len(counted) <= keep:
+        return [], notes
+    oldest_kept = ages.index(counted[-keep])
+    old = [age.path for age in ages[:oldest_kept] if age.time is not None]
     if not dry_run:
         for path in old:
             path.unlink()
-    return old
+    return old, notes
+
+
+def newest_archive(directory: Path, ring: KeyRing) -> tuple[Path | None, list[str]]:
+    """The newest archive by manifest (one whose manifest cannot be read, by its name: a
+    broken newest backup is the one to check), and a warning for every archive named as
+    newer that is not."""
+    ages = archive_ages(directory, ring)
+    if not ages:
+        return None, []
+    newest = ages[-1]
+    return newest.path, [f"backup {outside_text(age.path)}: {age.problem}; not taken as the "
+                         f"newest ({outside_text(newest.path.name)} is)." for age in ages
+                         if age.problem and age.path.name > newest.path.name]
 
 
 @dataclass
@@ -2755,6 +2833,9 @@ class BackupArchive:
         self.manifest: dict[str, Any] = {}
         self.manifest_key = ""  # fingerprint of the key that opened the manifest
         self.sealed_manifest: bytes | None = None  # as read: a recovery key may prove itself on it
+        self.named_at = archive_name_time(path.name)
+        self.created_at: datetime | None = None  # the manifest's time, once it opened
+        self.name_problem = ""  # set when the name and the manifest's time disagree
         if self._scan():
             self._open_manifest()
 
@@ -2847,10 +2928,20 @@ class BackupArchive:
             self.problem(MANIFEST_MEMBER, "does not decrypt with the key ring "
                          f"({', '.join(self.ring.fingerprints())}) or is altered")
             return
-        if not _manifest_shape_ok(manifest):
+        created = _manifest_time(manifest)
+        if created is None or not _manifest_shape_ok(manifest):
             self.problem(MANIFEST_MEMBER, "decrypts but is not a manifest of this tool")
             return
-        self.manifest = manifest
+        self.manifest, self.created_at = manifest, created
+        drift = self.named_at - created if self.named_at is not None else timedelta(0)
+        if drift > NAME_AFTER_MANIFEST or -drift > NAME_BEFORE_MANIFEST:
+            self.name_problem = (
+                f"named for {self.named_at:%Y-%m-%d %H:%M:%S} UTC but its manifest says it was "
+                f"written at {created:%Y-%m-%d %H:%M:%S} UTC: a rolled-back copy of an older "
+                "archive, or a renamed one; it is ordered by its manifest. Fix: find out who "
+                "copied or renamed it, then delete it or give it back its own name, "
+                f"{archive_name_for(created)}.")
+            self.problem(self.path.name, self.name_problem)
 
     def entries(self) -> list[dict[str, Any]]:
         return list(self.manifest.get("datasets", []))
@@ -2924,6 +3015,15 @@ class BackupArchive:
         if len(frame) != entry["rows"]:
             raise IntegrityError(f"{shown}: {len(frame)} rows, the manifest says {entry['rows']}")
         return token, frame
+
+
+def _manifest_time(manifest: Any) -> datetime | None:
+    """A manifest's created_at as an aware UTC time; None when it has none."""
+    try:
+        created = datetime.fromisoformat(manifest["created_at"])
+        return created.astimezone(UTC) if created.tzinfo is not None else None
+    except (TypeError, KeyError, ValueError, OverflowError):
+        return None
 
 
 def _manifest_shape_ok(manifest: Any) -> bool:
@@ -3361,9 +3461,13 @@ def cleanup(ctx: RunContext, dry_run: bool) -> CleanupReport:
                     path.unlink()
         if s.retention_days:
             _apply_retention(store, retention_cutoff(s.retention_days), report)
-        pruned = prune_backups(s.backup_dir, s.backup_keep, dry_run=True)
+        pruned, notes = prune_backups(s.backup_dir, s.backup_keep, ring, dry_run=True)
+        ctx.warnings += notes
         report.bytes_freed += sum(p.stat().st_size for p in pruned)
-        report.pruned_backups = pruned if dry_run else prune_backups(s.backup_dir, s.backup_keep)
+        if not dry_run:
+            for path in pruned:
+                path.unlink()
+        report.pruned_backups = pruned
     return report
 
 
@@ -3798,15 +3902,15 @@ class SecureOHLCVDownloader:
 
     def verify_backup(self, archive: Path | None = None, sample: int | None = 5) -> VerifyReport:
         def body() -> VerifyReport:
-            chosen = archive
-            if chosen is None:
-                archives = backup_archives(self.settings.backup_dir)
-                if not archives:
+            ring, chosen = self.ctx.custody.ring(), archive
+            if chosen is None:  # the newest by manifest, not by name
+                chosen, notes = newest_archive(self.settings.backup_dir, ring)
+                if chosen is None:
                     raise UsageError(f"no backup archive in {self.settings.backup_dir}; run backup first.")
-                chosen = archives[-1]
+                self.ctx.warnings += notes
             if not chosen.is_file():
                 raise UsageError(f"{chosen} is not a file.")
-            report = verify_backup(chosen, self.ctx.custody.ring(), sample)
+            report = verify_backup(chosen, ring, sample)
             self.ctx.facts.update(verify_members_checked=report.members_checked,
                                   verify_datasets_decrypted=report.datasets_decrypted,
                                   verify_problems=len(report.problems))

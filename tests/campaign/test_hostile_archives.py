@@ -14,12 +14,17 @@ What is attacked, and the property each test holds the product to:
   kernel in the child process (wait4's ru_maxrss), stays under a bound whatever the
   archive claims. Each child runs under an address-space limit, so a regression fails with
   a MemoryError instead of taking the machine's memory;
+* an old archive copied under a newer name (a rollback): `--verify-backup` of it fails
+  naming it, the default `--verify-backup` checks the real newest by manifest and warns
+  about the copy, `backup` does not count it among the newest, says so, and prunes it by
+  its true age.
 * a member spoiled in any way is reported once; remove-key reads headers and manifests only;
 * PAX records of any kind on any member: refused or harmless, never a crash.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -28,6 +33,7 @@ import sys
 import tarfile
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -39,6 +45,7 @@ from secure_ohlcv_downloader import (
     MAX_MANIFEST_BYTES,
     MAX_MEMBER_BYTES,
     OHLCVError,
+    backup_archives,
     verify_backup,
 )
 from tests.campaign.test_hostile_input import ARCHIVE_EXAMPLES, ArchiveLab, crash_kind, run_property
@@ -363,6 +370,61 @@ def test_hostile_archives_exit_5_naming_the_archive_in_bounded_memory(tmp_path, 
     if broken:
         pytest.fail("hostile archives not refused in bounded memory:\n  "
                     + "\n  ".join(f"{job}: {why}" for job, why in broken.items()), pytrace=False)
+
+
+# =========================================================================================
+# A rolled-back archive: an old archive copied under a newer name
+# =========================================================================================
+
+def archive_name(when: datetime) -> str:
+    return f"ohlcv-backup-{when:%Y%m%dT%H%M%S%fZ}.tar"
+
+
+def aged(site, archive: Path, days: int) -> Path:
+    """`archive` as if written `days` ago: its manifest's time and its name moved back
+    together (sealed again with the site's key, as the writer would have sealed it)."""
+    ring = site.ring()
+    members = read_members(archive)
+    manifest = json.loads(ring.decrypt(dict((i.name, d) for i, d in members)[MANIFEST_MEMBER]))
+    when = datetime.fromisoformat(manifest["created_at"]) - timedelta(days=days)
+    manifest["created_at"] = when.isoformat()
+    sealed = ring.encrypt(json.dumps(manifest).encode())
+    target = archive.with_name(archive_name(when))
+    write_parts(target, [part for info, data in members
+                         for part in member(info.name, sealed if info.name == MANIFEST_MEMBER
+                                            else data)])
+    os.chmod(target, 0o600)
+    archive.unlink()
+    return target
+
+
+def test_a_rolled_back_archive_is_flagged_not_newest_and_pruned_by_its_true_age(tmp_path, figures):
+    site = headless_site(tmp_path, OHLCV_BACKUP_KEEP="2")
+    site.put(sample_datasets())
+    old = aged(site, site.backup(), 30)
+    real_newest = site.backup()
+    rolled = site.backup_dir / archive_name(datetime.now(UTC) + timedelta(days=1))
+    shutil.copy2(old, rolled)  # the attacker's copy: newest by name, forever
+    held = []
+
+    flagged = site.cli("--verify-backup", "--all", str(rolled))
+    held.append(flagged.returncode == 5 and rolled.name in flagged.stdout
+                and "rolled-back" in flagged.stdout)
+    default = site.cli("--verify-backup")
+    held.append(default.returncode == 0 and default.stdout.startswith(real_newest.name)
+                and rolled.name in default.stderr and "rolled-back" in default.stderr)
+    backup = site.cli("backup")
+    kept = backup_archives(site.backup_dir)
+    held.append(backup.returncode == 0 and real_newest in kept and len(kept) == 2
+                and rolled not in kept and not old.exists()
+                and rolled.name in backup.stderr and "rolled-back" in backup.stderr)
+
+    figures.record("hostile/rolled-back-archive", tried=3, held=sum(held),
+                   notes="verify of the copy, default verify, backup's pruning")
+    assert held == [True, True, True], (
+        f"verify ROLLED: {flagged.returncode} {flagged.stdout!r}\n"
+        f"default verify: {default.returncode} {default.stdout!r} {default.stderr!r}\n"
+        f"backup: {backup.returncode} {backup.stdout!r} {backup.stderr!r}; kept {kept}")
 
 
 # =========================================================================================
