@@ -40,6 +40,7 @@ from secure_ohlcv_downloader import (
     atomic_write,
     configure_logging,
     exit_code_of,
+    outside_text,
     redact,
 )
 
@@ -309,7 +310,7 @@ def cmd_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
 def cmd_verify_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     sample = None if args.all else args.sample
     report = app.verify_backup(Path(args.archive) if args.archive else None, sample)
-    print(f"{report.archive.name}: {report.members_checked} members checked, "
+    print(f"{outside_text(report.archive.name)}: {report.members_checked} members checked, "
           f"{report.datasets_decrypted} datasets decrypted, {len(report.problems)} problem(s)")
     for problem in report.problems:
         print(f"  PROBLEM {problem}")

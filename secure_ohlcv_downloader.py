@@ -19,9 +19,10 @@ Read top to bottom; the sections follow the data, and calls only go down the fil
                           load_frame / load_many, RunContext (what every command body gets)
     9. Downloader      -- latest_session / is_current, merge_bars, DatasetDownloader,
                           PendingQueue, run_download (the download command)
-   10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, BackupArchive
-                          (hostile-archive safe), verify_backup; the commands init_store,
-                          check_keys, remove_key, recover, cleanup
+   10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, archive_ages (newest
+                          by manifest), BackupArchive (hostile-archive safe, bounded memory),
+                          verify_backup; the commands init_store, check_keys, remove_key,
+                          recover, cleanup
    11. Monitoring      -- ResourceMonitor (psutil), RunRecord, write_metrics (Prometheus
                           text file), estimate, status_of, finish_run
    12. Front door      -- SecureOHLCVDownloader: a thin delegator that records every command
@@ -47,6 +48,7 @@ import re
 import resource
 import secrets
 import stat
+import struct
 import tarfile
 import threading
 import time
@@ -2614,17 +2616,49 @@ class KeyRotation:
 
 BACKUP_PREFIX = "ohlcv-backup-"
 BACKUP_SUFFIX = ".tar"
+BACKUP_TIME = "%Y%m%dT%H%M%S%fZ"  # the UTC time in an archive's name
+_BACKUP_NAME = re.compile(r"ohlcv-backup-(\d{8}T\d{12}Z)\.tar")
 MANIFEST_MEMBER = "manifest.fernet"
 CANARY_MEMBER = "state/" + "canary.fernet"
 MAX_MEMBER_BYTES = 1 << 30
+# The manifest is the one member read before anything in the archive is known to be
+# genuine: read whole, then decrypted. Sealed, it takes about 350 bytes a dataset, so this
+# holds some 190,000 datasets; backup refuses to write a larger one.
+MAX_MANIFEST_BYTES = 64 << 20
+# What tarfile may read for one member's headers (PAX records, a GNU long name, a sparse
+# map); ours take about 1.5 KB. No member data is read while the headers are.
+MAX_HEADER_BYTES = 1 << 20
+READ_CHUNK = 1 << 20
+# An archive's name is the UTC time its writer started, and its manifest's created_at is
+# that same instant (archives written before this check stamped created_at when they were
+# finished: up to a backup's duration after the name). A name later than created_at is the
+# mark of an older archive copied under a newer name: a rollback.
+NAME_AFTER_MANIFEST = timedelta(minutes=5)
+NAME_BEFORE_MANIFEST = timedelta(days=1)
 
 
 def backup_archives(directory: Path) -> list[Path]:
-    """The backup archives in `directory`, oldest first (their names sort by UTC time)."""
+    """The backup archives in `directory`, by name (their names sort by UTC time; what
+    counts as newest is the manifests' time: archive_ages)."""
     if not directory.exists():
         return []
     return sorted(p for p in directory.glob(f"{BACKUP_PREFIX}*{BACKUP_SUFFIX}")
                   if p.is_file() and not p.name.startswith("."))
+
+
+def archive_name_time(name: str) -> datetime | None:
+    """The UTC time an archive's name gives; None for a name not of that form."""
+    match = _BACKUP_NAME.fullmatch(name)
+    if match is None:
+        return None
+    try:
+        return datetime.strptime(match.group(1), BACKUP_TIME).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def archive_name_for(when: datetime) -> str:
+    return f"{BACKUP_PREFIX}{when.astimezone(UTC):{BACKUP_TIME}}{BACKUP_SUFFIX}"
 
 
 def _tar_member(name: str, size: int) -> tarfile.TarInfo:
@@ -2645,7 +2679,8 @@ class BackupReport:
 
 class BackupWriter:
     """One archive: the encrypted dataset files as they are, the canary, and an encrypted
-    manifest (per file: path, size, SHA-256, key, rows, first and last bar)."""
+    manifest (per file: path, size, SHA-256, key, rows, first and last bar; the time the
+    archive is named for)."""
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
@@ -2655,7 +2690,8 @@ class BackupWriter:
         s = self.settings
         directory = ensure_private_dir(Path(os.path.abspath(dest or s.backup_dir)), s.dir_mode)
         BackupDestinations(s).add(directory)  # before the archive: remove-key must find it
-        name = f"{BACKUP_PREFIX}{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}{BACKUP_SUFFIX}"
+        now = datetime.now(UTC)  # the name and the manifest's created_at: one instant
+        name = archive_name_for(now)
         target = directory / name
         tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
         entries = []
@@ -2679,11 +2715,16 @@ class BackupWriter:
                             del plaintext, frame
                         canary = self.ctx.custody.canary_path.read_bytes()
                         tar.addfile(_tar_member(CANARY_MEMBER, len(canary)), io.BytesIO(canary))
-                        manifest = {"format": 1, "created_at": utc_now_iso(), "datasets": entries,
+                        manifest = {"format": 1, "created_at": now.isoformat(), "datasets": entries,
                                     "primary_key": ring.primary.fingerprint,
                                     "canary": {"size": len(canary),
                                                "sha256": hashlib.sha256(canary).hexdigest()}}
                         sealed = ring.encrypt(json.dumps(manifest).encode())
+                        if len(sealed) > MAX_MANIFEST_BYTES:  # it could never be verified
+                            raise OHLCVError(
+                                f"backup: the manifest of {len(entries)} datasets takes "
+                                f"{len(sealed)} bytes, over the {MAX_MANIFEST_BYTES} that "
+                                "--verify-backup and --recover read; no archive was written.")
                         tar.addfile(_tar_member(MANIFEST_MEMBER, len(sealed)), io.BytesIO(sealed))
                     raw.flush()  # the end-of-archive blocks too: tar is closed by now
                     os.fsync(raw.fileno())
@@ -2695,7 +2736,8 @@ class BackupWriter:
                 if isinstance(exc, OSError) and exc.filename is None:  # name the archive
                     raise OSError(exc.errno, exc.strerror, str(target)) from exc
                 raise
-        pruned = prune_backups(directory, s.backup_keep)
+        pruned, notes = prune_backups(directory, s.backup_keep, ring)
+        self.ctx.warnings += notes
         size = target.stat().st_size
         log.info("backup %s: %d datasets, %d bytes; pruned %d old archive(s)", target,
                  len(entries), size, len(pruned))
@@ -2737,13 +2779,63 @@ class BackupDestinations:
         return data
 
 
-def prune_backups(directory: Path, keep: int, dry_run: bool = False) -> list[Path]:
-    """Remove all but the newest `keep` archives; returns what went (or would go)."""
-    old = backup_archives(directory)[:-keep] if keep else []
+@dataclass
+class ArchiveAge:
+    path: Path
+    time: datetime | None  # its manifest's created_at; its name's time when that is unreadable
+    problem: str = ""  # why it does not count among the newest ("" when it does)
+
+
+def archive_ages(directory: Path, ring: KeyRing) -> list[ArchiveAge]:
+    """Every archive in `directory`, oldest first by its manifest's time (one whose manifest
+    cannot be read, by its name's). Only headers and manifests are read."""
+    ages = []
+    for path in backup_archives(directory):
+        archive = BackupArchive(path, ring)
+        if archive.created_at is not None:
+            ages.append(ArchiveAge(path, archive.created_at, archive.name_problem))
+        else:
+            ages.append(ArchiveAge(path, archive.named_at, "its manifest cannot be read: "
+                                   + brief(archive.problems)))
+    never = datetime.min.replace(tzinfo=UTC)
+    return sorted(ages, key=lambda age: (age.time or never, age.path.name))
+
+
+def prune_backups(directory: Path, keep: int, ring: KeyRing,
+                  dry_run: bool = False) -> tuple[list[Path], list[str]]:
+    """Keep the newest `keep` archives by manifest (0: keep all) and remove every archive
+    older than they are. An archive whose name disagrees with its manifest (a rolled-back
+    copy) or whose manifest cannot be read is not counted among the newest, and is
+    warned about; one of them is removed only when it is older (by manifest, or by name
+    when that is all there is) than every archive kept. Returns what went (or would go)
+    and the warnings."""
+    if not keep:
+        return [], []
+    ages = archive_ages(directory, ring)
+    counted = [age for age in ages if not age.problem]
+    notes = [f"backup {outside_text(age.path)}: {age.problem}; not counted among the newest "
+             f"{keep}." for age in ages if age.problem]
+    if len(counted) <= keep:
+        return [], notes
+    oldest_kept = ages.index(counted[-keep])
+    old = [age.path for age in ages[:oldest_kept] if age.time is not None]
     if not dry_run:
         for path in old:
             path.unlink()
-    return old
+    return old, notes
+
+
+def newest_archive(directory: Path, ring: KeyRing) -> tuple[Path | None, list[str]]:
+    """The newest archive by manifest (one whose manifest cannot be read, by its name: a
+    broken newest backup is the one to check), and a warning for every archive named as
+    newer that is not."""
+    ages = archive_ages(directory, ring)
+    if not ages:
+        return None, []
+    newest = ages[-1]
+    return newest.path, [f"backup {outside_text(age.path)}: {age.problem}; not taken as the "
+                         f"newest ({outside_text(newest.path.name)} is)." for age in ages
+                         if age.problem and age.path.name > newest.path.name]
 
 
 @dataclass
@@ -2758,56 +2850,201 @@ class VerifyReport:
         return not self.problems
 
 
-class BackupArchive:
-    """Reads an archive we did not necessarily write: every member is checked before use.
+def brief(problems: list[str], shown: int = 3) -> str:
+    """The first few problems on one line, and how many more there are."""
+    more = len(problems) - shown
+    return "; ".join(problems[:shown]) + (f"; and {more} more" if more > 0 else "")
 
-    Only regular files with our names are read (no links, devices, absolute paths or
-    '..'), each at most MAX_MEMBER_BYTES; nothing is ever extracted to a path it names."""
+
+@dataclass(frozen=True)
+class ArchiveMember:
+    offset: int  # where its bytes start in the archive file
+    size: int
+
+
+# Whatever tarfile raises on a malformed archive: its own errors, and the ValueError,
+# OverflowError, IndexError, struct.error or RecursionError of a header it did not expect.
+ARCHIVE_FORMAT_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, ArithmeticError,
+                         LookupError, struct.error, RecursionError)
+
+_NOT_REGULAR = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link",
+                tarfile.DIRTYPE: "a directory", tarfile.CHRTYPE: "a character device",
+                tarfile.BLKTYPE: "a block device", tarfile.FIFOTYPE: "a FIFO",
+                tarfile.CONTTYPE: "a contiguous file"}
+ALTERED = "size or SHA-256 differs from the manifest (altered)"
+
+
+def _irregular(info: tarfile.TarInfo) -> str:
+    """What a member is when it is not a plain regular file; "" when it is one."""
+    if (info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE
+            or any(key.startswith("GNU.sparse.") for key in info.pax_headers)):
+        return "a sparse file"
+    if info.type in (tarfile.REGTYPE, tarfile.AREGTYPE):
+        return ""
+    return _NOT_REGULAR.get(info.type, f"of type {info.type!r}")
+
+
+class _HeaderReader:
+    """The archive file as tarfile sees it while BackupArchive reads the headers: member
+    data is skipped by seeking, a seek outside the file is refused, and what one member's
+    headers may take (PAX records, a GNU long name, a sparse map) is capped at
+    MAX_HEADER_BYTES. A header that claims a gigabyte costs nothing."""
+
+    def __init__(self, raw: io.BufferedReader, length: int) -> None:
+        self.raw, self.length = raw, length
+        self.budget = MAX_HEADER_BYTES
+
+    def next_member(self) -> None:
+        self.budget = MAX_HEADER_BYTES
+
+    def read(self, size: int = -1) -> bytes:
+        if not 0 <= size <= self.budget:
+            raise tarfile.ReadError(f"a member's headers take over {MAX_HEADER_BYTES} bytes")
+        data = self.raw.read(size)
+        self.budget -= len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or not 0 <= offset <= self.length:
+            raise tarfile.ReadError("a header gives a size the archive does not hold")
+        return self.raw.seek(offset)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+class BackupArchive:
+    """Reads an archive we did not necessarily write, in bounded memory whatever it claims.
+
+    First the headers alone: member data is skipped by seeking, and what one member's
+    headers may take is capped. Only regular files with our names are admitted, once each,
+    of at most MAX_MEMBER_BYTES: no link, device, directory, sparse file, absolute path or
+    '..'. A header tarfile cannot parse makes the whole archive unreadable (one problem
+    naming it). Then the manifest, read whole (at most MAX_MANIFEST_BYTES) and decrypted.
+    Only then is any other member read, streamed against its manifest entry and never past
+    the size the entry gives, one at a time: all reads together stay within the manifest's
+    sizes. Nothing is ever extracted to a path a member names."""
 
     def __init__(self, path: Path, ring: KeyRing) -> None:
         self.path = path
         self.ring = ring
-        self.members: dict[str, bytes] = {}
+        self.members: dict[str, ArchiveMember] = {}  # admitted members: where their bytes are
+        self.refused: dict[str, str] = {}  # member name -> why it was refused
         self.problems: list[str] = []
+        self.faulty: set[str] = set()  # names with a problem reported: each is reported once
         self.altered: set[str] = set()  # members whose bytes differ from the manifest
         self.manifest: dict[str, Any] = {}
         self.manifest_key = ""  # fingerprint of the key that opened the manifest
-        self._read()
+        self.sealed_manifest: bytes | None = None  # as read: a recovery key may prove itself on it
+        self.named_at = archive_name_time(path.name)
+        self.created_at: datetime | None = None  # the manifest's time, once it opened
+        self.name_problem = ""  # set when the name and the manifest's time disagree
+        if self._scan():
+            self._open_manifest()
 
-    def _read(self) -> None:
+    def problem(self, name: str, text: str) -> None:
+        self.faulty.add(name)
+        self.problems.append(f"{outside_text(name)}: {text}")
+
+    # -- pass one: the headers ---------------------------------------------------------
+
+    def _headers(self) -> Iterator[tarfile.TarInfo]:
+        with open(self.path, "rb") as raw:
+            reader = _HeaderReader(raw, os.fstat(raw.fileno()).st_size)
+            # Reading needs read, seek and tell only (the stub also asks for write and close).
+            with tarfile.open(fileobj=reader, mode="r:") as tar:  # type: ignore[call-overload]
+                while (info := tar.next()) is not None:
+                    tar.members.clear()  # of a member, only where its bytes are is kept
+                    yield info
+                    reader.next_member()
+
+    def _scan(self) -> bool:
+        headers, seen = self._headers(), set[str]()
+        while True:
+            try:  # only the parser is guarded here: _admit's own errors are not hidden
+                info = next(headers, None)
+            except ARCHIVE_FORMAT_ERRORS as exc:
+                self.problem(self.path.name, "unreadable, truncated or malformed archive "
+                             f"({outside_text(exc, 160)}); nothing in it is used")
+                return False
+            if info is None:
+                return True
+            self._admit(info, seen)
+
+    def _admit(self, info: tarfile.TarInfo, seen: set[str]) -> None:
+        name, kind = info.name, _irregular(info)
+        if kind:
+            why = f"not a regular file ({kind}); refused"
+        elif not _safe_member_name(name):
+            why = "unsafe member name; refused"
+        elif info.size < 0:
+            why = f"a size of {info.size} bytes; refused"
+        elif info.size > MAX_MEMBER_BYTES:
+            why = f"{info.size} bytes, over the limit of {MAX_MEMBER_BYTES}; refused"
+        elif name == MANIFEST_MEMBER and info.size > MAX_MANIFEST_BYTES:
+            why = f"{info.size} bytes, over the limit of {MAX_MANIFEST_BYTES} for a manifest; refused"
+        elif name in seen:
+            why = "appears twice; refused"
+        else:
+            why = ""
+        seen.add(name)
+        if why:
+            self.refused.setdefault(name, why)
+            self.problem(name, why)
+        else:
+            self.members[name] = ArchiveMember(info.offset_data, info.size)
+
+    # -- the manifest, then the members against it ---------------------------------------
+
+    def _read(self, member: ArchiveMember, keep: bool) -> tuple[str, bytes]:
+        """A member's SHA-256, streamed, and its bytes when `keep`; IntegrityError when the
+        archive ends or cannot be read inside it."""
+        digest, kept = hashlib.sha256(), []
         try:
-            with tarfile.open(self.path, mode="r:") as tar:
-                for info in tar:
-                    name = info.name
-                    if not info.isfile():
-                        self.problems.append(f"{name}: not a regular file (link or device); refused")
-                    elif not _safe_member_name(name):
-                        self.problems.append(f"{name!r}: unsafe member name; refused")
-                    elif info.size > MAX_MEMBER_BYTES:
-                        self.problems.append(f"{name}: {info.size} bytes, over the limit; refused")
-                    elif name in self.members:
-                        self.problems.append(f"{name}: appears twice; refused")
-                    else:
-                        handle = tar.extractfile(info)
-                        self.members[name] = handle.read() if handle else b""
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            self.problems.append(f"{self.path.name}: unreadable or truncated archive ({exc})")
-            return
-        sealed = self.members.get(MANIFEST_MEMBER)
-        if sealed is None:
-            self.problems.append(f"{MANIFEST_MEMBER}: missing")
+            with open(self.path, "rb") as raw:
+                raw.seek(member.offset)
+                left = member.size
+                while left:
+                    chunk = raw.read(min(left, READ_CHUNK))
+                    if not chunk:
+                        raise EOFError
+                    left -= len(chunk)
+                    digest.update(chunk)
+                    if keep:
+                        kept.append(chunk)
+        except (OSError, EOFError):
+            raise IntegrityError("the archive ends, or cannot be read, inside it") from None
+        return digest.hexdigest(), b"".join(kept)
+
+    def _open_manifest(self) -> None:
+        member = self.members.get(MANIFEST_MEMBER)
+        if member is None:
+            if MANIFEST_MEMBER not in self.refused:
+                self.problem(MANIFEST_MEMBER, "missing")
             return
         try:
-            plaintext, self.manifest_key = self.ring.decrypt_with_fingerprint(sealed, self.path)
+            self.sealed_manifest = self._read(member, keep=True)[1]
+            plaintext, self.manifest_key = self.ring.decrypt_with_fingerprint(
+                self.sealed_manifest, self.path)
             manifest = json.loads(plaintext)
-        except (IntegrityError, ValueError):
-            self.problems.append(f"{MANIFEST_MEMBER}: does not decrypt with the key ring "
-                                 f"({', '.join(self.ring.fingerprints())}) or is altered")
+        except (IntegrityError, ValueError, RecursionError):
+            self.problem(MANIFEST_MEMBER, "does not decrypt with the key ring "
+                         f"({', '.join(self.ring.fingerprints())}) or is altered")
             return
-        if not _manifest_shape_ok(manifest):
-            self.problems.append(f"{MANIFEST_MEMBER}: decrypts but is not a manifest of this tool")
+        created = _manifest_time(manifest)
+        if created is None or not _manifest_shape_ok(manifest):
+            self.problem(MANIFEST_MEMBER, "decrypts but is not a manifest of this tool")
             return
-        self.manifest = manifest
+        self.manifest, self.created_at = manifest, created
+        drift = self.named_at - created if self.named_at is not None else timedelta(0)
+        if drift > NAME_AFTER_MANIFEST or -drift > NAME_BEFORE_MANIFEST:
+            self.name_problem = (
+                f"named for {self.named_at:%Y-%m-%d %H:%M:%S} UTC but its manifest says it was "
+                f"written at {created:%Y-%m-%d %H:%M:%S} UTC: a rolled-back copy of an older "
+                "archive, or a renamed one; it is ordered by its manifest. Fix: find out who "
+                "copied or renamed it, then delete it or give it back its own name, "
+                f"{archive_name_for(created)}.")
+            self.problem(self.path.name, self.name_problem)
 
     def entries(self) -> list[dict[str, Any]]:
         return list(self.manifest.get("datasets", []))
@@ -2818,54 +3055,90 @@ class BackupArchive:
                                                          self.manifest_key}
         return {fp for fp in named if isinstance(fp, str) and fp}
 
+    def _expected(self) -> dict[str, dict[str, Any]]:
+        expected = {"data/" + e["path"]: e for e in self.entries()}
+        if self.manifest:
+            expected[CANARY_MEMBER] = self.manifest["canary"]
+        return expected
+
     def check_members(self) -> int:
-        """Compare every member with the manifest; returns how many were checked."""
+        """Stream every member the manifest names against its entry (a member of another
+        size than the entry's is not read at all); returns how many were checked."""
         if not self.manifest:
             return 0
-        expected = {"data/" + e["path"]: e for e in self.entries()}
-        canary = self.manifest.get("canary")
-        if canary:
-            expected[CANARY_MEMBER] = canary
+        expected = self._expected()
         for name, entry in expected.items():
-            data = self.members.get(name)
-            if data is None:
-                self.problems.append(f"{name}: missing from the archive")
-            elif len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                self.altered.add(name)
-                self.problems.append(f"{name}: size or SHA-256 differs from the manifest (altered)")
-        for name in self.members.keys() - expected.keys() - {MANIFEST_MEMBER}:
-            self.problems.append(f"{name}: not in the manifest")
+            member = self.members.get(name)
+            if member is None:
+                if name not in self.refused:  # a refused member is already reported
+                    self.problem(name, "missing from the archive")
+                continue
+            self.altered.add(name)
+            if member.size != entry["size"]:
+                self.problem(name, f"{member.size} bytes, the manifest says {entry['size']} "
+                                   "(altered); not read")
+                continue
+            try:
+                if self._read(member, keep=False)[0] == entry["sha256"]:
+                    self.altered.discard(name)
+                    continue
+            except IntegrityError as exc:
+                self.problem(name, str(exc))
+                continue
+            self.problem(name, ALTERED)
+        for name in sorted(self.members.keys() - expected.keys() - {MANIFEST_MEMBER}):
+            self.problem(name, "not in the manifest")
         return len(expected)
 
     def dataset(self, entry: dict[str, Any]) -> tuple[bytes, pd.DataFrame]:
-        """A member's token and its validated table; IntegrityError saying what is wrong."""
+        """A member's token, read alone and checked against its entry, and its validated
+        table; IntegrityError saying what is wrong."""
         name = "data/" + entry["path"]
-        token = self.members.get(name)
-        if token is None:
-            raise IntegrityError(f"{name}: missing from the archive")
-        if name in self.altered:
-            raise IntegrityError(f"{name}: size or SHA-256 differs from the manifest (altered)")
+        shown = outside_text(name)
+        member = self.members.get(name)
+        if member is None:
+            raise IntegrityError(f"{shown}: {self.refused.get(name, 'missing from the archive')}")
+        if name in self.altered or member.size != entry["size"]:
+            raise IntegrityError(f"{shown}: {ALTERED}")
+        try:
+            digest, token = self._read(member, keep=True)
+        except IntegrityError as exc:
+            raise IntegrityError(f"{shown}: {exc}") from None
+        if digest != entry["sha256"]:  # what is restored is what the manifest vouches for
+            self.altered.add(name)
+            raise IntegrityError(f"{shown}: {ALTERED}")
         try:
             frame, _ = decode_table(self.ring.decrypt(token))
             validate_bars(frame)
         except InvalidToken:
-            raise IntegrityError(f"{name}: does not decrypt with the key ring") from None
+            raise IntegrityError(f"{shown}: does not decrypt with the key ring") from None
         except (ValueError, InvalidPayload) as exc:
-            raise IntegrityError(f"{name}: decrypts but is not a valid dataset ({exc})") from None
+            raise IntegrityError(f"{shown}: decrypts but is not a valid dataset "
+                                 f"({outside_text(exc, 160)})") from None
         if len(frame) != entry["rows"]:
-            raise IntegrityError(f"{name}: {len(frame)} rows, the manifest says {entry['rows']}")
+            raise IntegrityError(f"{shown}: {len(frame)} rows, the manifest says {entry['rows']}")
         return token, frame
 
 
+def _manifest_time(manifest: Any) -> datetime | None:
+    """A manifest's created_at as an aware UTC time; None when it has none."""
+    try:
+        created = datetime.fromisoformat(manifest["created_at"])
+        return created.astimezone(UTC) if created.tzinfo is not None else None
+    except (TypeError, KeyError, ValueError, OverflowError):
+        return None
+
+
 def _manifest_shape_ok(manifest: Any) -> bool:
-    """Every field the readers use is there with its type (a sealed manifest can still
-    come from a buggy or older writer)."""
+    """Every field the readers use is there with its type, and every dataset path is one
+    of ours (a sealed manifest can still come from a buggy or older writer)."""
     def entry_ok(entry: Any, fields: dict[str, type]) -> bool:
         return isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in fields.items())
 
     return (isinstance(manifest, dict) and manifest.get("format") == 1
             and isinstance(manifest.get("datasets"), list)
             and all(entry_ok(e, {"path": str, "size": int, "sha256": str, "rows": int})
+                    and e["size"] >= 0 and _safe_member_name("data/" + e["path"])
                     for e in manifest["datasets"])
             and entry_ok(manifest.get("canary"), {"size": int, "sha256": str}))
 
@@ -2884,20 +3157,20 @@ def _safe_member_name(name: str) -> bool:
 
 
 def verify_backup(archive: Path, ring: KeyRing, sample: int | None) -> VerifyReport:
-    """Check members against the manifest, then decrypt and validate `sample` datasets
-    (all of them when None)."""
+    """Check every member against the manifest, then decrypt and validate `sample` of the
+    datasets found sound (all of them when None). Each problem is reported once."""
     backup = BackupArchive(archive, ring)
     report = VerifyReport(archive)
     report.members_checked = backup.check_members()
-    entries = backup.entries()
-    chosen = entries if sample is None or sample >= len(entries) else random.sample(entries, sample)
+    sound = [e for e in backup.entries() if "data/" + e["path"] not in backup.faulty]
+    chosen = sound if sample is None or sample >= len(sound) else random.sample(sound, sample)
     for entry in chosen:
         try:
             backup.dataset(entry)
             report.datasets_decrypted += 1
         except IntegrityError as exc:
-            report.problems.append(str(exc))
-    report.problems[:0] = backup.problems
+            backup.problems.append(str(exc))
+    report.problems = backup.problems
     return report
 
 
@@ -3186,10 +3459,11 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
             archive.ring = ring
             if not archive.manifest:
                 # Nothing in it can be trusted; above all, its canary must not become ours.
-                raise IntegrityError(f"cannot recover from {archive.path.name}: "
-                                     + "; ".join(archive.problems))
+                raise IntegrityError(f"cannot recover from {outside_text(archive.path.name)}: "
+                                     + brief(archive.problems))
             archive.check_members()
-            report.warnings += [f"backup: {p}" for p in archive.problems]
+            report.warnings += [f"backup {outside_text(archive.path.name)}: {p}"
+                                for p in archive.problems]
         _restore(ctx, ring, archive, report)
     log.info("recover: %d checked, %d restored, %d failed", report.checked,
              len(report.restored), len(report.failed))
@@ -3215,8 +3489,8 @@ def _proof_tokens(custody: KeyCustody, archive: BackupArchive | None,
     then the stored datasets (read one by one, only while a key is still unproven)."""
     if custody.canary_path.is_file():
         yield "the canary", custody.canary_path.read_bytes()
-    if archive is not None and MANIFEST_MEMBER in archive.members:
-        yield f"the manifest of {archive.path.name}", archive.members[MANIFEST_MEMBER]
+    if archive is not None and archive.sealed_manifest is not None:
+        yield f"the manifest of {archive.path.name}", archive.sealed_manifest
     for path in dataset_files(data_dir):
         yield f"the dataset {path.relative_to(data_dir)}", path.read_bytes()
 
@@ -3290,9 +3564,13 @@ def cleanup(ctx: RunContext, dry_run: bool) -> CleanupReport:
                     path.unlink()
         if s.retention_days:
             _apply_retention(store, retention_cutoff(s.retention_days), report)
-        pruned = prune_backups(s.backup_dir, s.backup_keep, dry_run=True)
+        pruned, notes = prune_backups(s.backup_dir, s.backup_keep, ring, dry_run=True)
+        ctx.warnings += notes
         report.bytes_freed += sum(p.stat().st_size for p in pruned)
-        report.pruned_backups = pruned if dry_run else prune_backups(s.backup_dir, s.backup_keep)
+        if not dry_run:
+            for path in pruned:
+                path.unlink()
+        report.pruned_backups = pruned
     return report
 
 
@@ -3727,15 +4005,15 @@ class SecureOHLCVDownloader:
 
     def verify_backup(self, archive: Path | None = None, sample: int | None = 5) -> VerifyReport:
         def body() -> VerifyReport:
-            chosen = archive
-            if chosen is None:
-                archives = backup_archives(self.settings.backup_dir)
-                if not archives:
+            ring, chosen = self.ctx.custody.ring(), archive
+            if chosen is None:  # the newest by manifest, not by name
+                chosen, notes = newest_archive(self.settings.backup_dir, ring)
+                if chosen is None:
                     raise UsageError(f"no backup archive in {self.settings.backup_dir}; run backup first.")
-                chosen = archives[-1]
+                self.ctx.warnings += notes
             if not chosen.is_file():
                 raise UsageError(f"{chosen} is not a file.")
-            report = verify_backup(chosen, self.ctx.custody.ring(), sample)
+            report = verify_backup(chosen, ring, sample)
             self.ctx.facts.update(verify_members_checked=report.members_checked,
                                   verify_datasets_decrypted=report.datasets_decrypted,
                                   verify_problems=len(report.problems))
