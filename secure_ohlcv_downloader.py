@@ -50,6 +50,7 @@ import stat
 import tarfile
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -204,10 +205,13 @@ class SecretRedactor:
         self._known: frozenset[str] = frozenset()
         self._ordered: list[str] = []
 
-    def __call__(self, text: str) -> str:
+    def _refresh(self) -> None:
         known = Secret.known()
         if known is not self._known:  # longest first: a secret inside another goes whole
             self._ordered, self._known = sorted(known, key=len, reverse=True), known
+
+    def __call__(self, text: str) -> str:
+        self._refresh()
         for value in self._ordered:
             if value in text:
                 text = text.replace(value, "[REDACTED]")
@@ -215,32 +219,116 @@ class SecretRedactor:
         # (typed on a command line, say) still never reaches the log.
         return _APIKEY_PARAM.sub(r"\1[REDACTED]", text)
 
+    def longest(self) -> int:
+        """The length of the longest secret known."""
+        self._refresh()
+        return len(self._ordered[0]) if self._ordered else 0
+
 
 redact = SecretRedactor()
 
 
+# Text from outside is capped at this many characters wherever it is shown; a server's
+# own messages (Information, Note, Error Message) at SERVER_MESSAGE_LIMIT, which keeps
+# every message Alpha Vantage is known to send whole (the longest is 344 characters).
 OUTSIDE_TEXT_LIMIT = 300
-_UNSAFE_CHARACTER = re.compile(r"[^\x20-\x7e\u00a0-\ud7ff\ue000-\ufffd]|[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+SERVER_MESSAGE_LIMIT = 500
+
+
+def _escape(character: str, from_bytes: bool) -> str:
+    """One character as a safe line shows it: printable ones as they are, the rest as
+    repr() writes them (\\n, \\x1b, \\u202e); an undecodable byte as \\xNN."""
+    if character.isprintable():
+        return character
+    if from_bytes and "\udc80" <= character <= "\udcff":  # surrogateescape's stand-in
+        return f"\\x{ord(character) - 0xDC00:02x}"
+    return repr(character)[1:-1]
+
+
+def _escaped_prefix(line: str, limit: int, from_bytes: bool = False) -> tuple[str, int]:
+    """The escaped start of `line` of at most `limit` characters, cut between two escapes
+    (never inside one), and how many characters of `line` it shows."""
+    pieces: list[str] = []
+    size = 0
+    for used, character in enumerate(line):  # at most limit + 1 rounds: a piece is >= 1
+        piece = _escape(character, from_bytes)
+        if size + len(piece) > limit:
+            return "".join(pieces), used
+        pieces.append(piece)
+        size += len(piece)
+    return "".join(pieces), len(line)
 
 
 def outside_text(text: object, limit: int = OUTSIDE_TEXT_LIMIT) -> str:
     """Text from outside (a server message, a field name, a timestamp, an archive member
     name, an exception quoting them) as one safe line: secrets redacted first, on the whole
-    text, so no cut can leave part of a key; control characters, ESC, new lines and
-    direction overrides escaped as repr() would; at most `limit` characters, then a note of
-    how many more there were. Use it wherever such text is printed or logged."""
-    line = redact(str(text))
-    line = _UNSAFE_CHARACTER.sub(lambda m: repr(m.group())[1:-1], line)
-    if len(line) > limit:
-        return f"{line[:limit]}... ({len(line) - limit} more characters)"
-    return line
+    text, so no cut can leave part of a key; every character repr() would escape (control
+    characters, ESC, line breaks, direction marks and overrides, other format characters)
+    escaped as repr() writes it; at most `limit` characters, cut between two escapes, then
+    a note of how many more there were. Use it wherever such text is printed or logged.
+
+    A backslash is left as it is, so the result passes through again unchanged (a message
+    that quotes outside text can be made safe as a whole). Bytes are decoded as UTF-8, an
+    undecodable byte shown as \\xNN; only their start is decoded and redacted, always far
+    enough past the cut that a secret starting before it lies wholly inside."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return _outside_bytes(bytes(text), limit)
+    try:
+        line = str(text)
+    except RecursionError:  # a container nested deeper than repr() goes
+        line = f"({type(text).__name__} nested too deeply to show)"
+    line = redact(line)
+    if len(line) <= limit and line.isprintable():
+        return line
+    shown, used = _escaped_prefix(line, limit)
+    return shown if used == len(line) else f"{shown}... ({len(line) - used} more characters)"
+
+
+def _outside_bytes(data: bytes, limit: int) -> str:
+    reach = 4 * (limit + redact.longest() + 16)  # a character is at most 4 bytes
+    while True:
+        line = redact(data[:reach].decode("utf-8", "surrogateescape"))
+        shown, used = _escaped_prefix(line, limit, from_bytes=True)
+        if reach >= len(data):
+            return shown if used == len(line) else f"{shown}... ({len(data)} bytes in all)"
+        # Earlier secrets redacted to a shorter [REDACTED] let the cut move on: decode
+        # more until no secret that starts before the cut can run past what was read.
+        if used + redact.longest() < len(line):
+            return f"{shown}... ({len(data)} bytes in all)"
+        reach *= 2
+
+
+# A log record's message (our words, with outside text already quoted through
+# outside_text) is one line too; this cap only stops a message that forgot to.
+LOG_MESSAGE_LIMIT = 4000
 
 
 class RedactingFormatter(logging.Formatter):
-    """Formats the whole record, traceback included, then removes secrets from the result."""
+    """Formats the whole record, traceback included, then removes secrets from the result.
+
+    Every record is one line plus, for a logged exception, its traceback: the message and
+    each exception's own text are escaped as outside_text does, so no text from outside
+    can start a line that looks like a record of its own or reach a terminal raw."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = outside_text(record.message, LOG_MESSAGE_LIMIT)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        chunks = []
+        for chunk in traceback.TracebackException(*ei[:3]).format():
+            if chunk.startswith(("  ", "Traceback (", "\nDuring handling", "\nThe above")):
+                chunks.append(chunk)  # frames (our source lines) and the chain's headings
+            else:  # "Type: text", the text possibly from outside
+                chunks.append(outside_text(chunk.rstrip("\n"), LOG_MESSAGE_LIMIT) + "\n")
+        return "".join(chunks).rstrip("\n")
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        cached, record.exc_text = record.exc_text, None  # another handler's raw traceback
+        try:
+            return redact(super().format(record))
+        finally:
+            record.exc_text = cached
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -2364,7 +2452,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
         pending.save(report)
     ctx.facts.update(stats=stats, results=results, quota=quota_facts(settings))
     if fatal:
-        raise fatal[0]
+        raise next((e for e in fatal if isinstance(e, IntegrityError)), fatal[0])
     return report
 
 
