@@ -44,6 +44,7 @@ import math
 import os
 import random
 import re
+import reprlib
 import resource
 import secrets
 import stat
@@ -1289,7 +1290,8 @@ class RateLimiter:
         with self._lock:
             self._penalty_until[key.fingerprint] = self._monotonic() + pause
         log.warning("rate limit: key %s throttled by the server (%s); pausing it %.1f s; "
-                    "limiter: %s", key.fingerprint, message[:100], pause, self.state(key))
+                    "limiter: %s", key.fingerprint, outside_text(message, 100), pause,
+                    self.state(key))
 
     def exhausted(self, key: ApiKey) -> None:
         with self._lock:
@@ -1332,9 +1334,17 @@ class Outcome(str, Enum):  # noqa: UP042 -- str() of a member is its name, as lo
 
 @dataclass(frozen=True)
 class Classified:
+    """`message` is safe to show as it is: built by outside_text from the server's words."""
+
     outcome: Outcome
     message: str = ""
     payload: Any = None
+
+
+def _server_message(value: Any) -> tuple[str, str]:
+    """A message value as text to classify (raw) and as text to show (outside_text)."""
+    raw = value if isinstance(value, str) else reprlib.repr(value)  # bounded, any depth
+    return raw, outside_text(raw, SERVER_MESSAGE_LIMIT)
 
 
 def classify_response(body: bytes) -> Classified:
@@ -1345,24 +1355,24 @@ def classify_response(body: bytes) -> Classified:
         if body.startswith(b"timestamp,") or body.startswith(b"\xef\xbb\xbftimestamp,"):
             return Classified(Outcome.DATA, payload=body)
         return Classified(Outcome.NOT_JSON, "the body is neither JSON nor our CSV "
-                          f"(starts with {body[:40]!r})")
+                          f"(starts with '{outside_text(body, 40)}')")
     try:
         payload = json.loads(body)
     except UnicodeDecodeError:
         return Classified(Outcome.NOT_JSON, "the body is not UTF-8 text")
     except ValueError as exc:
-        return Classified(Outcome.NOT_JSON, f"malformed JSON ({exc})")
+        return Classified(Outcome.NOT_JSON, f"malformed JSON ({outside_text(exc)})")
     if not isinstance(payload, dict) or not payload:
         return Classified(Outcome.EMPTY, "the API returned no data ({})")
     if "Error Message" in payload:
-        message = str(payload["Error Message"])
-        kind = Outcome.INVALID_KEY if "apikey" in message.lower() else Outcome.INVALID_REQUEST
+        raw, message = _server_message(payload["Error Message"])
+        kind = Outcome.INVALID_KEY if "apikey" in raw.lower() else Outcome.INVALID_REQUEST
         return Classified(kind, message)
     if "Note" in payload:
-        return Classified(Outcome.THROTTLED, str(payload["Note"]))
+        return Classified(Outcome.THROTTLED, _server_message(payload["Note"])[1])
     if "Information" in payload:
-        message = str(payload["Information"])
-        lower = message.lower()
+        raw, message = _server_message(payload["Information"])
+        lower = raw.lower()
         # Order matters: the burst text also names the daily figure and "premium plans".
         if "spreading out" in lower or "burst pattern" in lower:
             kind = Outcome.THROTTLED
@@ -1379,7 +1389,8 @@ def classify_response(body: bytes) -> Classified:
         return Classified(kind, message)
     series = [k for k in payload if k.startswith(("Time Series", "Weekly", "Monthly"))]
     if not series:
-        return Classified(Outcome.EMPTY, f"no time series in the answer (keys: {sorted(payload)[:5]})")
+        keys = outside_text(", ".join(sorted(payload)[:5]))
+        return Classified(Outcome.EMPTY, f"no time series in the answer (keys: {keys})")
     if not payload[series[0]]:
         return Classified(Outcome.EMPTY, "the time series is empty")
     return Classified(Outcome.DATA, payload=payload[series[0]])
@@ -1479,7 +1490,7 @@ class AlphaVantageClient:
             except requests.RequestException as exc:
                 problem = f"network error ({type(exc).__name__})"
                 self.stats.count("network_error")
-                log.debug("%s: %s: %s", request.symbol, problem, exc)
+                log.debug("%s: %s: %s", request.symbol, problem, outside_text(exc))
                 continue
             log.debug("%s %s: HTTP %d, %d bytes in %.3f s via key %s", request.symbol,
                       request.function, status, len(body), time.monotonic() - started,
@@ -1496,7 +1507,7 @@ class AlphaVantageClient:
             if answer.outcome is Outcome.DATA:
                 return answer
             if answer.outcome in (Outcome.NOT_JSON, Outcome.THROTTLED):
-                problem = answer.message[:120]
+                problem = answer.message  # safe and capped (outside_text)
                 if answer.outcome is Outcome.THROTTLED:
                     self.limiter.throttled(key, self.backoff * 2 ** attempt, answer.message)
                 continue
@@ -1519,7 +1530,7 @@ class AlphaVantageClient:
 
 
 def _refusal(answer: Classified, request: ApiRequest) -> OHLCVError:
-    quoted = f"Alpha Vantage: {answer.message!r}"
+    quoted = f"Alpha Vantage: '{answer.message}'"  # the message is safe (outside_text)
     if answer.outcome is Outcome.INVALID_KEY:
         return InvalidApiKey(f"the API key was refused ({quoted}). Fix: check ALPHA_VANTAGE_API_KEY.")
     if answer.outcome is Outcome.PREMIUM_ENDPOINT:
@@ -1638,7 +1649,8 @@ def _checked_numbers(raw: pd.DataFrame, wanted: list[str]) -> pd.DataFrame:
         bad = ~np.isfinite(values)  # NaN (not a number), inf
         if bad.any():
             row = raw.loc[bad.idxmax()]
-            raise InvalidPayload(f"non-numeric {column} {row[column]!r} at {row['timestamp']!r}.")
+            raise InvalidPayload(f"non-numeric {column} '{outside_text(row[column], 60)}' at "
+                                 f"'{outside_text(row['timestamp'], 60)}'.")
         numbers[column] = values
     return numbers
 
@@ -1650,12 +1662,16 @@ def _text_table(payload: Any) -> pd.DataFrame:
             raw = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False,
                               encoding="utf-8-sig")
         except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-            raise InvalidPayload(f"unreadable CSV: {exc}") from None
+            raise InvalidPayload(f"unreadable CSV: {outside_text(exc)}") from None
         names = [_wire_name(str(c)) for c in raw.columns]
     elif isinstance(payload, dict):
         if not all(isinstance(bar, dict) for bar in payload.values()):
             raise InvalidPayload("a bar of the series is not an object of fields.")
-        raw = pd.DataFrame.from_dict(payload, orient="index", dtype=str)
+        try:
+            raw = pd.DataFrame.from_dict(payload, orient="index", dtype=str)
+        except UnicodeError:  # JSON may escape a lone surrogate; no text column holds one
+            raise InvalidPayload("a timestamp, field name or value is not valid Unicode text "
+                                 "(a lone surrogate).") from None
         names = [_wire_name(str(c)) for c in raw.columns]
         if "timestamp" in names:
             raise InvalidPayload("a bar carries a field named timestamp.")
@@ -1666,7 +1682,7 @@ def _text_table(payload: Any) -> pd.DataFrame:
         raise InvalidPayload("the series is not a table.")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise InvalidPayload(f"fields named more than once: {', '.join(repeated)}.")
+        raise InvalidPayload(f"fields named more than once: {outside_text(', '.join(repeated))}.")
     raw.columns = names
     return raw.fillna("").astype(str)
 
@@ -1683,7 +1699,7 @@ def _parse_timestamps(values: pd.Series, dataset: DatasetId) -> pd.Series:
             # A daily series may be stamped with a time for the session in progress.
             stamps = pd.to_datetime(text.str.slice(0, 10), format="%Y-%m-%d")  # midnight
     except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidPayload(f"bad timestamp: {exc}") from None
+        raise InvalidPayload(f"bad timestamp: {outside_text(exc)}") from None
     if stamps.isna().any():
         raise InvalidPayload("a bar has no valid timestamp.")
     return stamps

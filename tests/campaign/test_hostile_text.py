@@ -15,16 +15,36 @@ campaign's HostileServer) and through the real command line in child processes.
 
 from __future__ import annotations
 
+import json
+import logging
 import re
+import subprocess
+import sys
 import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
+import pytest
 from hypothesis import strategies as st
 
 import secure_ohlcv_downloader as product
-from config import Secret
-from secure_ohlcv_downloader import OUTSIDE_TEXT_LIMIT, outside_text
+from config import Secret, load_settings
+from secure_ohlcv_downloader import (
+    OUTSIDE_TEXT_LIMIT,
+    AlphaVantageClient,
+    ApiRequest,
+    DatasetId,
+    OHLCVError,
+    RateLimiter,
+    RedactingFormatter,
+    RunStats,
+    outside_text,
+    parse_payload,
+)
 from tests.campaign.figures import campaign_budget
-from tests.campaign.test_hostile_input import crash_kind, run_property
+from tests.campaign.test_hostile_input import HostileServer, crash_kind, run_property
+from tests.foundation_fixtures import REPO, headless_env, new_key
 
 EXAMPLES = campaign_budget(60, 1500)
 CLI_EXAMPLES = campaign_budget(3, 25)
@@ -123,3 +143,275 @@ def test_outside_text_caps_a_huge_text_after_redacting_all_of_it():
     assert shown.endswith(" more characters)")
     as_bytes = outside_text(huge.encode())
     assert as_bytes.endswith(f"({len(huge)} bytes in all)") and not leaks(as_bytes), as_bytes[-60:]
+
+
+# =========================================================================================
+# Through the real client: messages, keys, stamps and cells from a hostile server
+# =========================================================================================
+
+def quiet(server: HostileServer) -> HostileServer:
+    """No traceback on stderr when the client hangs up on a body it refused."""
+    server.server.handle_error = lambda request, address: None  # type: ignore[method-assign]
+    return server
+
+
+def message_body(kind: str, text: str) -> bytes:
+    """A body carrying `text` where the product may quote it back."""
+    if kind in ("Information", "Note", "Error Message"):
+        return json.dumps({kind: text}).encode()
+    if kind == "keys":  # no series: the answer's keys are named
+        return json.dumps({text: 1, "Meta Data": {}}).encode()
+    if kind == "field":  # the same field twice: "fields named more than once: ..."
+        bar = {"1. " + text: "1.0", text: "1.0", "2. high": "2.0", "3. low": "0.5",
+               "4. close": "1.5", "5. volume": "10"}
+        return json.dumps({"Time Series (Daily)": {"2024-01-02": bar}}).encode()
+    if kind == "cell":  # a non-numeric cell, quoted as CSV so any text fits
+        cell = '"' + text.replace('"', '""') + '"'
+        return (f"timestamp,open,high,low,close,volume\r\n2024-01-02,{cell},2,0.5,1,10\r\n"
+                .encode("utf-8", "surrogatepass"))  # a lone surrogate: bytes no UTF-8 has
+    if kind == "stamp":  # an intraday timestamp pandas quotes in its error
+        bar = {"1. open": "1.0", "2. high": "2.0", "3. low": "0.5", "4. close": "1.5",
+               "5. volume": "10"}
+        return json.dumps({"Time Series (5min)": {"2024-01-02 09:30:00" + text: bar}}).encode()
+    raise ValueError(kind)
+
+
+KINDS = ("Information", "Note", "Error Message", "keys", "field", "cell", "stamp")
+
+
+class LogLines(logging.Handler):
+    """The log as the product writes it: records formatted by its own formatter."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(RedactingFormatter(product.LOG_FORMAT))
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@pytest.fixture
+def product_log() -> Iterator[LogLines]:
+    handler = LogLines()
+    logger = logging.getLogger("secure_ohlcv")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def text_problem(where: str, text: str, limit: int = LINE_CAP) -> tuple[str, str] | None:
+    """Why `text` (one message, or one log record) is not one safe bounded line."""
+    if "\n" in text or "\r" in text:
+        return f"{where}: a line break came through", repr(text[:160])
+    if unsafe_characters(text):
+        return f"{where}: an unsafe character came through", f"{unsafe_characters(text)} in {text[:120]!r}"
+    if leaks(text):
+        return f"{where}: a fragment of the API key came through", f"{leaks(text)} in {text[:160]!r}"
+    if len(text) > limit:
+        return f"{where}: longer than the cap", f"{len(text)} characters: {text[:80]!r}..."
+    return None
+
+
+def test_outside_text_from_the_server_is_one_safe_line_in_errors_and_log(tmp_path, product_log,
+                                                                         figures):
+    """The real client over a socket, then the parser: every error it raises and every log
+    record it writes is one safe line (no line break, no raw control or direction
+    character, no key fragment, capped), whatever the server put in its answer."""
+    bodies: dict[str, bytes] = {}
+    with quiet(HostileServer(bodies)) as server:
+        def client() -> AlphaVantageClient:
+            cwd = Path(tmp_path, f"c{len(list(tmp_path.iterdir()))}")
+            cwd.mkdir()
+            settings = load_settings(environ={
+                "ALPHA_VANTAGE_API_KEY": API_KEY, "ALPHA_VANTAGE_BASE_URL": server.base_url,
+                "OHLCV_MAX_RETRIES": "1", "OHLCV_BACKOFF_SECONDS": "0.001",
+                "OHLCV_RATE_LIMIT_PER_MINUTE": "60000"}, cwd=cwd)
+            return AlphaVantageClient(settings, RateLimiter(settings, [API_KEY]), RunStats())
+
+        current = [client()]
+
+        def check(case: tuple[str, str]) -> tuple[str, str] | None:
+            kind, text = case
+            intraday = kind == "stamp"
+            bodies["X"] = message_body(kind, text)
+            dataset = DatasetId("X", "5min", month="2024-01") if intraday else DatasetId("X")
+            request = ApiRequest("X", dataset.interval, outputsize="full")
+            del product_log.lines[:]
+            try:
+                parse_payload(current[0].fetch(request), dataset)
+                error = ""
+            except product.QuotaExhausted as exc:  # the text read as a daily quota message
+                current[0] = client()
+                error = str(exc)
+            except OHLCVError as exc:
+                error = str(exc)
+            except Exception as exc:  # noqa: BLE001
+                return f"{kind}: raised {crash_kind(exc)}", repr(text[:80])
+            for where, line in [("error", error)] + [("log", x) for x in product_log.lines]:
+                problem = text_problem(f"{kind} {where}", line)
+                if problem:
+                    return problem
+            return None
+
+        run_property(st.tuples(st.sampled_from(KINDS), hostile_text()), check, figures,
+                     "text/client-errors-and-log",
+                     examples=[("Information", "m" * 95 + API_KEY + FORGED),
+                               ("Note", "x" * 115 + API_KEY), ("keys", "\x1b[2J" * 50),
+                               ("field", "open\x1b[31m\nFORGED"), ("stamp", FORGED),
+                               ("cell", "\x1b]0;owned\x07" + "c" * 5000),
+                               # found by this property (long run): pandas refused to encode
+                               # a lone surrogate, an UnicodeEncodeError for the whole run
+                               ("field", "\ud800"), ("stamp", "\udfff")])
+
+
+# -- the real command line -------------------------------------------------------------------
+
+BATCH = r"""
+import io, json, os, sys
+sys.path.insert(0, sys.argv[1])
+jobs = json.load(open(sys.argv[2]))
+import secure_ohlcv_cli
+results = []
+for argv in jobs:
+    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()
+    sys.stdout, sys.stderr = out, err
+    try:
+        code = secure_ohlcv_cli.main(argv)
+    finally:
+        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    out.flush()
+    results.append({"code": code, "stdout": out.buffer.getvalue().decode("utf-8", "replace"),
+                    "stderr": err.getvalue()})
+json.dump(results, open(sys.argv[3], "w"))
+"""
+
+
+def cli_batch(jobs: list[list[str]], cwd: Path, env: dict[str, str]) -> list[dict[str, Any]]:
+    """The real command line, each job's argv in turn, in one child process."""
+    spec, out = cwd / "jobs.json", cwd / "results.json"
+    spec.write_text(json.dumps(jobs))
+    child = subprocess.run([sys.executable, "-c", BATCH, str(REPO), str(spec), str(out)],
+                           cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert child.returncode == 0 and out.exists(), child.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def site(tmp_path: Path, server: HostileServer, **variables: str) -> tuple[Path, dict[str, str]]:
+    """An initialised working directory whose API is `server`."""
+    cwd = tmp_path / "site"
+    cwd.mkdir()
+    env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=new_key(), ALPHA_VANTAGE_API_KEY=API_KEY,
+                       ALPHA_VANTAGE_BASE_URL=server.base_url, OHLCV_MAX_RETRIES="0",
+                       OHLCV_BACKOFF_SECONDS="0.001", OHLCV_RATE_LIMIT_PER_MINUTE="60000",
+                       **variables)
+    init = subprocess.run([sys.executable, str(REPO / "secure_ohlcv_cli.py"), "--init"], cwd=cwd,
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert init.returncode == 0, init.stderr
+    return cwd, env
+
+
+FORGED_STAMP = FORGED.strip()[:23]
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(: |$)")
+
+
+def log_problem(text: str) -> tuple[str, str] | None:
+    """Every log line is a record's first line (timestamp, level) or a line of a logged
+    traceback (frames, chain headings, `Type: text`); none is a forged record."""
+    in_traceback = False
+    for line in text.splitlines():
+        if line.startswith(FORGED_STAMP):
+            return "log: a forged record line", repr(line[:160])
+        if LOG_LINE.match(line):
+            in_traceback = False
+        elif line.startswith("Traceback ("):
+            in_traceback = True
+        elif not in_traceback or not (line.startswith(" ") or line == "" or EXCEPTION_LINE.match(line)
+                                      or line.startswith(("During handling", "The above exception"))):
+            return "log: a line that is no record's", repr(line[:160])
+        problem = text_problem("log", line, limit=4 * LINE_CAP)
+        if problem:
+            return problem
+    return None
+
+
+def output_problem(result: dict[str, Any], symbols: list[str], label: str) -> tuple[str, str] | None:
+    lines = result["stdout"].splitlines()
+    heads = [line.split(": ", 1)[0] for line in lines]
+    wanted = [f"{s} {label}" for s in symbols]
+    if sorted(heads) != sorted(wanted):
+        return "stdout: not one result line per dataset", f"{heads} for {wanted}"
+    if "internal error" in result["stderr"]:
+        return "stderr: internal error", result["stderr"][-200:]
+    if "FAILED: unexpected " in result["stdout"]:  # the last net caught what should be named
+        return "stdout: an unexpected exception on hostile input", result["stdout"][-300:]
+    if any(line.startswith(FORGED_STAMP) for line in result["stdout"].splitlines()):
+        return "stdout: a forged line", result["stdout"][-300:]
+    for where, text in (("stdout", result["stdout"]), ("stderr", result["stderr"])):
+        for line in text.splitlines():
+            problem = text_problem(where, line)
+            if problem:
+                return problem
+    return None
+
+
+def test_cli_output_and_log_carry_outside_text_as_one_safe_line(tmp_path, figures):
+    """The real command line against a hostile server: per example, one daily run whose
+    symbols get Information / Note / Error Message texts, hostile JSON keys and fields and
+    CSV cells, and one intraday run with hostile timestamps. stdout has exactly one line
+    per dataset; stdout, stderr and the log hold no raw control character, no forged line,
+    no fragment of the API key, nothing over the cap."""
+    bodies: dict[str, bytes] = {}
+    daily_kinds = ("Information", "Note", "Error Message", "keys", "field", "cell")
+    with quiet(HostileServer(bodies)) as server:
+        cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="2")
+        log = cwd / "secure_downloader.log"
+
+        def check(texts: list[str]) -> tuple[str, str] | None:
+            daily = [f"D{i}" for i in range(len(daily_kinds))]
+            stamps = [f"T{i}" for i in range(2)]
+            for symbol, kind, text in zip(daily, daily_kinds, texts, strict=False):
+                bodies[symbol] = message_body(kind, text)
+            for symbol, text in zip(stamps, texts[len(daily_kinds):], strict=True):
+                bodies[symbol] = message_body("stamp", text)
+            before = log.stat().st_size
+            runs = cli_batch([["download", *daily, "--full"],
+                              ["download", *stamps, "--interval", "5min", "--month", "2024-01"]],
+                             cwd, env)
+            with open(log, encoding="utf-8", errors="replace") as handle:
+                handle.seek(before)
+                written = handle.read()
+            return (output_problem(runs[0], daily, "daily")
+                    or output_problem(runs[1], stamps, "intraday_5min 2024-01")
+                    or log_problem(written))
+
+        texts = st.lists(hostile_text(), min_size=len(daily_kinds) + 2, max_size=len(daily_kinds) + 2)
+        worst = ["m" * 95 + API_KEY + FORGED, "n" * 115 + API_KEY + "\x1b[2J", "\u202e" + FORGED,
+                 "\x1b]0;owned\x07" * 40, "open\x1b[31m" + FORGED, "c" * 200_000 + FORGED,
+                 FORGED, "x" * (OUTSIDE_TEXT_LIMIT - 4) + API_KEY]
+        run_property(texts, check, figures, "text/cli-stdout-stderr-log", examples=[worst],
+                     budget=CLI_EXAMPLES, notes="8 hostile texts per example, 2 CLI runs")
+
+
+def test_a_huge_csv_cell_is_quoted_capped(tmp_path, figures):
+    """The first review's 60 MB cell put 63 MB on stdout and 126 MB in the log; a 6 MB
+    cell now costs a few hundred characters in each."""
+    cell = "\x1b[31m" + "c" * 6_000_000
+    with quiet(HostileServer({"HUGE": message_body("cell", cell)})) as server:
+        cwd, env = site(tmp_path, server)
+        run = cli_batch([["download", "HUGE"]], cwd, env)[0]
+    log = (cwd / "secure_downloader.log").read_text()
+    sizes = {"stdout": len(run["stdout"]), "stderr": len(run["stderr"]), "log": len(log)}
+    figures.record("text/huge-cell", tried=1, held=int(max(sizes.values()) < 50_000),
+                   notes=f"bytes written: {sizes}")
+    assert run["code"] == 1 and "HUGE daily: FAILED" in run["stdout"], run
+    assert max(sizes.values()) < 50_000, sizes
+    assert output_problem(run, ["HUGE"], "daily") is None
+    assert log_problem(log) is None, log_problem(log)
