@@ -1330,6 +1330,7 @@ class Outcome(str, Enum):  # noqa: UP042 -- str() of a member is its name, as lo
     INVALID_REQUEST = "invalid_request"
     EMPTY = "empty"
     NOT_JSON = "not_json"
+    INVALID_PAYLOAD = "invalid_payload"  # JSON no series can be (nested too deeply)
 
 
 @dataclass(frozen=True)
@@ -1347,9 +1348,13 @@ def _server_message(value: Any) -> tuple[str, str]:
     return raw, outside_text(raw, SERVER_MESSAGE_LIMIT)
 
 
+TOO_DEEP = "the JSON is nested too deeply to be a series"
+
+
 def classify_response(body: bytes) -> Classified:
     """Read a body before trusting it. `Information` is ambiguous (rate limit, premium,
-    demo), so its text decides; `Note` is the legacy rate limit; `Error Message` a bad call."""
+    demo), so its text decides; `Note` is the legacy rate limit; `Error Message` a bad call.
+    JSON nested deeper than the parser goes is INVALID_PAYLOAD, never a RecursionError."""
     text = body.lstrip()[:1]
     if text not in (b"{", b"["):
         if body.startswith(b"timestamp,") or body.startswith(b"\xef\xbb\xbftimestamp,"):
@@ -1360,8 +1365,17 @@ def classify_response(body: bytes) -> Classified:
         payload = json.loads(body)
     except UnicodeDecodeError:
         return Classified(Outcome.NOT_JSON, "the body is not UTF-8 text")
+    except RecursionError:
+        return Classified(Outcome.INVALID_PAYLOAD, TOO_DEEP)
     except ValueError as exc:
         return Classified(Outcome.NOT_JSON, f"malformed JSON ({outside_text(exc)})")
+    try:
+        return _classify_payload(payload)
+    except RecursionError:
+        return Classified(Outcome.INVALID_PAYLOAD, TOO_DEEP)
+
+
+def _classify_payload(payload: Any) -> Classified:
     if not isinstance(payload, dict) or not payload:
         return Classified(Outcome.EMPTY, "the API returned no data ({})")
     if "Error Message" in payload:
@@ -1541,6 +1555,8 @@ def _refusal(answer: Classified, request: ApiRequest) -> OHLCVError:
         return ApiError(f"the demo key serves IBM only; set ALPHA_VANTAGE_API_KEY ({quoted}).")
     if answer.outcome is Outcome.INVALID_REQUEST:
         return ApiError(f"invalid symbol or request ({quoted}).")
+    if answer.outcome is Outcome.INVALID_PAYLOAD:
+        return InvalidPayload(f"{answer.message}; nothing of it is stored.")
     return ApiError(answer.message)
 
 
@@ -1629,7 +1645,7 @@ def _fast_numbers(payload: Any, wanted: list[str]) -> pd.DataFrame | None:
             frame.insert(0, "timestamp", frame.index.astype(str))
         else:
             return None
-    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError):
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError, RecursionError):
         return None
     if frame.empty or not all(np.isfinite(frame[c].to_numpy()).all() for c in wanted[1:]):
         return None
@@ -1669,6 +1685,8 @@ def _text_table(payload: Any) -> pd.DataFrame:
             raise InvalidPayload("a bar of the series is not an object of fields.")
         try:
             raw = pd.DataFrame.from_dict(payload, orient="index", dtype=str)
+        except RecursionError:  # a value nested deeper than str() goes
+            raise InvalidPayload("a bar holds a value nested too deeply.") from None
         except UnicodeError:  # JSON may escape a lone surrogate; no text column holds one
             raise InvalidPayload("a timestamp, field name or value is not valid Unicode text "
                                  "(a lone surrogate).") from None
@@ -2391,7 +2409,11 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                  full: bool, month: str | None,
                  on_result: Callable[[DatasetResult], None] | None) -> DownloadReport:
     """Bring each symbol's dataset up to date, within the rate limits, under the lock.
-    Per-symbol failures are in the report; the quota running out stops the run cleanly."""
+
+    Whatever goes wrong inside one dataset's work is that dataset's named failure, and the
+    rest of the batch goes on. The quota running out stops the run cleanly; an error that
+    would strike every dataset alike (integrity, keys, paths, a full disk) stops it too,
+    raised only after every finished dataset is reported and the pending queue saved."""
     settings = ctx.settings
     trailing = interval in INTRADAY and month is None
     if trailing:
@@ -2425,7 +2447,8 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
             # A spent quota does not skip the job: a current dataset still says so, and
             # one that needs a request gets QuotaExhausted from the limiter, unsent.
             if fatal:
-                return DatasetResult(dataset, "pending", error="the run stopped on an error")
+                return DatasetResult(dataset, "pending", error="the run stopped on an error "
+                                     "(the FAILED line says which)")
             if memory_stop.is_set() or not ctx.monitor.memory_ok():
                 memory_stop.set()  # the datasets in hand finish; no new one starts
                 return DatasetResult(dataset, "pending", error=memory_note)
@@ -2441,31 +2464,43 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                                      + "; the previous version of that file is intact.")
                 fatal.append(failure)
                 return DatasetResult(dataset, "failed", error=str(failure))
-            except (InvalidApiKey, DiskSpaceLow) as exc:
-                stop.set()
-                fatal.append(exc)
-                return DatasetResult(dataset, "failed", error=str(exc))
             except ApiError as exc:
                 log.warning("%s: failed: %s", dataset, exc)
                 return DatasetResult(dataset, "failed", error=str(exc))
+            except OHLCVError as exc:  # integrity, keys, paths, disk: stop, then raise
+                log.error("%s: %s: %s; the run stops here", dataset, type(exc).__name__, exc)
+                stop.set()
+                fatal.append(exc)
+                return DatasetResult(dataset, "failed", error=str(exc))
+            except Exception as exc:  # a defect met on this dataset's input: its failure only
+                log.error("%s: failed on an unexpected %s", dataset, type(exc).__name__,
+                          exc_info=exc)
+                return DatasetResult(dataset, "failed", error=(
+                    f"unexpected {type(exc).__name__}: {outside_text(exc)} (the traceback is "
+                    "in the log; please report it)"))
 
         try:
             with ThreadPoolExecutor(settings.max_workers, "download") as pool:
                 futures = [pool.submit(job, d) for d in pending.order(datasets)]
-                for future in as_completed(futures):
-                    result = future.result()
-                    log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
-                             result.outcome, result.mode, result.rows, result.added,
-                             result.seconds, f" error={result.error}" if result.error else "")
-                    results.append(result)
-                    if on_result:
-                        on_result(result)
-        finally:
+                try:
+                    for future in as_completed(futures):
+                        result = future.result()
+                        log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
+                                 result.outcome, result.mode, result.rows, result.added,
+                                 result.seconds, f" error={result.error}" if result.error else "")
+                        results.append(result)
+                        if on_result:
+                            on_result(result)
+                except BaseException:  # Ctrl-C, or the output gone: start nothing unreported
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:  # whatever stopped the loop, what was done is remembered
             limiter.close()
             client.close()
-        report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
-                                memory_exceeded=memory_stop.is_set())
-        pending.save(report)
+            report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
+                                    memory_exceeded=memory_stop.is_set())
+            pending.save(report)
     ctx.facts.update(stats=stats, results=results, quota=quota_facts(settings))
     if fatal:
         raise next((e for e in fatal if isinstance(e, IntegrityError)), fatal[0])

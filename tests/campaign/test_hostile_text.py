@@ -1,4 +1,4 @@
-"""Campaign B, area 3 (second round): text from outside.
+"""Campaign B, area 3 (second round): text from outside, per-dataset failures.
 
 What is attacked, and the property each test holds the product to:
 
@@ -7,7 +7,11 @@ What is attacked, and the property each test holds the product to:
   non-numeric: whatever reaches stdout, stderr or the log is one line per message, with
   control characters, ESC, line breaks and direction marks escaped, capped at a few
   hundred characters, and never holds 4 or more characters of the API key, even when
-  the key straddles a point where a text is cut (secure_ohlcv_downloader.outside_text).
+  the key straddles a point where a text is cut (secure_ohlcv_downloader.outside_text);
+* per-dataset failures -- deeply nested JSON, an unexpected exception inside one
+  dataset's work, a tampered dataset in the batch: every dataset gets its result line,
+  the pending queue is saved, "internal error" is never the answer to bad input, and an
+  integrity failure (exit 5) stops the run only after what was written is reported.
 
 Everything goes through the real client against a real HTTP server on 127.0.0.1 (the
 campaign's HostileServer) and through the real command line in child processes.
@@ -27,6 +31,7 @@ from typing import Any
 
 import pytest
 from hypothesis import strategies as st
+from keyring.backends import fail
 
 import secure_ohlcv_downloader as product
 from config import Secret, load_settings
@@ -34,16 +39,22 @@ from secure_ohlcv_downloader import (
     OUTSIDE_TEXT_LIMIT,
     AlphaVantageClient,
     ApiRequest,
+    Classified,
     DatasetId,
+    KeyringKeyStore,
     OHLCVError,
+    Outcome,
     RateLimiter,
     RedactingFormatter,
     RunStats,
+    SecureOHLCVDownloader,
+    classify_response,
+    latest_session,
     outside_text,
     parse_payload,
 )
 from tests.campaign.figures import campaign_budget
-from tests.campaign.test_hostile_input import HostileServer, crash_kind, run_property
+from tests.campaign.test_hostile_input import HostileServer, crash_kind, good_csv, run_property
 from tests.foundation_fixtures import REPO, headless_env, new_key
 
 EXAMPLES = campaign_budget(60, 1500)
@@ -415,3 +426,154 @@ def test_a_huge_csv_cell_is_quoted_capped(tmp_path, figures):
     assert max(sizes.values()) < 50_000, sizes
     assert output_problem(run, ["HUGE"], "daily") is None
     assert log_problem(log) is None, log_problem(log)
+
+
+# =========================================================================================
+# One dataset's failure is that dataset's: deep JSON, unexpected exceptions, tampering
+# =========================================================================================
+
+def nested(depth: int) -> list[tuple[str, bytes]]:
+    bar = '{"1. open": "1", "2. high": "2", "3. low": "0.5", "4. close": "1", "5. volume": %s}'
+    return [
+        ("lists", b"[" * depth),
+        ("closed lists", b"[" * depth + b"]" * depth),
+        ("objects", b'{"a":' * depth + b"1" + b"}" * depth),
+        ("message", b'{"Information": ' + b"[" * depth + b"]" * depth + b"}"),
+        ("cell", ('{"Time Series (Daily)": {"2024-01-02": %s}}'
+                  % (bar % ("[" * depth + "]" * depth))).encode()),
+        ("series", b'{"Time Series (Daily)": ' + b"[" * depth + b"]" * depth + b"}"),
+    ]
+
+
+def test_deeply_nested_json_is_an_invalid_answer_not_a_crash(tmp_path, figures):
+    """Nesting from 10 to 100,000 levels, in the body, a message, the series and a cell:
+    classify_response answers with an outcome, the client and the parser raise our errors
+    only (never RecursionError)."""
+    bodies: dict[str, bytes] = {}
+    depths = (10, 200, 900, 990, 1000, 3000, 100_000)
+    cases = [(f"{name} x{depth}", body) for depth in depths for name, body in nested(depth)]
+    with HostileServer(bodies) as server:
+        settings = load_settings(environ={
+            "ALPHA_VANTAGE_API_KEY": API_KEY, "ALPHA_VANTAGE_BASE_URL": server.base_url,
+            "OHLCV_MAX_RETRIES": "0", "OHLCV_RATE_LIMIT_PER_MINUTE": "60000"}, cwd=tmp_path)
+        client = AlphaVantageClient(settings, RateLimiter(settings, [API_KEY]), RunStats())
+        broken = []
+        for name, body in cases:
+            try:
+                answer = classify_response(body)
+                assert isinstance(answer, Classified) and isinstance(answer.outcome, Outcome)
+            except Exception as exc:  # noqa: BLE001
+                broken.append(f"{name}: classify_response raised {crash_kind(exc)}")
+                continue
+            bodies["X"] = body
+            try:
+                parse_payload(client.fetch(ApiRequest("X", "daily", outputsize="full")),
+                              DatasetId("X"))
+                broken.append(f"{name}: accepted")
+            except OHLCVError:
+                pass
+            except Exception as exc:  # noqa: BLE001
+                broken.append(f"{name}: client or parser raised {crash_kind(exc)}")
+    figures.record("failures/deep-json", tried=len(cases), held=len(cases) - len(broken))
+    assert not broken, broken
+
+
+def seed_pending(cwd: Path, names: list[str]) -> Path:
+    path = cwd / "state" / product.PENDING_NAME
+    path.write_text(json.dumps(names))
+    path.chmod(0o600)
+    return path
+
+
+def result_lines(stdout: str) -> dict[str, str]:
+    return dict(line.split(": ", 1) for line in stdout.splitlines())
+
+
+def test_deep_json_fails_its_symbol_and_the_batch_goes_on(tmp_path, figures):
+    """The first review: OHLCV_MAX_WORKERS=1 `download NEST AAA BBB CCC` with 100,000
+    `[` for NEST wrote AAA to CCC, printed no line and lost the pending queue. Every
+    symbol has its line now, the others are stored, the queue is saved, exit 1."""
+    good = good_csv(latest_session())
+    bodies = {"NEST": b"[" * 100_000, "AAA": good, "BBB": good, "CCC": good}
+    with HostileServer(bodies) as server:
+        cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1")
+        queue = seed_pending(cwd, ["AAA daily", "ZZZ daily"])  # AAA owed from an earlier run
+        run = cli_batch([["download", "NEST", "AAA", "BBB", "CCC"]], cwd, env)[0]
+    lines = result_lines(run["stdout"])
+    held = {
+        "one line per symbol": sorted(lines) == ["AAA daily", "BBB daily", "CCC daily", "NEST daily"],
+        "NEST failed, named": lines.get("NEST daily", "").startswith("FAILED")
+        and "internal error" not in run["stderr"],
+        "the others updated": all(lines.get(f"{s} daily", "").startswith("updated")
+                                  for s in ("AAA", "BBB", "CCC")),
+        "pending queue saved": json.loads(queue.read_text()) == ["ZZZ daily"],
+        "exit 1": run["code"] == 1,
+    }
+    figures.record("failures/deep-json-batch", tried=len(held), held=sum(held.values()))
+    assert all(held.values()), (held, run)
+
+
+def test_an_unexpected_exception_fails_one_dataset_only(tmp_path, monkeypatch, product_log):
+    """The last net inside a dataset's work: any exception the code did not foresee (here
+    the parser breaking for one symbol, its text hostile) is that dataset's named failure,
+    logged with its traceback, shown through outside_text; the batch goes on."""
+    good = good_csv(latest_session())
+    real_parse = product.parse_payload
+
+    def breaking(answer: Classified, dataset: DatasetId) -> Any:
+        if dataset.symbol == "BOOM":
+            raise RuntimeError("\x1b[2J" + "boom" * 300 + FORGED)
+        return real_parse(answer, dataset)
+
+    monkeypatch.setattr(product, "parse_payload", breaking)
+    with HostileServer({"BOOM": good, "AAA": good, "BBB": good}) as server:
+        cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1")
+        app = SecureOHLCVDownloader(load_settings(environ=env, cwd=cwd),
+                                    KeyringKeyStore(fail.Keyring()))
+        report = app.download(["AAA", "BOOM", "BBB"])
+    outcomes = {r.dataset.symbol: r for r in report.results}
+    assert {s: r.outcome for s, r in outcomes.items()} == {"AAA": "updated", "BOOM": "failed",
+                                                          "BBB": "updated"}
+    assert report.exit_code == 1
+    line = outcomes["BOOM"].line()
+    assert "RuntimeError" in line and text_problem("line", line) is None, line
+    record = [x for x in product_log.lines if "BOOM" in x and "Traceback" in x]
+    assert record and "in breaking" in record[0], product_log.lines
+    assert "\x1b" not in record[0] and "\nFORGED" not in record[0]
+    assert json.loads((cwd / "state" / product.PENDING_NAME).read_text()) == []
+
+
+def test_a_tampered_dataset_stops_the_run_after_reporting_what_was_written(tmp_path, figures):
+    """An integrity failure still stops the run (exit 5), but every dataset has its line:
+    those written before the stop say so, the rest are not reached and queued; nothing is
+    written without a line saying so."""
+    good = good_csv(latest_session())
+    symbols = ["AAA", "BBB", "CCC", "DDD"]
+    with HostileServer(dict.fromkeys(symbols, good)) as server:
+        cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1")
+        first = cli_batch([["download", *symbols]], cwd, env)[0]
+        assert first["code"] == 0, first
+        data = cwd / "data"
+        victim = data / DatasetId("BBB").relative_path()
+        token = bytearray(victim.read_bytes())
+        token[len(token) // 2] ^= 1
+        victim.write_bytes(bytes(token))
+        before = {p: p.read_bytes() for p in data.rglob("*" + product.FILE_SUFFIX)}
+        run = cli_batch([["download", *symbols, "--full"]], cwd, env)[0]
+    changed = sorted(p.stem for p, content in before.items()
+                     if p.read_bytes() != content)
+    lines = result_lines(run["stdout"])
+    updated = sorted(s for s in symbols if lines.get(f"{s} daily", "").startswith("updated"))
+    queued = json.loads((cwd / "state" / product.PENDING_NAME).read_text())
+    not_reached = sorted(f"{s} daily" for s in symbols
+                         if lines.get(f"{s} daily", "").startswith("not reached"))
+    held = {
+        "exit 5": run["code"] == 5,
+        "one line per symbol": sorted(lines) == [f"{s} daily" for s in symbols],
+        "BBB failed on integrity": "does not decrypt" in lines.get("BBB daily", ""),
+        "every write reported": changed == updated,
+        "the rest queued": queued == not_reached and bool(not_reached),
+    }
+    figures.record("failures/tampered-batch", tried=len(held), held=sum(held.values()),
+                   notes=f"changed {changed}, reported updated {updated}")
+    assert all(held.values()), (held, changed, updated, queued, run)
