@@ -1415,7 +1415,43 @@ FUNCTIONS = {
     ("weekly", False): "TIME_SERIES_WEEKLY", ("weekly", True): "TIME_SERIES_WEEKLY_ADJUSTED",
     ("monthly", False): "TIME_SERIES_MONTHLY", ("monthly", True): "TIME_SERIES_MONTHLY_ADJUSTED",
 }
-MAX_BODY_BYTES = 64 * 2**20
+MAX_BODY_BYTES = 64 * 2**20  # the most any one answer may be, whatever the memory limit
+
+# One answer's memory. Reading and parsing an answer takes a multiple of its size: the
+# body, the join of its chunks, json.loads' objects or pandas' columns, the table. Measured
+# (peak RSS over body size, fetch and parse of one large valid answer of 1-minute bars as
+# Alpha Vantage formats them, through this client): JSON 6.5 to 7.2 (46 MB body: 428 MB
+# peak from 128 MB), CSV 4.8 to 7.0 (37 MB body: 306 MB peak from 128 MB). So, with B
+# bytes of headroom for each answer in flight,
+#     B = (OHLCV_MAX_MEMORY_MB - RSS when the download starts) / downloads in flight,
+# one body is capped at B / ANSWER_EXPANSION (9: the larger factor with a margin, and at
+# least answer_cost's estimate of such a series), refused as soon as it passes the cap,
+# unread beyond it.
+# A hostile body under the cap can still expand far more than a series: json.loads makes
+# an 80-byte list of each 3-byte "[]," (27.5 times the body), a dict of each '{"1":{"a":
+# "1"}}' (24 times). So before parsing, a body is also refused when answer_cost, an upper
+# bound of what its values will take, is over B: twice the body, plus per JSON value (each
+# follows a ',' ':' or '[') an object and its slot, per JSON object a dict, per CSV cell
+# a string and its slot. Measured against it (actual, estimate): a series as Alpha Vantage
+# sends it, JSON 7.2, 8.2; CSV 7.0, 7.9; compact JSON 11.2, 12.5; hostile shapes (lists,
+# dicts, short strings, numbers, dense CSV) 8.6 to 27.5, each estimated at least as high.
+ANSWER_EXPANSION = 9
+JSON_VALUE_COST = 80
+JSON_OBJECT_COST = 320
+CSV_CELL_COST = 64
+
+
+def answer_budget(settings: Settings, baseline_rss: int, in_flight: int) -> int:
+    """B above: the bytes one answer may take while it is read and parsed."""
+    return max(0, settings.max_memory_mb * 2**20 - baseline_rss) // max(1, in_flight)
+
+
+def answer_cost(body: bytes) -> int:
+    """An upper bound of the memory reading and parsing `body` takes (see above)."""
+    if body.lstrip()[:1] in (b"{", b"["):
+        values = body.count(b",") + body.count(b":") + body.count(b"[") + 1
+        return 2 * len(body) + JSON_VALUE_COST * values + JSON_OBJECT_COST * body.count(b"{")
+    return 2 * len(body) + CSV_CELL_COST * (body.count(b",") + body.count(b"\n") + 1)
 
 
 @dataclass(frozen=True)
@@ -1469,8 +1505,15 @@ class AlphaVantageClient:
     `Error Message` answers are never retried: the same call would fail the same way.
     """
 
-    def __init__(self, settings: Settings, limiter: RateLimiter, stats: RunStats) -> None:
+    def __init__(self, settings: Settings, limiter: RateLimiter, stats: RunStats,
+                 in_flight: int | None = None, baseline_rss: int | None = None) -> None:
         self.url = settings.base_url
+        self.max_memory_mb = settings.max_memory_mb
+        self.in_flight = max(1, in_flight or settings.max_workers)
+        if baseline_rss is None:
+            baseline_rss = psutil.Process().memory_info().rss
+        self.budget = answer_budget(settings, baseline_rss, self.in_flight)
+        self.max_body = min(MAX_BODY_BYTES, self.budget // ANSWER_EXPANSION)
         self.timeout = (settings.connect_timeout, settings.request_timeout)
         self.max_retries = settings.max_retries
         self.backoff = settings.backoff_seconds
@@ -1516,6 +1559,12 @@ class AlphaVantageClient:
             if status != 200:
                 self.stats.count("http_error", len(body))
                 raise ApiError(f"HTTP {status} from {self.url}; not retried.")
+            if len(body) > 4096 and answer_cost(body) > self.budget:
+                self.stats.count("too_large", len(body))
+                raise self._too_large(f"the answer ({len(body) / 2**20:.1f} MB) would take "
+                                      f"more than the {self.budget / 2**20:.0f} MB one answer "
+                                      "may take to parse", "refused before parsing",
+                                      by_memory=True)
             answer = classify_response(body)
             self.stats.count(answer.outcome.value, len(body))
             if answer.outcome is Outcome.DATA:
@@ -1532,15 +1581,41 @@ class AlphaVantageClient:
         raise ApiError(f"gave up after {self.max_retries + 1} attempts: {problem}.")
 
     def _get(self, request: ApiRequest, key: ApiKey) -> tuple[int, bytes]:
+        """Status and body, streamed: a body over the cap is refused unread beyond it
+        (before a byte of it when its declared length already says so)."""
         params = request.params(self.datatype) | {"apikey": key.secret}
         with self.session.get(self.url, params=params, timeout=self.timeout, stream=True) as resp:
+            declared = resp.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_body:
+                self.stats.count("too_large")
+                raise self._too_large(f"the answer is {int(declared) / 2**20:.1f} MB (its "
+                                      f"declared length), more than {self._cap_text()}",
+                                      "refused unread", self.max_body < MAX_BODY_BYTES)
             chunks, size = [], 0
             for chunk in resp.iter_content(256 * 1024):
                 size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise ApiError(f"the answer exceeds {MAX_BODY_BYTES // 2**20} MiB; refused.")
+                if size > self.max_body:
+                    self.stats.count("too_large", size)
+                    raise self._too_large(f"the answer is larger than {self._cap_text()}",
+                                          "refused, unread beyond that",
+                                          self.max_body < MAX_BODY_BYTES)
                 chunks.append(chunk)
             return resp.status_code, b"".join(chunks)
+
+    def _cap_text(self) -> str:
+        if self.max_body < MAX_BODY_BYTES:
+            return f"the {self.max_body / 2**20:.1f} MB one answer may be"
+        return f"the {MAX_BODY_BYTES // 2**20} MiB any answer may be"
+
+    def _too_large(self, what: str, done: str, by_memory: bool) -> ApiError:
+        """The refusal of an answer too large: for the memory one answer may take (the
+        fix names the limit), or for any answer at all (MAX_BODY_BYTES)."""
+        if not by_memory:
+            return ApiError(f"{what}; {done}.")
+        return ApiError(
+            f"{what} under OHLCV_MAX_MEMORY_MB={self.max_memory_mb} with {self.in_flight} "
+            f"download(s) in flight; {done}. Fix: raise OHLCV_MAX_MEMORY_MB (or lower "
+            "OHLCV_MAX_WORKERS).")
 
 
 def _refusal(answer: Classified, request: ApiRequest) -> OHLCVError:
@@ -2434,7 +2509,11 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     with ctx.exclusive() as ring:
         store = EncryptedStore(settings, ring)
         limiter = RateLimiter(settings, api_keys_of(settings))
-        client = AlphaVantageClient(settings, limiter, stats)
+        # One answer's memory is bounded by what the run has left under the limit, shared
+        # by the downloads in flight (AlphaVantageClient, answer_budget).
+        client = AlphaVantageClient(settings, limiter, stats,
+                                    in_flight=min(settings.max_workers, len(datasets)),
+                                    baseline_rss=ctx.monitor.rss())
         worker = DatasetDownloader(store, client)
         stop = threading.Event()
         fatal: list[OHLCVError] = []

@@ -1,4 +1,4 @@
-"""Campaign B, area 3 (second round): text from outside, per-dataset failures.
+"""Campaign B, area 3 (second round): text from outside, per-dataset failures, memory.
 
 What is attacked, and the property each test holds the product to:
 
@@ -11,7 +11,10 @@ What is attacked, and the property each test holds the product to:
 * per-dataset failures -- deeply nested JSON, an unexpected exception inside one
   dataset's work, a tampered dataset in the batch: every dataset gets its result line,
   the pending queue is saved, "internal error" is never the answer to bad input, and an
-  integrity failure (exit 5) stops the run only after what was written is reported.
+  integrity failure (exit 5) stops the run only after what was written is reported;
+* memory -- one answer larger than OHLCV_MAX_MEMORY_MB allows (or one that would expand
+  far beyond its size while parsed) is refused as that dataset's failure, naming the
+  limit and the fix; the run's peak RSS, measured in the child, stays under the limit.
 
 Everything goes through the real client against a real HTTP server on 127.0.0.1 (the
 campaign's HostileServer) and through the real command line in child processes.
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import unicodedata
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -577,3 +581,111 @@ def test_a_tampered_dataset_stops_the_run_after_reporting_what_was_written(tmp_p
     figures.record("failures/tampered-batch", tried=len(held), held=sum(held.values()),
                    notes=f"changed {changed}, reported updated {updated}")
     assert all(held.values()), (held, changed, updated, queued, run)
+
+
+# =========================================================================================
+# Memory: one answer is bounded by OHLCV_MAX_MEMORY_MB
+# =========================================================================================
+
+# The child's own peak RSS: VmHWM, the high-water mark of its address space. Not
+# ru_maxrss: Linux starts a child's ru_maxrss at its parent's peak (the parent here holds
+# the 50 MB bodies, over 300 MB), so it would measure the test, not the run.
+MEASURED = r"""
+import re, sys
+sys.path.insert(0, sys.argv[1])
+import secure_ohlcv_cli
+code = secure_ohlcv_cli.main(sys.argv[3:])
+with open("/proc/self/status") as status:
+    peak_kb = re.search(r"^VmHWM:\s+(\d+) kB", status.read(), re.MULTILINE).group(1)
+with open(sys.argv[2], "w") as handle:
+    handle.write(str(int(peak_kb) * 1024))
+sys.exit(code)
+"""
+
+
+def intraday_json(days: int, month: str = "2024-01") -> bytes:
+    """A valid 1-minute answer as Alpha Vantage formats it: `days` days of 04:00-19:59."""
+    bar = ('"%s": {\n            "1. open": "123.4500",\n            "2. high": "124.5600",\n'
+           '            "3. low": "122.3400",\n            "4. close": "123.9900",\n'
+           '            "5. volume": "1234567"\n        }')
+    first = date.fromisoformat(month + "-01").toordinal()
+    stamps = [f"{date.fromordinal(first + d)} {h:02d}:{m:02d}:00"
+              for d in range(days) for h in range(4, 20) for m in range(60)]
+    series = ",\n        ".join(bar % s for s in reversed(stamps))
+    return ('{\n    "Meta Data": {"1. Information": "Intraday (1min)", "2. Symbol": "X"},\n'
+            '    "Time Series (1min)": {\n        ' + series + "\n    }\n}").encode()
+
+
+class SizedServer(HostileServer):
+    """HostileServer that may leave out Content-Length (the body then ends at close) and
+    counts the bytes it managed to send."""
+
+    def __init__(self, bodies: dict[str, bytes], unsized: set[str]) -> None:
+        super().__init__(bodies)
+        self.sent: dict[str, int] = {}
+        outer = self
+        base = self.server.RequestHandlerClass
+
+        class Handler(base):  # type: ignore[misc, valid-type]
+            def do_GET(self) -> None:
+                from urllib.parse import parse_qs, urlsplit
+                symbol = parse_qs(urlsplit(self.path).query).get("symbol", [""])[0]
+                if symbol not in unsized:
+                    return super().do_GET()
+                body = outer.bodies[symbol]
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                sent = 0
+                try:
+                    for at in range(0, len(body), 1 << 20):
+                        self.wfile.write(body[at:at + (1 << 20)])
+                        sent += min(1 << 20, len(body) - at)
+                finally:
+                    outer.sent[symbol] = sent
+
+        self.server.RequestHandlerClass = Handler
+        quiet(self)
+
+
+def test_one_oversize_answer_is_refused_within_the_memory_limit(tmp_path, figures):
+    """OHLCV_MAX_MEMORY_MB=300, one worker: a valid 1-minute answer of ~50 MB (sized, and
+    again unsized) and 12 MB of densely nested JSON are each refused as that symbol's
+    failure naming the limit and the fix; a normal answer in the same run is stored; the
+    child's peak RSS stays under the limit (before: one 50 MB answer reached 700 MB)."""
+    limit_mb = 300
+    big = intraday_json(days=260)
+    dense = b'{"Time Series (1min)": [' + b"[]," * (4 << 20) + b"[]]}"
+    good = intraday_json(days=3)
+    bodies = {"BIG": big, "UNSIZED": big, "DENSE": dense, "GOOD": good}
+    with SizedServer(bodies, unsized={"UNSIZED"}) as server:
+        cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1",
+                        OHLCV_MAX_MEMORY_MB=str(limit_mb))
+        peak_file = tmp_path / "peak"
+        run = subprocess.run([sys.executable, "-c", MEASURED, str(REPO), str(peak_file),
+                              "download", "BIG", "UNSIZED", "DENSE", "GOOD", "--interval",
+                              "1min", "--month", "2024-01"],
+                             cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=300, check=False)
+        sent = dict(server.sent)
+    peak_mb = int(peak_file.read_text()) / 2**20 if peak_file.exists() else float("nan")
+    lines = result_lines(run.stdout)
+    refused = {s: lines.get(f"{s} intraday_1min 2024-01", "") for s in ("BIG", "UNSIZED", "DENSE")}
+    held = {
+        "peak RSS under the limit": peak_mb < limit_mb,
+        "each refused, naming the limit and the fix": all(
+            t.startswith("FAILED") and "OHLCV_MAX_MEMORY_MB" in t and "Fix:" in t
+            for t in refused.values()),
+        "the normal answer stored": lines.get("GOOD intraday_1min 2024-01", "").startswith("updated"),
+        "unread beyond the cap": sent.get("UNSIZED", len(big)) < len(big),
+        "exit 1": run.returncode == 1,
+    }
+    figures.record("memory/oversize-answer", tried=len(held), held=sum(held.values()),
+                   notes=f"limit {limit_mb} MB, body {len(big) / 2**20:.0f} MB and dense "
+                         f"{len(dense) / 2**20:.0f} MB: child peak RSS {peak_mb:.0f} MB; "
+                         f"unsized body sent {sent.get('UNSIZED', 0) / 2**20:.0f} MB",
+                   peak_rss_mb=round(peak_mb, 1))
+    assert all(held.values()), (held, f"peak {peak_mb:.0f} MB", refused, run.stdout[-2000:],
+                                run.stderr[-2000:])
