@@ -46,6 +46,9 @@ from secure_ohlcv_downloader import (
 
 log = logging.getLogger("secure_ohlcv.cli")
 PROG = "secure_ohlcv_downloader.py"
+# A dataset's result line: our words, with any outside text already quoted safely; the
+# download output passes each through outside_text once more, capped here.
+RESULT_LINE_LIMIT = 1000
 
 
 def say(message: str) -> None:
@@ -131,11 +134,12 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         bar = tqdm(total=len(symbols), unit="symbol", file=sys.stderr, leave=False)
 
     def show(result: DatasetResult) -> None:
+        line = outside_text(result.line(), RESULT_LINE_LIMIT)  # one line, no secret
         if bar is not None:
             bar.update(1)
-            bar.write(result.line(), file=sys.stdout)
+            bar.write(line, file=sys.stdout)
         else:
-            print(result.line(), flush=True)
+            print(line, flush=True)
 
     try:
         report = app.download(symbols, args.interval, args.adjusted, args.full, args.month, show)

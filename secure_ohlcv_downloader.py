@@ -45,6 +45,7 @@ import math
 import os
 import random
 import re
+import reprlib
 import resource
 import secrets
 import stat
@@ -52,6 +53,7 @@ import struct
 import tarfile
 import threading
 import time
+import traceback
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -206,10 +208,13 @@ class SecretRedactor:
         self._known: frozenset[str] = frozenset()
         self._ordered: list[str] = []
 
-    def __call__(self, text: str) -> str:
+    def _refresh(self) -> None:
         known = Secret.known()
         if known is not self._known:  # longest first: a secret inside another goes whole
             self._ordered, self._known = sorted(known, key=len, reverse=True), known
+
+    def __call__(self, text: str) -> str:
+        self._refresh()
         for value in self._ordered:
             if value in text:
                 text = text.replace(value, "[REDACTED]")
@@ -217,32 +222,116 @@ class SecretRedactor:
         # (typed on a command line, say) still never reaches the log.
         return _APIKEY_PARAM.sub(r"\1[REDACTED]", text)
 
+    def longest(self) -> int:
+        """The length of the longest secret known."""
+        self._refresh()
+        return len(self._ordered[0]) if self._ordered else 0
+
 
 redact = SecretRedactor()
 
 
+# Text from outside is capped at this many characters wherever it is shown; a server's
+# own messages (Information, Note, Error Message) at SERVER_MESSAGE_LIMIT, which keeps
+# every message Alpha Vantage is known to send whole (the longest is 344 characters).
 OUTSIDE_TEXT_LIMIT = 300
-_UNSAFE_CHARACTER = re.compile(r"[^\x20-\x7e\u00a0-\ud7ff\ue000-\ufffd]|[\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+SERVER_MESSAGE_LIMIT = 500
+
+
+def _escape(character: str, from_bytes: bool) -> str:
+    """One character as a safe line shows it: printable ones as they are, the rest as
+    repr() writes them (\\n, \\x1b, \\u202e); an undecodable byte as \\xNN."""
+    if character.isprintable():
+        return character
+    if from_bytes and "\udc80" <= character <= "\udcff":  # surrogateescape's stand-in
+        return f"\\x{ord(character) - 0xDC00:02x}"
+    return repr(character)[1:-1]
+
+
+def _escaped_prefix(line: str, limit: int, from_bytes: bool = False) -> tuple[str, int]:
+    """The escaped start of `line` of at most `limit` characters, cut between two escapes
+    (never inside one), and how many characters of `line` it shows."""
+    pieces: list[str] = []
+    size = 0
+    for used, character in enumerate(line):  # at most limit + 1 rounds: a piece is >= 1
+        piece = _escape(character, from_bytes)
+        if size + len(piece) > limit:
+            return "".join(pieces), used
+        pieces.append(piece)
+        size += len(piece)
+    return "".join(pieces), len(line)
 
 
 def outside_text(text: object, limit: int = OUTSIDE_TEXT_LIMIT) -> str:
     """Text from outside (a server message, a field name, a timestamp, an archive member
     name, an exception quoting them) as one safe line: secrets redacted first, on the whole
-    text, so no cut can leave part of a key; control characters, ESC, new lines and
-    direction overrides escaped as repr() would; at most `limit` characters, then a note of
-    how many more there were. Use it wherever such text is printed or logged."""
-    line = redact(str(text))
-    line = _UNSAFE_CHARACTER.sub(lambda m: repr(m.group())[1:-1], line)
-    if len(line) > limit:
-        return f"{line[:limit]}... ({len(line) - limit} more characters)"
-    return line
+    text, so no cut can leave part of a key; every character repr() would escape (control
+    characters, ESC, line breaks, direction marks and overrides, other format characters)
+    escaped as repr() writes it; at most `limit` characters, cut between two escapes, then
+    a note of how many more there were. Use it wherever such text is printed or logged.
+
+    A backslash is left as it is, so the result passes through again unchanged (a message
+    that quotes outside text can be made safe as a whole). Bytes are decoded as UTF-8, an
+    undecodable byte shown as \\xNN; only their start is decoded and redacted, always far
+    enough past the cut that a secret starting before it lies wholly inside."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        return _outside_bytes(bytes(text), limit)
+    try:
+        line = str(text)
+    except RecursionError:  # a container nested deeper than repr() goes
+        line = f"({type(text).__name__} nested too deeply to show)"
+    line = redact(line)
+    if len(line) <= limit and line.isprintable():
+        return line
+    shown, used = _escaped_prefix(line, limit)
+    return shown if used == len(line) else f"{shown}... ({len(line) - used} more characters)"
+
+
+def _outside_bytes(data: bytes, limit: int) -> str:
+    reach = 4 * (limit + redact.longest() + 16)  # a character is at most 4 bytes
+    while True:
+        line = redact(data[:reach].decode("utf-8", "surrogateescape"))
+        shown, used = _escaped_prefix(line, limit, from_bytes=True)
+        if reach >= len(data):
+            return shown if used == len(line) else f"{shown}... ({len(data)} bytes in all)"
+        # Earlier secrets redacted to a shorter [REDACTED] let the cut move on: decode
+        # more until no secret that starts before the cut can run past what was read.
+        if used + redact.longest() < len(line):
+            return f"{shown}... ({len(data)} bytes in all)"
+        reach *= 2
+
+
+# A log record's message (our words, with outside text already quoted through
+# outside_text) is one line too; this cap only stops a message that forgot to.
+LOG_MESSAGE_LIMIT = 4000
 
 
 class RedactingFormatter(logging.Formatter):
-    """Formats the whole record, traceback included, then removes secrets from the result."""
+    """Formats the whole record, traceback included, then removes secrets from the result.
+
+    Every record is one line plus, for a logged exception, its traceback: the message and
+    each exception's own text are escaped as outside_text does, so no text from outside
+    can start a line that looks like a record of its own or reach a terminal raw."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = outside_text(record.message, LOG_MESSAGE_LIMIT)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        chunks = []
+        for chunk in traceback.TracebackException(*ei[:3]).format():
+            if chunk.startswith(("  ", "Traceback (", "\nDuring handling", "\nThe above")):
+                chunks.append(chunk)  # frames (our source lines) and the chain's headings
+            else:  # "Type: text", the text possibly from outside
+                chunks.append(outside_text(chunk.rstrip("\n"), LOG_MESSAGE_LIMIT) + "\n")
+        return "".join(chunks).rstrip("\n")
 
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        cached, record.exc_text = record.exc_text, None  # another handler's raw traceback
+        try:
+            return redact(super().format(record))
+        finally:
+            record.exc_text = cached
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -1208,7 +1297,8 @@ class RateLimiter:
         with self._lock:
             self._penalty_until[key.fingerprint] = self._monotonic() + pause
         log.warning("rate limit: key %s throttled by the server (%s); pausing it %.1f s; "
-                    "limiter: %s", key.fingerprint, message[:100], pause, self.state(key))
+                    "limiter: %s", key.fingerprint, outside_text(message, 100), pause,
+                    self.state(key))
 
     def exhausted(self, key: ApiKey) -> None:
         with self._lock:
@@ -1247,42 +1337,64 @@ class Outcome(str, Enum):  # noqa: UP042 -- str() of a member is its name, as lo
     INVALID_REQUEST = "invalid_request"
     EMPTY = "empty"
     NOT_JSON = "not_json"
+    INVALID_PAYLOAD = "invalid_payload"  # JSON no series can be (nested too deeply)
 
 
 @dataclass(frozen=True)
 class Classified:
+    """`message` is safe to show as it is: built by outside_text from the server's words."""
+
     outcome: Outcome
     message: str = ""
     payload: Any = None
     meta: Any = None  # a JSON answer's "Meta Data", to check it against the request
 
 
+def _server_message(value: Any) -> tuple[str, str]:
+    """A message value as text to classify (raw) and as text to show (outside_text)."""
+    raw = value if isinstance(value, str) else reprlib.repr(value)  # bounded, any depth
+    return raw, outside_text(raw, SERVER_MESSAGE_LIMIT)
+
+
+TOO_DEEP = "the JSON is nested too deeply to be a series"
+
+
 def classify_response(body: bytes) -> Classified:
     """Read a body before trusting it. `Information` is ambiguous (rate limit, premium,
-    demo), so its text decides; `Note` is the legacy rate limit; `Error Message` a bad call."""
+    demo), so its text decides; `Note` is the legacy rate limit; `Error Message` a bad call.
+    JSON nested deeper than the parser goes is INVALID_PAYLOAD, never a RecursionError."""
     text = body.lstrip()[:1]
     if text not in (b"{", b"["):
         if body.startswith(b"timestamp,") or body.startswith(b"\xef\xbb\xbftimestamp,"):
             return Classified(Outcome.DATA, payload=body)
         return Classified(Outcome.NOT_JSON, "the body is neither JSON nor our CSV "
-                          f"(starts with {body[:40]!r})")
+                          f"(starts with '{outside_text(body, 40)}')")
     try:
         payload = json.loads(body)
     except UnicodeDecodeError:
         return Classified(Outcome.NOT_JSON, "the body is not UTF-8 text")
+    except RecursionError:
+        return Classified(Outcome.INVALID_PAYLOAD, TOO_DEEP)
     except ValueError as exc:
-        return Classified(Outcome.NOT_JSON, f"malformed JSON ({exc})")
+        return Classified(Outcome.NOT_JSON, f"malformed JSON ({outside_text(exc)})")
+    try:
+        return _classify_payload(payload)
+    except RecursionError:
+        return Classified(Outcome.INVALID_PAYLOAD, TOO_DEEP)
+
+
+def _classify_payload(payload: Any) -> Classified:
     if not isinstance(payload, dict) or not payload:
         return Classified(Outcome.EMPTY, "the API returned no data ({})")
     if "Error Message" in payload:
-        message = str(payload["Error Message"])
-        kind = Outcome.INVALID_KEY if "apikey" in message.lower() else Outcome.INVALID_REQUEST
+        raw, message = _server_message(payload["Error Message"])
+        kind = Outcome.INVALID_KEY if "apikey" in raw.lower() else Outcome.INVALID_REQUEST
         return Classified(kind, message)
     if "Note" in payload:
-        return Classified(Outcome.THROTTLED, str(payload["Note"]))
+        return Classified(Outcome.THROTTLED, _server_message(payload["Note"])[1])
     if "Information" in payload:
-        message = str(payload["Information"])
-        lower = message.lower()
+        raw, message = _server_message(payload["Information"])
+        lower = raw.lower()
         # Order matters: the burst text also names the daily figure and "premium plans".
         if "spreading out" in lower or "burst pattern" in lower:
             kind = Outcome.THROTTLED
@@ -1299,7 +1411,8 @@ def classify_response(body: bytes) -> Classified:
         return Classified(kind, message)
     series = [k for k in payload if k.startswith(("Time Series", "Weekly", "Monthly"))]
     if not series:
-        return Classified(Outcome.EMPTY, f"no time series in the answer (keys: {sorted(payload)[:5]})")
+        keys = outside_text(", ".join(sorted(payload)[:5]))
+        return Classified(Outcome.EMPTY, f"no time series in the answer (keys: {keys})")
     if not payload[series[0]]:
         return Classified(Outcome.EMPTY, "the time series is empty")
     return Classified(Outcome.DATA, payload=payload[series[0]], meta=payload.get("Meta Data"))
@@ -1310,7 +1423,43 @@ FUNCTIONS = {
     ("weekly", False): "TIME_SERIES_WEEKLY", ("weekly", True): "TIME_SERIES_WEEKLY_ADJUSTED",
     ("monthly", False): "TIME_SERIES_MONTHLY", ("monthly", True): "TIME_SERIES_MONTHLY_ADJUSTED",
 }
-MAX_BODY_BYTES = 64 * 2**20
+MAX_BODY_BYTES = 64 * 2**20  # the most any one answer may be, whatever the memory limit
+
+# One answer's memory. Reading and parsing an answer takes a multiple of its size: the
+# body, the join of its chunks, json.loads' objects or pandas' columns, the table. Measured
+# (peak RSS over body size, fetch and parse of one large valid answer of 1-minute bars as
+# Alpha Vantage formats them, through this client): JSON 6.5 to 7.2 (46 MB body: 428 MB
+# peak from 128 MB), CSV 4.8 to 7.0 (37 MB body: 306 MB peak from 128 MB). So, with B
+# bytes of headroom for each answer in flight,
+#     B = (OHLCV_MAX_MEMORY_MB - RSS when the download starts) / downloads in flight,
+# one body is capped at B / ANSWER_EXPANSION (9: the larger factor with a margin, and at
+# least answer_cost's estimate of such a series), refused as soon as it passes the cap,
+# unread beyond it.
+# A hostile body under the cap can still expand far more than a series: json.loads makes
+# an 80-byte list of each 3-byte "[]," (27.5 times the body), a dict of each '{"1":{"a":
+# "1"}}' (24 times). So before parsing, a body is also refused when answer_cost, an upper
+# bound of what its values will take, is over B: twice the body, plus per JSON value (each
+# follows a ',' ':' or '[') an object and its slot, per JSON object a dict, per CSV cell
+# a string and its slot. Measured against it (actual, estimate): a series as Alpha Vantage
+# sends it, JSON 7.2, 8.2; CSV 7.0, 7.9; compact JSON 11.2, 12.5; hostile shapes (lists,
+# dicts, short strings, numbers, dense CSV) 8.6 to 27.5, each estimated at least as high.
+ANSWER_EXPANSION = 9
+JSON_VALUE_COST = 80
+JSON_OBJECT_COST = 320
+CSV_CELL_COST = 64
+
+
+def answer_budget(settings: Settings, baseline_rss: int, in_flight: int) -> int:
+    """B above: the bytes one answer may take while it is read and parsed."""
+    return max(0, settings.max_memory_mb * 2**20 - baseline_rss) // max(1, in_flight)
+
+
+def answer_cost(body: bytes) -> int:
+    """An upper bound of the memory reading and parsing `body` takes (see above)."""
+    if body.lstrip()[:1] in (b"{", b"["):
+        values = body.count(b",") + body.count(b":") + body.count(b"[") + 1
+        return 2 * len(body) + JSON_VALUE_COST * values + JSON_OBJECT_COST * body.count(b"{")
+    return 2 * len(body) + CSV_CELL_COST * (body.count(b",") + body.count(b"\n") + 1)
 
 
 @dataclass(frozen=True)
@@ -1364,8 +1513,15 @@ class AlphaVantageClient:
     `Error Message` answers are never retried: the same call would fail the same way.
     """
 
-    def __init__(self, settings: Settings, limiter: RateLimiter, stats: RunStats) -> None:
+    def __init__(self, settings: Settings, limiter: RateLimiter, stats: RunStats,
+                 in_flight: int | None = None, baseline_rss: int | None = None) -> None:
         self.url = settings.base_url
+        self.max_memory_mb = settings.max_memory_mb
+        self.in_flight = max(1, in_flight or settings.max_workers)
+        if baseline_rss is None:
+            baseline_rss = psutil.Process().memory_info().rss
+        self.budget = answer_budget(settings, baseline_rss, self.in_flight)
+        self.max_body = min(MAX_BODY_BYTES, self.budget // ANSWER_EXPANSION)
         self.timeout = (settings.connect_timeout, settings.request_timeout)
         self.max_retries = settings.max_retries
         self.backoff = settings.backoff_seconds
@@ -1399,7 +1555,7 @@ class AlphaVantageClient:
             except requests.RequestException as exc:
                 problem = f"network error ({type(exc).__name__})"
                 self.stats.count("network_error")
-                log.debug("%s: %s: %s", request.symbol, problem, exc)
+                log.debug("%s: %s: %s", request.symbol, problem, outside_text(exc))
                 continue
             log.debug("%s %s: HTTP %d, %d bytes in %.3f s via key %s", request.symbol,
                       request.function, status, len(body), time.monotonic() - started,
@@ -1411,12 +1567,18 @@ class AlphaVantageClient:
             if status != 200:
                 self.stats.count("http_error", len(body))
                 raise ApiError(f"HTTP {status} from {self.url}; not retried.")
+            if len(body) > 4096 and answer_cost(body) > self.budget:
+                self.stats.count("too_large", len(body))
+                raise self._too_large(f"the answer ({len(body) / 2**20:.1f} MB) would take "
+                                      f"more than the {self.budget / 2**20:.0f} MB one answer "
+                                      "may take to parse", "refused before parsing",
+                                      by_memory=True)
             answer = classify_response(body)
             self.stats.count(answer.outcome.value, len(body))
             if answer.outcome is Outcome.DATA:
                 return answer
             if answer.outcome in (Outcome.NOT_JSON, Outcome.THROTTLED):
-                problem = answer.message[:120]
+                problem = answer.message  # safe and capped (outside_text)
                 if answer.outcome is Outcome.THROTTLED:
                     self.limiter.throttled(key, self.backoff * 2 ** attempt, answer.message)
                 continue
@@ -1427,19 +1589,45 @@ class AlphaVantageClient:
         raise ApiError(f"gave up after {self.max_retries + 1} attempts: {problem}.")
 
     def _get(self, request: ApiRequest, key: ApiKey) -> tuple[int, bytes]:
+        """Status and body, streamed: a body over the cap is refused unread beyond it
+        (before a byte of it when its declared length already says so)."""
         params = request.params(self.datatype) | {"apikey": key.secret}
         with self.session.get(self.url, params=params, timeout=self.timeout, stream=True) as resp:
+            declared = resp.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self.max_body:
+                self.stats.count("too_large")
+                raise self._too_large(f"the answer is {int(declared) / 2**20:.1f} MB (its "
+                                      f"declared length), more than {self._cap_text()}",
+                                      "refused unread", self.max_body < MAX_BODY_BYTES)
             chunks, size = [], 0
             for chunk in resp.iter_content(256 * 1024):
                 size += len(chunk)
-                if size > MAX_BODY_BYTES:
-                    raise ApiError(f"the answer exceeds {MAX_BODY_BYTES // 2**20} MiB; refused.")
+                if size > self.max_body:
+                    self.stats.count("too_large", size)
+                    raise self._too_large(f"the answer is larger than {self._cap_text()}",
+                                          "refused, unread beyond that",
+                                          self.max_body < MAX_BODY_BYTES)
                 chunks.append(chunk)
             return resp.status_code, b"".join(chunks)
 
+    def _cap_text(self) -> str:
+        if self.max_body < MAX_BODY_BYTES:
+            return f"the {self.max_body / 2**20:.1f} MB one answer may be"
+        return f"the {MAX_BODY_BYTES // 2**20} MiB any answer may be"
+
+    def _too_large(self, what: str, done: str, by_memory: bool) -> ApiError:
+        """The refusal of an answer too large: for the memory one answer may take (the
+        fix names the limit), or for any answer at all (MAX_BODY_BYTES)."""
+        if not by_memory:
+            return ApiError(f"{what}; {done}.")
+        return ApiError(
+            f"{what} under OHLCV_MAX_MEMORY_MB={self.max_memory_mb} with {self.in_flight} "
+            f"download(s) in flight; {done}. Fix: raise OHLCV_MAX_MEMORY_MB (or lower "
+            "OHLCV_MAX_WORKERS).")
+
 
 def _refusal(answer: Classified, request: ApiRequest) -> OHLCVError:
-    quoted = f"Alpha Vantage: {answer.message!r}"
+    quoted = f"Alpha Vantage: '{answer.message}'"  # the message is safe (outside_text)
     if answer.outcome is Outcome.INVALID_KEY:
         return InvalidApiKey(f"the API key was refused ({quoted}). Fix: check ALPHA_VANTAGE_API_KEY.")
     if answer.outcome is Outcome.PREMIUM_ENDPOINT:
@@ -1450,6 +1638,8 @@ def _refusal(answer: Classified, request: ApiRequest) -> OHLCVError:
         return ApiError(f"the demo key serves IBM only; set ALPHA_VANTAGE_API_KEY ({quoted}).")
     if answer.outcome is Outcome.INVALID_REQUEST:
         return ApiError(f"invalid symbol or request ({quoted}).")
+    if answer.outcome is Outcome.INVALID_PAYLOAD:
+        return InvalidPayload(f"{answer.message}; nothing of it is stored.")
     return ApiError(answer.message)
 
 
@@ -1581,7 +1771,7 @@ def _fast_numbers(payload: Any, wanted: list[str]) -> pd.DataFrame | None:
             frame.insert(0, "timestamp", frame.index.astype(str))
         else:
             return None
-    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError):
+    except (ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError, RecursionError):
         return None
     if frame.empty or not all(np.isfinite(frame[c].to_numpy()).all() for c in wanted[1:]):
         return None
@@ -1616,12 +1806,18 @@ def _text_table(payload: Any) -> pd.DataFrame:
             raw = pd.read_csv(io.BytesIO(payload), dtype=str, keep_default_na=False,
                               encoding="utf-8-sig")
         except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
-            raise InvalidPayload(f"unreadable CSV: {exc}") from None
+            raise InvalidPayload(f"unreadable CSV: {outside_text(exc)}") from None
         names = [_wire_name(str(c)) for c in raw.columns]
     elif isinstance(payload, dict):
         if not all(isinstance(bar, dict) for bar in payload.values()):
             raise InvalidPayload("a bar of the series is not an object of fields.")
-        raw = pd.DataFrame.from_dict(payload, orient="index", dtype=str)
+        try:
+            raw = pd.DataFrame.from_dict(payload, orient="index", dtype=str)
+        except RecursionError:  # a value nested deeper than str() goes
+            raise InvalidPayload("a bar holds a value nested too deeply.") from None
+        except UnicodeError:  # JSON may escape a lone surrogate; no text column holds one
+            raise InvalidPayload("a timestamp, field name or value is not valid Unicode text "
+                                 "(a lone surrogate).") from None
         names = [_wire_name(str(c)) for c in raw.columns]
         if "timestamp" in names:
             raise InvalidPayload("a bar carries a field named timestamp.")
@@ -1632,7 +1828,7 @@ def _text_table(payload: Any) -> pd.DataFrame:
         raise InvalidPayload("the series is not a table.")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise InvalidPayload(f"fields named more than once: {', '.join(repeated)}.")
+        raise InvalidPayload(f"fields named more than once: {outside_text(', '.join(repeated))}.")
     raw.columns = names
     return raw.fillna("").astype(str)
 
@@ -2392,7 +2588,11 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                  full: bool, month: str | None,
                  on_result: Callable[[DatasetResult], None] | None) -> DownloadReport:
     """Bring each symbol's dataset up to date, within the rate limits, under the lock.
-    Per-symbol failures are in the report; the quota running out stops the run cleanly."""
+
+    Whatever goes wrong inside one dataset's work is that dataset's named failure, and the
+    rest of the batch goes on. The quota running out stops the run cleanly; an error that
+    would strike every dataset alike (integrity, keys, paths, a full disk) stops it too,
+    raised only after every finished dataset is reported and the pending queue saved."""
     settings = ctx.settings
     now = ctx.clock()
     trailing = interval in INTRADAY and month is None
@@ -2413,7 +2613,11 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     with ctx.exclusive() as ring:
         store = EncryptedStore(settings, ring)
         limiter = RateLimiter(settings, api_keys_of(settings))
-        client = AlphaVantageClient(settings, limiter, stats)
+        # One answer's memory is bounded by what the run has left under the limit, shared
+        # by the downloads in flight (AlphaVantageClient, answer_budget).
+        client = AlphaVantageClient(settings, limiter, stats,
+                                    in_flight=min(settings.max_workers, len(datasets)),
+                                    baseline_rss=ctx.monitor.rss())
         worker = DatasetDownloader(store, client, ctx.clock)
         stop = threading.Event()
         fatal: list[OHLCVError] = []
@@ -2426,7 +2630,8 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
             # A spent quota does not skip the job: a current dataset still says so, and
             # one that needs a request gets QuotaExhausted from the limiter, unsent.
             if fatal:
-                return DatasetResult(dataset, "pending", error="the run stopped on an error")
+                return DatasetResult(dataset, "pending", error="the run stopped on an error "
+                                     "(the FAILED line says which)")
             if memory_stop.is_set() or not ctx.monitor.memory_ok():
                 memory_stop.set()  # the datasets in hand finish; no new one starts
                 return DatasetResult(dataset, "pending", error=memory_note)
@@ -2442,34 +2647,46 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                                      + "; the previous version of that file is intact.")
                 fatal.append(failure)
                 return DatasetResult(dataset, "failed", error=str(failure))
-            except (InvalidApiKey, DiskSpaceLow) as exc:
-                stop.set()
-                fatal.append(exc)
-                return DatasetResult(dataset, "failed", error=str(exc))
             except ApiError as exc:
                 log.warning("%s: failed: %s", dataset, exc)
                 return DatasetResult(dataset, "failed", error=str(exc))
+            except OHLCVError as exc:  # integrity, keys, paths, disk: stop, then raise
+                log.error("%s: %s: %s; the run stops here", dataset, type(exc).__name__, exc)
+                stop.set()
+                fatal.append(exc)
+                return DatasetResult(dataset, "failed", error=str(exc))
+            except Exception as exc:  # a defect met on this dataset's input: its failure only
+                log.error("%s: failed on an unexpected %s", dataset, type(exc).__name__,
+                          exc_info=exc)
+                return DatasetResult(dataset, "failed", error=(
+                    f"unexpected {type(exc).__name__}: {outside_text(exc)} (the traceback is "
+                    "in the log; please report it)"))
 
         try:
             with ThreadPoolExecutor(settings.max_workers, "download") as pool:
                 futures = [pool.submit(job, d) for d in pending.order(datasets)]
-                for future in as_completed(futures):
-                    result = future.result()
-                    log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
-                             result.outcome, result.mode, result.rows, result.added,
-                             result.seconds, f" error={result.error}" if result.error else "")
-                    results.append(result)
-                    if on_result:
-                        on_result(result)
-        finally:
+                try:
+                    for future in as_completed(futures):
+                        result = future.result()
+                        log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
+                                 result.outcome, result.mode, result.rows, result.added,
+                                 result.seconds, f" error={result.error}" if result.error else "")
+                        results.append(result)
+                        if on_result:
+                            on_result(result)
+                except BaseException:  # Ctrl-C, or the output gone: start nothing unreported
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:  # whatever stopped the loop, what was done is remembered
             limiter.close()
             client.close()
-        report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
-                                memory_exceeded=memory_stop.is_set())
-        pending.save(report)
+            report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
+                                    memory_exceeded=memory_stop.is_set())
+            pending.save(report)
     ctx.facts.update(stats=stats, results=results, quota=quota_facts(settings))
     if fatal:
-        raise fatal[0]
+        raise next((e for e in fatal if isinstance(e, IntegrityError)), fatal[0])
     return report
 
 
