@@ -524,10 +524,10 @@ def test_an_unexpected_exception_fails_one_dataset_only(tmp_path, monkeypatch, p
     good = good_csv(latest_session())
     real_parse = product.parse_payload
 
-    def breaking(answer: Classified, dataset: DatasetId) -> Any:
+    def breaking(answer: Classified, dataset: DatasetId, *rest: Any) -> Any:
         if dataset.symbol == "BOOM":
             raise RuntimeError("\x1b[2J" + "boom" * 300 + FORGED)
-        return real_parse(answer, dataset)
+        return real_parse(answer, dataset, *rest)
 
     monkeypatch.setattr(product, "parse_payload", breaking)
     with HostileServer({"BOOM": good, "AAA": good, "BBB": good}) as server:
@@ -603,8 +603,9 @@ sys.exit(code)
 """
 
 
-def intraday_json(days: int, month: str = "2024-01") -> bytes:
-    """A valid 1-minute answer as Alpha Vantage formats it: `days` days of 04:00-19:59."""
+def intraday_json(days: int, month: str = "2024-01", symbol: str = "X") -> bytes:
+    """A valid 1-minute answer for `symbol` as Alpha Vantage formats it: `days` days of
+    04:00-19:59 (the Meta Data names the symbol: an answer naming another is refused)."""
     bar = ('"%s": {\n            "1. open": "123.4500",\n            "2. high": "124.5600",\n'
            '            "3. low": "122.3400",\n            "4. close": "123.9900",\n'
            '            "5. volume": "1234567"\n        }')
@@ -612,7 +613,8 @@ def intraday_json(days: int, month: str = "2024-01") -> bytes:
     stamps = [f"{date.fromordinal(first + d)} {h:02d}:{m:02d}:00"
               for d in range(days) for h in range(4, 20) for m in range(60)]
     series = ",\n        ".join(bar % s for s in reversed(stamps))
-    return ('{\n    "Meta Data": {"1. Information": "Intraday (1min)", "2. Symbol": "X"},\n'
+    meta = json.dumps({"1. Information": "Intraday (1min)", "2. Symbol": symbol})
+    return ('{\n    "Meta Data": ' + meta + ',\n'
             '    "Time Series (1min)": {\n        ' + series + "\n    }\n}").encode()
 
 
@@ -658,7 +660,7 @@ def test_one_oversize_answer_is_refused_within_the_memory_limit(tmp_path, figure
     limit_mb = 300
     big = intraday_json(days=260)
     dense = b'{"Time Series (1min)": [' + b"[]," * (4 << 20) + b"[]]}"
-    good = intraday_json(days=3)
+    good = intraday_json(days=3, symbol="GOOD")
     bodies = {"BIG": big, "UNSIZED": big, "DENSE": dense, "GOOD": good}
     with SizedServer(bodies, unsized={"UNSIZED"}) as server:
         cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1",
