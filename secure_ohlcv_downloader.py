@@ -3818,6 +3818,18 @@ def _apply_retention(store: EncryptedStore, cutoff: date, report: CleanupReport)
 # 11. Monitoring: resources, run records, metrics, capacity
 # =========================================================================================
 
+def _high_water_rss() -> int:
+    """Peak resident memory of this process image in bytes (VmHWM; ru_maxrss elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class ResourceMonitor:
     """psutil's view of this run: RSS against OHLCV_MAX_MEMORY_MB (warning at 80%, stop at
     100%), CPU time, and free disk against OHLCV_MIN_FREE_DISK_MB before every write."""
@@ -3843,9 +3855,10 @@ class ResourceMonitor:
                  self.free_disk() / 2**20)
 
     def peak(self) -> int:
-        # ru_maxrss is the kernel's own high-water mark (KiB on Linux): nothing is missed
-        # between our samples.
-        self.peak_rss = max(self.peak_rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        # The kernel's own high-water mark, so nothing is missed between our samples:
+        # VmHWM of this process image. Not ru_maxrss: Linux carries it over exec, so a run
+        # started by a large parent (a notebook, a scheduler) reported the parent's peak.
+        self.peak_rss = max(self.peak_rss, _high_water_rss())
         return self.peak_rss
 
     def free_disk(self) -> int:

@@ -24,7 +24,7 @@ from secure_ohlcv_downloader import (
     market_today,
 )
 from tests.download_fixtures import session_day, start_emulator, weekdays_before
-from tests.foundation_fixtures import settings_for
+from tests.foundation_fixtures import headless_env, run_python, settings_for
 from tests.operations_fixtures import (
     LOG_NAME,
     Metrics,
@@ -684,3 +684,22 @@ def test_estimate_backfill_under_a_25_a_day_cap_takes_days(estimates):
 
     assert match, backfill
     assert 19 <= float(match[1]) <= 20  # 500 requests at 25 a day: the 20th day's batch
+
+
+PEAK_OF_A_CHILD = """
+import subprocess, sys
+ballast = bytearray(400 * 2**20)  # 400 MiB touched by the parent, then a child is started
+ballast[::4096] = b"x" * len(ballast[::4096])
+child = ("from secure_ohlcv_downloader import ResourceMonitor; from config import load_settings;"
+         "print(ResourceMonitor(load_settings()).peak())")
+sys.exit(subprocess.run([sys.executable, "-c", child]).returncode)
+"""
+
+
+def test_peak_memory_is_the_run_s_own_not_its_parent_s(tmp_path):
+    """A run started by a large parent (a notebook, a scheduler) reports its own peak: Linux
+    carries ru_maxrss over exec, so it used to report the parent's 400 MiB."""
+    result = run_python(PEAK_OF_A_CHILD, tmp_path, headless_env(tmp_path))
+
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) < 300 * 2**20
