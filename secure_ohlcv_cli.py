@@ -1,23 +1,27 @@
 """Command line of the Secure OHLCV Downloader: parse, call the module, map errors to exits.
 
 Map of this file:
+    out             -- data lines to stdout; a reader that goes away (`| head`) ends them quietly
     COMMANDS        -- every command: its handler, one-line help and an example
     normalise_argv  -- the operations guide's flag form (`--init`) becomes a subcommand
     build_parser    -- argparse, one subparser per command
     cmd_*           -- one small function per command: call the library, print the result
     main            -- settings, logging, dispatch, and the one place errors become exit codes
 
-Data goes to stdout, messages to stderr. Exit codes come from the error classes
+Data goes to stdout, messages to stderr. The program name in help, usage errors and examples
+is the script actually run (this file or secure_ohlcv_downloader.py: the same command line). Exit codes come from the error classes
 (secure_ohlcv_downloader.EXIT_CODES); the library records each run and writes the metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import logging
 import os
+import select
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -45,15 +49,70 @@ from secure_ohlcv_downloader import (
 )
 
 log = logging.getLogger("secure_ohlcv.cli")
-PROG = "secure_ohlcv_downloader.py"
+PROG = "secure_ohlcv_cli.py"  # when the script run is not known (main() called in-process)
 # A dataset's result line: our words, with any outside text already quoted safely; the
 # download output passes each through outside_text once more, capped here.
 RESULT_LINE_LIMIT = 1000
 
 
+def prog() -> str:
+    """The script actually run, as the operator typed it to run: its file name."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name.endswith(".py") else PROG
+
+
+class Output:
+    """stdout for data. A reader may stop reading (`status | head -1`): the rest of the
+    output then goes nowhere, quietly, and the command finishes its work and keeps its
+    own exit code; a reader leaving is not a failure of the work."""
+
+    gone = False
+
+    @classmethod
+    def guard(cls, write: Callable[[], object]) -> None:
+        if cls.gone:
+            return
+        try:
+            write()
+        except BrokenPipeError:
+            cls.reader_gone()
+
+    @classmethod
+    def reader_gone(cls) -> None:
+        """Point stdout at /dev/null, so what is still buffered (and the interpreter's
+        final flush) goes nowhere instead of raising again."""
+        cls.gone = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+        log.info("stdout closed by its reader; the rest of the output is dropped")
+
+    @classmethod
+    def flush(cls) -> None:
+        cls.guard(sys.stdout.flush)
+
+    @staticmethod
+    def stdout_broken() -> bool:
+        """Whether stdout is a pipe whose reader has gone (poll reports an error on it)."""
+        try:
+            poller = select.poll()
+            poller.register(sys.stdout.fileno(), select.POLLOUT)
+            return any(events & select.POLLERR for _, events in poller.poll(0))
+        except (OSError, ValueError, AttributeError):
+            return False
+
+
+def out(text: str = "", flush: bool = False) -> None:
+    """One line of data on stdout."""
+    Output.guard(lambda: print(text, flush=flush))
+
+
 def say(message: str) -> None:
     """A message for the operator: stderr, secrets removed."""
-    print(redact(message), file=sys.stderr)
+    with contextlib.suppress(BrokenPipeError):  # stderr closed too: nothing to tell
+        print(redact(message), file=sys.stderr)
 
 
 def note(message: str) -> None:
@@ -66,18 +125,18 @@ def note(message: str) -> None:
 
 def show_new_key(new: NewKey) -> None:
     """On a terminal: the only time a key is ever shown in full."""
-    print(f"\nNEW ENCRYPTION KEY RING, primary key {new.fingerprint} (shown once, never again;"
-          " this is OHLCV_ENCRYPTION_KEY's value, new key first):\n")
-    print(f"    {new.value}\n")
-    print("Store it offline now (password manager or paper in a safe): without it the data "
-          "and every backup are unreadable if this machine or its keyring is lost.\n",
-          flush=True)
+    out(f"\nNEW ENCRYPTION KEY RING, primary key {new.fingerprint} (shown once, never again;"
+        " this is OHLCV_ENCRYPTION_KEY's value, new key first):\n")
+    out(f"    {new.value}\n")
+    out("Store it offline now (password manager or paper in a safe): without it the data "
+        "and every backup are unreadable if this machine or its keyring is lost.\n",
+        flush=True)
 
 
 def tell_new_key_file(new: NewKey | None) -> None:
     """Off a terminal the new key went to a file: say where, and that it must move."""
     if new is not None and new.file is not None:
-        print(f"New key {new.fingerprint} written to {new.file} (mode 0600), not shown here: "
+        out(f"New key {new.fingerprint} written to {new.file} (mode 0600), not shown here: "
               f"move it offline now (password manager or safe), then delete it (shred -u "
               f"{new.file}). --check-keys warns until it is gone.")
 
@@ -85,17 +144,17 @@ def tell_new_key_file(new: NewKey | None) -> None:
 def cmd_init(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.init()
     for directory in report.created_dirs:
-        print(f"created {directory}")
+        out(f"created {directory}")
     if report.already_initialised:
-        print(f"Already initialised; nothing changed. Key ring from {report.key_source}, "
+        out(f"Already initialised; nothing changed. Key ring from {report.key_source}, "
               f"fingerprints {', '.join(report.fingerprints)}.")
         return 0
-    print(f"Key ring from {report.key_source}; primary key fingerprint {report.fingerprints[0]}.")
+    out(f"Key ring from {report.key_source}; primary key fingerprint {report.fingerprints[0]}.")
     if report.stored_in:
-        print(f"Stored in: {', '.join(report.stored_in)}.")
+        out(f"Stored in: {', '.join(report.stored_in)}.")
     tell_new_key_file(report.new_key)
-    print("Encrypted canary written; check with: "
-          f"python {PROG} --check-keys")
+    out("Encrypted canary written; check with: "
+          f"python {prog()} --check-keys")
     return 0
 
 
@@ -103,11 +162,11 @@ def cmd_check_keys(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.check_keys()
     width = max(len(c.name) for c in report.checks)
     for check in report.checks:
-        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}")
+        out(f"{'ok  ' if check.ok else 'FAIL'}  {check.name:<{width}}  {check.detail}")
     for warning in report.warnings:
         if warning not in app.warnings:
             say(f"warning: {warning}")
-    print("Result: " + ("sound" if report.sound else "NOT sound: fix the FAIL lines above"))
+    out("Result: " + ("sound" if report.sound else "NOT sound: fix the FAIL lines above"))
     return report.exit_code
 
 
@@ -137,9 +196,9 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         line = outside_text(result.line(), RESULT_LINE_LIMIT)  # one line, no secret
         if bar is not None:
             bar.update(1)
-            bar.write(line, file=sys.stdout)
+            Output.guard(lambda: bar.write(line, file=sys.stdout))
         else:
-            print(line, flush=True)
+            out(line, flush=True)
 
     try:
         report = app.download(symbols, args.interval, args.adjusted, args.full, args.month, show)
@@ -166,13 +225,12 @@ def cmd_export(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         frame = app.load(args.symbol, args.interval, args.adjusted, args.start,
                          args.end).reset_index()
         data = render_export(frame, args.format)
-        if args.output == "-":
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
-        else:
+        if args.output != "-":
             write_private_file(Path(args.output), data, app.settings.file_mode)
             say(f"wrote {len(frame)} rows to {args.output} (mode {app.settings.file_mode:04o}). "
                 "This copy is NOT encrypted: keep it as private as the licence requires.")
+    if args.output == "-":  # the export is done; its reader may take all of it or not
+        Output.guard(lambda: (sys.stdout.buffer.write(data), sys.stdout.flush()))
     return 0
 
 
@@ -203,33 +261,33 @@ def write_private_file(path: Path, data: bytes, file_mode: int) -> None:
 def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     status = app.status()
     if args.json:
-        print(json.dumps(status, indent=2))
+        out(json.dumps(status, indent=2))
     else:
         rows = status["datasets"]
         if not rows:
-            print("no datasets stored yet")
+            out("no datasets stored yet")
         for row in rows:
             if "error" in row:
-                print(f"{row['dataset']:<28} UNREADABLE: {row['error']}")
+                out(f"{row['dataset']:<28} UNREADABLE: {row['error']}")
             else:
                 notes = ("  STALE" if row["stale"] else "") + (
                     "  partial history" if row["partial_history"] else "")
-                print(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:10]} .. "
+                out(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:10]} .. "
                       f"{row['last_bar'][:19]} ({row['age_days']} d old)  updated "
                       f"{row['updated_at']}  key {row['key']}{notes}")
         for command, run in sorted(status["runs"].items()):
             when = datetime.fromtimestamp(run["last_run"], UTC).isoformat(timespec="seconds")
             ok = run.get("last_success")
-            print(f"last {command}: {when}, exit {run['exit_code']}" + (
+            out(f"last {command}: {when}, exit {run['exit_code']}" + (
                 "" if run["exit_code"] == 0 else ", last success " + (
                     datetime.fromtimestamp(ok, UTC).isoformat(timespec="seconds")
                     if ok else "never")))
         for quota in status["quota"]:
             limit = quota["limit"] or "unlimited"
             left = "" if quota["left"] is None else f", {quota['left']} left"
-            print(f"quota {quota['key']}: {quota['used']} of {limit} used on {quota['day']}{left}")
+            out(f"quota {quota['key']}: {quota['used']} of {limit} used on {quota['day']}{left}")
         if status["pending"]:
-            print("pending from the last run: " + ", ".join(status["pending"]))
+            out("pending from the last run: " + ", ".join(status["pending"]))
     return 5 if any("error" in row for row in status["datasets"]) else 0
 
 
@@ -237,24 +295,33 @@ def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     e = app.estimate(args.symbols, args.interval, args.years)
     source = "measured in this store" if e.measured else "documented default (store empty)"
     mb = 2**20
-    print(f"{e.symbols} symbols, {e.interval} bars, {e.years:g} years")
-    print(f"  bytes per bar:     {e.bytes_per_bar:.1f} ({source})")
-    print(f"  per ticker per day: {e.bytes_per_ticker_day:,.0f} bytes; the operations guide plans "
-          f"for {GUIDE_BYTES_PER_TICKER_DAY[0] // 1000}-{GUIDE_BYTES_PER_TICKER_DAY[1] // 1000} KB")
-    print(f"  storage:           {e.storage_bytes / mb:,.1f} MB")
-    print(f"  backups:           {e.backup_bytes / mb:,.1f} MB ({app.settings.backup_keep} archives "
+    out(f"{e.symbols} symbols, {e.interval} bars, {e.years:g} years")
+    out(f"  bytes per bar:     {e.bytes_per_bar:.1f} ({source})")
+    out(f"  per ticker per day: {e.bytes_per_ticker_day:,.0f} bytes (a typical store holds "
+        f"{GUIDE_BYTES_PER_TICKER_DAY[0] // 1000}-{GUIDE_BYTES_PER_TICKER_DAY[1] // 1000} KB "
+        "per symbol and trading day)")
+    out(f"  storage:           {e.storage_bytes / mb:,.1f} MB")
+    out(f"  backups:           {e.backup_bytes / mb:,.1f} MB ({app.settings.backup_keep} archives "
           f"kept); plan for at least {(e.storage_bytes + e.backup_bytes) / mb:,.1f} MB in all")
-    print(f"  full backfill:     {e.backfill_requests:,} requests, {_duration(e.backfill_seconds)}")
-    print(f"  daily refresh:     {e.refresh_requests:,} requests, {_duration(e.refresh_seconds)}")
-    print(f"  at {app.settings.rate_limit_per_second:g}/s, "
-          f"{app.settings.rate_limit_per_minute or 'no'} per minute, "
-          f"{app.settings.rate_limit_per_day or 'no'} per day per key")
+    out(f"  full backfill:     {e.backfill_requests:,} requests, {_duration(e.backfill_seconds)}")
+    out(f"  daily refresh:     {e.refresh_requests:,} requests, {_duration(e.refresh_seconds)}")
+    keys = max(1, len(app.settings.api_keys))
+    out(f"  at {app.settings.rate_limit_per_second:g}/s, "
+        f"{app.settings.rate_limit_per_minute or 'no'} per minute, "
+        f"{app.settings.rate_limit_per_day or 'no'} per day per key ({keys} key"
+        f"{'s' if keys > 1 else ''})")
+    if not e.refresh_fits_a_day:
+        out(f"  CANNOT KEEP UP: the daily refresh needs {e.refresh_requests:,} requests a day "
+            f"but the API keys allow {e.daily_quota:,} a day, so the data falls further "
+            "behind every day. Fix: more API keys (ALPHA_VANTAGE_API_KEY takes several, "
+            "comma-separated), a premium plan (set OHLCV_RATE_LIMIT_PER_MINUTE to its "
+            f"limit), or at most {e.daily_quota:,} symbols.")
     return 0
 
 
 def _duration(seconds: float) -> str:
     if seconds >= 86400:
-        return f"{seconds / 86400:,.1f} days (the daily quota spreads it out)"
+        return f"{seconds / 86400:,.1f} days (the daily quota spreads it over several days)"
     if seconds >= 3600:
         return f"{seconds / 3600:,.1f} hours"
     return f"{seconds / 60:,.1f} minutes" if seconds >= 60 else f"{seconds:,.1f} seconds"
@@ -264,21 +331,21 @@ def cmd_rotate_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.rotate_key()
     tell_new_key_file(report.new_key)
     if report.awaiting_env_update:
-        print(f"New primary key {report.new_fingerprint} generated; old key "
+        out(f"New primary key {report.new_fingerprint} generated; old key "
               f"{report.old_fingerprint} kept as retired. Your keys come from "
               "OHLCV_ENCRYPTION_KEY set outside this directory, so nothing was re-encrypted yet.")
-        print("Set OHLCV_ENCRYPTION_KEY where it is defined (service environment file, "
+        out("Set OHLCV_ENCRYPTION_KEY where it is defined (service environment file, "
               "credential store) to the new value above (or in the file named), then run "
-              f"`python {PROG} --rotate-key` again to re-encrypt every dataset.")
+              f"`python {prog()} --rotate-key` again to re-encrypt every dataset.")
         return 0
-    print(f"Rotated {report.rotated} dataset(s) ({report.already_done} already under the new "
+    out(f"Rotated {report.rotated} dataset(s) ({report.already_done} already under the new "
           f"key) in {report.seconds:.1f} s: key {report.old_fingerprint} -> "
           f"{report.new_fingerprint}. Every file opens under the new key alone.")
-    print("The old key stays in the ring, retired, so older backups stay readable.")
+    out("The old key stays in the ring, retired, so older backups stay readable.")
     if report.stored_in:
-        print(f"The new key ring is stored in: {', '.join(report.stored_in)}.")
+        out(f"The new key ring is stored in: {', '.join(report.stored_in)}.")
     if report.variable_disagrees:
-        print("OHLCV_ENCRYPTION_KEY is also set outside this directory: set it to the new "
+        out("OHLCV_ENCRYPTION_KEY is also set outside this directory: set it to the new "
               "value (new key first), or every run will stop because keyring and variable "
               "disagree.")
     return 0
@@ -287,37 +354,37 @@ def cmd_rotate_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
 def cmd_remove_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.remove_key(args.fingerprint, args.yes)
     for name in report.needed_by:
-        print(f"needs {args.fingerprint} (or could not be read): {name}")
+        out(f"needs {args.fingerprint} (or could not be read): {name}")
     for place in report.unchecked:
-        print(f"NOT CHECKED (a backup --dest destination): {place}")
-    print(f"{len(report.needed_by)} backup(s) above would become unreadable without the key.")
+        out(f"NOT CHECKED (a backup --dest destination): {place}")
+    out(f"{len(report.needed_by)} backup(s) above would become unreadable without the key.")
     if report.unchecked:
-        print("Nothing removed: every destination must be checked first. Fix: mount or "
+        out("Nothing removed: every destination must be checked first. Fix: mount or "
               "restore access to the destinations above, then run again.")
     elif report.removed:
-        print(f"Removed retired key {args.fingerprint} from the key ring.")
+        out(f"Removed retired key {args.fingerprint} from the key ring.")
     elif not args.yes:
-        print("Nothing removed; run again with --yes to remove the key.")
+        out("Nothing removed; run again with --yes to remove the key.")
     if report.edit:
-        print(f"OHLCV_ENCRYPTION_KEY is set outside this directory: {report.edit}")
+        out(f"OHLCV_ENCRYPTION_KEY is set outside this directory: {report.edit}")
     return report.exit_code
 
 
 def cmd_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.backup(Path(args.dest) if args.dest else None)
-    print(f"wrote {report.path} ({report.datasets} datasets, {report.bytes} bytes)")
+    out(f"wrote {report.path} ({report.datasets} datasets, {report.bytes} bytes)")
     for path in report.pruned:
-        print(f"pruned {path}")
+        out(f"pruned {path}")
     return 0
 
 
 def cmd_verify_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     sample = None if args.all else args.sample
     report = app.verify_backup(Path(args.archive) if args.archive else None, sample)
-    print(f"{outside_text(report.archive.name)}: {report.members_checked} members checked, "
+    out(f"{outside_text(report.archive.name)}: {report.members_checked} members checked, "
           f"{report.datasets_decrypted} datasets decrypted, {len(report.problems)} problem(s)")
     for problem in report.problems:
-        print(f"  PROBLEM {problem}")
+        out(f"  PROBLEM {problem}")
     return 0 if report.sound else 5
 
 
@@ -328,21 +395,21 @@ def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         prompt = lambda: getpass.getpass("Encryption key (primary first; comma-separated): ")  # noqa: E731
     report = app.recover(Path(args.from_backup) if args.from_backup else None,
                          Path(args.key_file) if args.key_file else None, prompt)
-    print(f"keys from {report.key_source}, proven by: " + "; ".join(
+    out(f"keys from {report.key_source}, proven by: " + "; ".join(
         f"{fp} opens {what}" for fp, what in report.proven.items()))
     if report.stored_in:
-        print(f"key ring stored in: {', '.join(report.stored_in)} (no key dropped)")
+        out(f"key ring stored in: {', '.join(report.stored_in)} (no key dropped)")
     if report.variable_disagrees:
         say("warning: OHLCV_ENCRYPTION_KEY set outside this directory differs from the key "
             "ring now stored; set it to the ring from your offline copy, or unset it.")
     for warning in report.warnings:
         say(f"warning: {warning}")
-    print(f"{report.checked} dataset(s) checked in the store, {len(report.restored)} restored "
+    out(f"{report.checked} dataset(s) checked in the store, {len(report.restored)} restored "
           f"from the backup, {len(report.failed)} could not be recovered")
     for rel in report.restored:
-        print(f"  restored {rel}")
+        out(f"  restored {rel}")
     for problem in report.failed:
-        print(f"  NOT RECOVERED {problem}")
+        out(f"  NOT RECOVERED {problem}")
     return report.exit_code
 
 
@@ -350,40 +417,56 @@ def cmd_cleanup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.cleanup(args.dry_run)
     verb = "would remove" if report.dry_run else "removed"
     for dataset, rows in report.trimmed:
-        print(f"{verb} {rows} row(s) older than the retention window from {dataset}")
-    for path in report.removed_files + report.pruned_backups + report.temp_files:
-        print(f"{verb} {path}")
-    print(f"{'would free' if report.dry_run else 'freed'} {report.bytes_freed} bytes"
-          + (" (dry run: nothing changed)" if report.dry_run else ""))
+        out(f"{verb} {rows} row(s) older than the retention window from {dataset}")
+    for path in report.removed_files:  # a dataset file that goes whole: one line
+        dataset, rows = report.removed_rows.get(path, ("", 0))
+        out(f"{verb} {path}" + (f" ({dataset}: all {rows} row(s) older than the retention "
+                                "window)" if dataset else ""))
+    for path in report.pruned_backups + report.temp_files:
+        out(f"{verb} {path}")
+    out(f"{'would free' if report.dry_run else 'freed'} {human_bytes(report.bytes_freed)}"
+        + (" (dry run: nothing changed)" if report.dry_run else ""))
     return 0
 
 
+def human_bytes(size: float) -> str:
+    """A size as `ls -h` gives it, in binary units: 512 bytes, 4.0 KiB, 1.8 MiB, 2.3 GiB."""
+    if size < 1024:
+        return f"{size:.0f} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024 or unit == "TiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
 Handler = Callable[[SecureOHLCVDownloader, argparse.Namespace], int]
+# name: handler, one-line help, example ({prog}: the script run)
 COMMANDS: dict[str, tuple[Handler, str, str]] = {
     "init": (cmd_init, "create the private directories and the first encryption key",
-             f"python {PROG} --init"),
+             "python {prog} --init"),
     "check-keys": (cmd_check_keys, "prove the key store works: backend, sources, canary, round trip",
-                   f"python {PROG} --check-keys"),
+                   "python {prog} --check-keys"),
     "download": (cmd_download, "fetch what is missing for each symbol, within the rate limits",
-                 f"python {PROG} download IBM MSFT --interval daily"),
+                 "python {prog} download IBM MSFT --interval daily"),
     "export": (cmd_export, "write the decrypted bars of one symbol as CSV, JSON or Parquet",
-               f"python {PROG} export IBM --start 2024-01-01 -o ibm.csv"),
+               "python {prog} export IBM --start 2024-01-01 -o ibm.csv"),
     "status": (cmd_status, "list stored datasets and today's API quota use",
-               f"python {PROG} status --json"),
+               "python {prog} status --json"),
     "estimate": (cmd_estimate, "storage, requests and time for a universe of symbols",
-                 f"python {PROG} estimate --symbols 500 --years 20"),
+                 "python {prog} estimate --symbols 500 --years 20"),
     "rotate-key": (cmd_rotate_key, "new primary key; re-encrypt every dataset (resumable)",
-                   f"python {PROG} --rotate-key"),
+                   "python {prog} --rotate-key"),
     "remove-key": (cmd_remove_key, "remove a retired key after listing the backups that need it",
-                   f"python {PROG} remove-key 0123456789ab --yes"),
+                   "python {prog} remove-key 0123456789ab --yes"),
     "backup": (cmd_backup, "write one encrypted archive of the store; keep the newest OHLCV_BACKUP_KEEP",
-               f"python {PROG} backup --dest /mnt/offsite"),
+               "python {prog} backup --dest /mnt/offsite"),
     "verify-backup": (cmd_verify_backup, "check an archive against its manifest and decrypt a sample",
-                      f"python {PROG} --verify-backup --all"),
+                      "python {prog} --verify-backup --all"),
     "recover": (cmd_recover, "re-link keys on a new machine, check every dataset, restore from a backup",
-                f"python {PROG} --recover --from-backup backups/ohlcv-backup-....tar"),
+                "python {prog} --recover --from-backup backups/ohlcv-backup-....tar"),
     "cleanup": (cmd_cleanup, "apply the retention window, prune archives, remove crashed temp files",
-                f"python {PROG} --cleanup --dry-run"),
+                "python {prog} --cleanup --dry-run"),
 }
 
 
@@ -397,51 +480,78 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_interval_option(parser: argparse.ArgumentParser) -> None:
+    choices: tuple[str, ...] = INTERVALS
+    parser.add_argument("--interval", default="daily", choices=choices, metavar="INTERVAL",
+                        help=f"bar size: {', '.join(choices)} (default: %(default)s)")
+
+
 def add_dataset_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--interval", default="daily", choices=INTERVALS)
+    add_interval_option(parser)
     parser.add_argument("--adjusted", action="store_true",
-                        help="split- and dividend-adjusted series (daily, weekly, monthly)")
+                        help="split- and dividend-adjusted series (daily, weekly, monthly; "
+                             "default: unadjusted)")
 
 
 def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
     if name == "download":
-        parser.add_argument("symbols", nargs="*", metavar="SYMBOL")
+        parser.add_argument("symbols", nargs="*", metavar="SYMBOL",
+                            help="ticker symbols, e.g. IBM MSFT BRK.B")
         parser.add_argument("--symbols-file", metavar="FILE",
-                            help="symbols, one or more a line; '#' starts a comment")
+                            help="symbols, one or more a line; '#' starts a comment "
+                                 "(default: none)")
         add_dataset_options(parser)
-        parser.add_argument("--full", action="store_true", help="fetch the whole history again")
-        parser.add_argument("--month", metavar="YYYY-MM", help="intraday: this month")
+        parser.add_argument("--full", action="store_true",
+                            help="fetch the whole history again (default: only what is missing)")
+        parser.add_argument("--month", metavar="YYYY-MM",
+                            help="intraday only: this month, up to the current one in New York "
+                                 "(default: the trailing month)")
     elif name == "export":
-        parser.add_argument("symbol", metavar="SYMBOL")
+        parser.add_argument("symbol", metavar="SYMBOL", help="ticker symbol, e.g. IBM")
         add_dataset_options(parser)
-        parser.add_argument("--format", default="csv", choices=("csv", "parquet", "json"))
-        parser.add_argument("--start", metavar="DATE", help="first day, YYYY-MM-DD")
-        parser.add_argument("--end", metavar="DATE", help="last day, YYYY-MM-DD")
+        parser.add_argument("--format", default="csv", choices=("csv", "parquet", "json"),
+                            help="csv, parquet or json (default: %(default)s)")
+        parser.add_argument("--start", metavar="DATE",
+                            help="first day, YYYY-MM-DD (default: the oldest bar)")
+        parser.add_argument("--end", metavar="DATE",
+                            help="last day, YYYY-MM-DD, not before --start (default: the "
+                                 "newest bar)")
         parser.add_argument("-o", "--output", default="-", metavar="PATH",
                             help="file to write, or - for stdout (default)")
     elif name == "status":
-        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.add_argument("--json", action="store_true",
+                            help="machine-readable output (default: one line per dataset)")
     elif name == "estimate":
-        parser.add_argument("--symbols", type=positive_int, required=True, metavar="N")
-        parser.add_argument("--interval", default="daily", choices=INTERVALS)
-        parser.add_argument("--years", type=float, default=20.0, metavar="Y")
+        parser.add_argument("--symbols", type=positive_int, required=True, metavar="N",
+                            help="how many symbols to plan for (required)")
+        add_interval_option(parser)
+        parser.add_argument("--years", type=float, default=20.0, metavar="Y",
+                            help="years of history to keep (default: %(default)g)")
     elif name == "remove-key":
-        parser.add_argument("fingerprint", metavar="FINGERPRINT")
-        parser.add_argument("--yes", action="store_true", help="really remove it")
+        parser.add_argument("fingerprint", metavar="FINGERPRINT",
+                            help="the retired key's fingerprint, as --check-keys lists it")
+        parser.add_argument("--yes", action="store_true",
+                            help="really remove it (default: only list what needs it)")
     elif name == "backup":
         parser.add_argument("--dest", metavar="DIR", help="directory (default OHLCV_BACKUP_DIR)")
     elif name == "verify-backup":
-        parser.add_argument("archive", nargs="?", metavar="ARCHIVE", help="default: the newest")
+        parser.add_argument("archive", nargs="?", metavar="ARCHIVE",
+                            help="the archive to check (default: the newest in OHLCV_BACKUP_DIR)")
         group = parser.add_mutually_exclusive_group()
         group.add_argument("--sample", type=positive_int, default=5, metavar="N",
                            help="decrypt N random datasets (default 5)")
-        group.add_argument("--all", action="store_true", help="decrypt every dataset")
+        group.add_argument("--all", action="store_true",
+                           help="decrypt every dataset (default: a sample, see --sample)")
     elif name == "recover":
         parser.add_argument("--from-backup", metavar="ARCHIVE",
-                            help="restore missing or broken datasets from this archive")
-        parser.add_argument("--key-file", metavar="FILE", help="file holding the key(s)")
+                            help="restore missing or broken datasets from this archive "
+                                 "(default: check only)")
+        parser.add_argument("--key-file", metavar="FILE",
+                            help="file holding the key(s) (default: the key store, or a "
+                                 "prompt on a terminal)")
     elif name == "cleanup":
-        parser.add_argument("--dry-run", action="store_true", help="show what would go; change nothing")
+        parser.add_argument("--dry-run", action="store_true",
+                            help="show what would go; change nothing (default: clean up)")
 
 
 def normalise_argv(argv: Sequence[str]) -> list[str]:
@@ -456,21 +566,28 @@ def normalise_argv(argv: Sequence[str]) -> list[str]:
     return argv
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(program: str | None = None) -> argparse.ArgumentParser:
+    """The command line of `program` (default: the script run). The commands are listed
+    once, in the epilog with an example each; argparse's own list is left out."""
+    program = program or prog()
+    examples = {name: example.format(prog=program) for name, (_, _, example) in COMMANDS.items()}
     epilog = "commands (the --flag form works too):\n" + "\n".join(
-        f"  {name:<14} {help_}\n  {'':<14} e.g. {example}" for name, (_, help_, example) in COMMANDS.items())
+        f"  {name:<14} {help_}\n  {'':<14} e.g. {examples[name]}"
+        for name, (_, help_, _) in COMMANDS.items())
     codes = "\n".join(f"  {code} {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Download OHLCV bars from Alpha Vantage and keep them encrypted.",
+        prog=program, description="Download OHLCV bars from Alpha Vantage and keep them encrypted.",
         epilog=epilog + "\n\nexit codes:\n" + codes,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False)  # --key must never be taken for --key-file
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_, example) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_, description=f"{help_}. Example: {example}",
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="one of the commands listed below")
+    for name, (_, help_, _) in COMMANDS.items():
+        command = sub.add_parser(name, description=f"{help_}. Example: {examples[name]}",
                                  allow_abbrev=False)
         command.add_argument("--metrics-file", metavar="FILE",
-                             help="write Prometheus metrics here (overrides OHLCV_METRICS_FILE)")
+                             help="write Prometheus metrics here (default: "
+                                  "OHLCV_METRICS_FILE, if set)")
         add_command_options(name, command)
     return parser
 
@@ -478,6 +595,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line; its exit code. A reader of stdout that leaves early (`| head`)
+    ends the output quietly and changes neither the exit code nor the run's record."""
+    code = run(argv)
+    Output.flush()  # what is still buffered, now rather than at the interpreter's exit
+    return code
+
+
+def run(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     try:
@@ -515,6 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"error: {exc}")
         code = exc.exit_code
     except OSError as exc:
+        if isinstance(exc, BrokenPipeError) and Output.stdout_broken():
+            Output.reader_gone()  # stdout written outside out(): the reader left, quietly
+            return 0
         log.error("I/O error: %s", exc)
         say(f"error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
             + " (the file being written keeps its previous version)")

@@ -2169,6 +2169,11 @@ def stored_frame(store: EncryptedStore, symbol: str, interval: str,
 def load_frame(store: EncryptedStore, symbol: str, interval: str, adjusted: bool,
                start: str | date | None, end: str | date | None) -> pd.DataFrame:
     """The stored bars of one symbol as a DataFrame indexed by timestamp, oldest first."""
+    if start is not None and end is not None and \
+            _bound(start, pd.Series([], dtype="datetime64[ns]")) > \
+            _bound(end, pd.Series([], dtype="datetime64[ns]")):
+        raise UsageError(f"--start {start} is after --end {end}: nothing could match. "
+                         "Fix: give the earlier day as --start.")
     frame = stored_frame(store, symbol, interval, adjusted)
     stamps = frame["timestamp"]
     if start is not None:
@@ -2344,6 +2349,7 @@ class DatasetResult:
     seconds: float = 0.0
     error: str = ""
     partial_history: bool = False
+    changed: bool = True  # updated: whether the stored bars differ from before the request
 
     def line(self) -> str:
         head = f"{self.dataset}: "
@@ -2353,6 +2359,9 @@ class DatasetResult:
             return head + f"not reached: {self.error}; the next run does it first"
         if self.outcome == "current":
             return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
+        if not self.changed:  # asked (--full, a month not final): the same bars came back
+            return (head + f"unchanged, {self.rows} rows, last bar {self.last_bar} "
+                    f"[{self.mode}, {self.seconds:.2f} s]")
         note = " (partial history: full history needs a premium key)" if self.partial_history else ""
         return (head + f"updated, {self.rows} rows (+{self.added}), last bar {self.last_bar} "
                 f"[{self.mode}, {self.seconds:.2f} s]{note}")
@@ -2454,7 +2463,7 @@ class DatasetDownloader:
                 stored, partial = None, False
         meta = {"checked_at": utc_now_iso(), "partial_history": partial,
                 "function": request.function}
-        added = 0
+        added, changed = 0, False
         if trailing:  # other months the trailing window touched: merge into their files
             for month, part in fresh.groupby(fresh["timestamp"].dt.strftime("%Y-%m")):
                 if month != dataset.month:
@@ -2462,17 +2471,20 @@ class DatasetDownloader:
                     before = self._read(other)[0]
                     merged = merge_bars(before, part.reset_index(drop=True), other)
                     added += len(merged) - (0 if before is None else len(before))
+                    changed = changed or before is None or not merged.equals(before)
                     self.store.write(other, merged, meta)
             fresh = fresh[fresh["timestamp"].dt.strftime("%Y-%m") == dataset.month]
             fresh = fresh.reset_index(drop=True)
         merged = merge_bars(stored, fresh, dataset)
         added += len(merged) - (0 if stored is None else len(stored))
+        changed = changed or stored is None or not merged.equals(stored)
         if merged.empty:
             raise ApiError(f"no bars for {dataset.month} in the answer.")
         self.store.write(dataset, merged, meta)
         return DatasetResult(dataset, "updated", len(merged), added,
                              str(merged["timestamp"].iloc[-1].date()), request.outputsize or "full",
-                             time.monotonic() - started, partial_history=partial)
+                             time.monotonic() - started, partial_history=partial,
+                             changed=changed)
 
     def _read(self, dataset: DatasetId) -> tuple[pd.DataFrame | None, dict[str, Any]]:
         try:
@@ -2596,10 +2608,18 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     settings = ctx.settings
     now = ctx.clock()
     trailing = interval in INTRADAY and month is None
+    this_month = now.astimezone(MARKET_TZ).strftime("%Y-%m")
     if trailing:
-        month = now.astimezone(MARKET_TZ).strftime("%Y-%m")
+        month = this_month
     elif interval not in INTRADAY and month is not None:
         raise UsageError("--month applies to intraday intervals only.")
+    elif month is not None and not MONTH_PATTERN.fullmatch(month):
+        raise UsageError(f"invalid --month {outside_text(month, 40)}: use YYYY-MM, "
+                         f"e.g. {this_month}.")
+    elif month is not None and month > this_month:
+        raise UsageError(f"--month {month} has not begun yet in New York (this month is "
+                         f"{this_month}); no request was sent. Fix: give {this_month} or "
+                         "an earlier month.")
     datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
     if not datasets:
         raise UsageError("no symbols given.")
@@ -2610,6 +2630,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                             "https://www.alphavantage.co/support/#api-key.")
     stats = RunStats()
     results: list[DatasetResult] = []
+    finished: dict[int, DatasetResult] = {}  # done, waiting for an earlier one to be reported
     with ctx.exclusive() as ring:
         store = EncryptedStore(settings, ring)
         limiter = RateLimiter(settings, api_keys_of(settings))
@@ -2665,20 +2686,26 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
         try:
             with ThreadPoolExecutor(settings.max_workers, "download") as pool:
                 futures = [pool.submit(job, d) for d in pending.order(datasets)]
+                # Results are handed on in the order the symbols were given, each as soon
+                # as it and every one before it are done (the work order may differ).
+                position = {d: i for i, d in enumerate(datasets)}
                 try:
                     for future in as_completed(futures):
                         result = future.result()
                         log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
                                  result.outcome, result.mode, result.rows, result.added,
                                  result.seconds, f" error={result.error}" if result.error else "")
-                        results.append(result)
-                        if on_result:
-                            on_result(result)
+                        finished[position[result.dataset]] = result
+                        while len(results) in finished:
+                            results.append(finished.pop(len(results)))
+                            if on_result:
+                                on_result(results[-1])
                 except BaseException:  # Ctrl-C, or the output gone: start nothing unreported
                     for future in futures:
                         future.cancel()
                     raise
         finally:  # whatever stopped the loop, what was done is remembered
+            results += [finished[i] for i in sorted(finished)]
             limiter.close()
             client.close()
             report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
@@ -3758,6 +3785,8 @@ class CleanupReport:
     pruned_backups: list[Path] = field(default_factory=list)
     temp_files: list[Path] = field(default_factory=list)
     bytes_freed: int = 0
+    # A dataset file removed whole: which dataset, and how many rows (not in `trimmed`)
+    removed_rows: dict[Path, tuple[str, int]] = field(default_factory=dict)
 
 
 def retention_cutoff(days: int, today: date | None = None) -> date:
@@ -3802,16 +3831,18 @@ def _apply_retention(store: EncryptedStore, cutoff: date, report: CleanupReport)
         keep = frame[frame["timestamp"].dt.date >= cutoff].reset_index(drop=True)
         if len(keep) == len(frame):
             continue
-        report.trimmed.append((str(dataset), len(frame) - len(keep)))
         size = path.stat().st_size
-        if keep.empty:
+        if keep.empty:  # reported once, as the file that goes
             report.removed_files.append(path)
+            report.removed_rows[path] = (str(dataset), len(frame))
             report.bytes_freed += size
             if not report.dry_run:
                 path.unlink()
-        elif not report.dry_run:
-            store.write(dataset, keep, meta)
-            report.bytes_freed += max(size - path.stat().st_size, 0)
+        else:
+            report.trimmed.append((str(dataset), len(frame) - len(keep)))
+            if not report.dry_run:
+                store.write(dataset, keep, meta)
+                report.bytes_freed += max(size - path.stat().st_size, 0)
 
 
 # =========================================================================================
@@ -4018,6 +4049,12 @@ class Estimate:
     backfill_seconds: float
     refresh_seconds: float
     bytes_per_ticker_day: float
+    daily_quota: int | None = None  # requests a day across every key; None: no daily limit
+
+    @property
+    def refresh_fits_a_day(self) -> bool:
+        """Whether one day's quota covers the daily refresh (else the plan cannot keep up)."""
+        return self.daily_quota is None or self.refresh_requests <= self.daily_quota
 
 
 def estimate(settings: Settings, store: EncryptedStore | None, symbols: int, interval: str,
@@ -4048,7 +4085,9 @@ def estimate(settings: Settings, store: EncryptedStore | None, symbols: int, int
     per_day_bars = BARS_PER_YEAR[interval] / 252
     return Estimate(symbols, interval, years, bytes_per_bar, measured, storage,
                     storage * settings.backup_keep, backfill, refresh, duration(backfill),
-                    duration(refresh), bytes_per_bar * per_day_bars)
+                    duration(refresh), bytes_per_bar * per_day_bars,
+                    settings.rate_limit_per_day * max(1, len(settings.api_keys))
+                    if settings.rate_limit_per_day else None)
 
 
 def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tuple[float | None, bool]:

@@ -1177,6 +1177,21 @@ class TestCleanupDryRun:
             assert f"would remove {path}" in result.stdout, path
         assert "dry run: nothing changed" in result.stdout
 
+    def test_names_each_file_once_and_the_total_in_binary_units(self, dry_run):
+        state, result, _, _ = dry_run
+        whole = [state.site.data_dir / "daily/OLD.fernet",
+                 state.site.data_dir / "intraday_5min/TSCO.LON/2001-01.fernet"]
+        lines = result.stdout.splitlines()
+
+        for path, dataset in zip(whole, ("OLD daily", "TSCO.LON intraday_5min 2001-01"),
+                                 strict=True):
+            naming = [line for line in lines if str(path) in line or dataset in line]
+            assert len(naming) == 1, naming  # one line: the file, its dataset, its rows
+            assert "all " in naming[0] and dataset in naming[0], naming
+        total = re.fullmatch(r"would free (\d+ bytes|\d+\.\d (KiB|MiB|GiB)) \(dry run: "
+                             r"nothing changed\)", lines[-1])
+        assert total, lines[-1]
+
 
 def test_retention_days_0_keeps_every_bar(tmp_path):
     state = retention_site(tmp_path)
