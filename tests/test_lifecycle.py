@@ -721,6 +721,14 @@ def test_a_tampered_archive_fails_verification_naming_what_is_wrong(spoiled, cas
     assert names(result, named), result.stdout
 
 
+def test_a_tampered_member_is_one_problem_reported_once(spoiled):
+    result = spoiled.results["one byte flipped in a dataset member"]
+
+    assert problems(result) and all(p.startswith(IBM_MEMBER + ":") for p in problems(result))
+    assert len(problems(result)) == 1, result.stdout
+    assert ", 1 problem(s)" in result.stdout
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_a_hostile_archive_fails_verification_naming_the_refused_member(spoiled, case):
     result = spoiled.results[case]
