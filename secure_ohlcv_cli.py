@@ -205,9 +205,12 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    counts = Counter(r.outcome for r in report.results)
+    counts = Counter("unchanged" if r.outcome == "updated" and not r.changed else r.outcome
+                     for r in report.results)
     requests_made = sum(report.stats.requests.values())
-    say(f"done: {counts['updated']} updated, {counts['current']} current, {counts['failed']} "
+    say(f"done: {counts['updated']} updated, "
+        + (f"{counts['unchanged']} unchanged, " if counts["unchanged"] else "")
+        + f"{counts['current']} current, {counts['failed']} "
         f"failed, {counts['pending']} not reached; {requests_made} requests, "
         f"{report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
     if report.failed:
@@ -293,13 +296,13 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
 
 def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     e = app.estimate(args.symbols, args.interval, args.years)
-    source = "measured in this store" if e.measured else "documented default (store empty)"
+    source = "measured in this store" if e.measured else "default figure: the store is empty"
     mb = 2**20
     out(f"{e.symbols} symbols, {e.interval} bars, {e.years:g} years")
     out(f"  bytes per bar:     {e.bytes_per_bar:.1f} ({source})")
-    out(f"  per ticker per day: {e.bytes_per_ticker_day:,.0f} bytes (a typical store holds "
-        f"{GUIDE_BYTES_PER_TICKER_DAY[0] // 1000}-{GUIDE_BYTES_PER_TICKER_DAY[1] // 1000} KB "
-        "per symbol and trading day)")
+    out(f"  per ticker per day: {e.bytes_per_ticker_day:,.0f} bytes (a common planning "
+        f"allowance is {GUIDE_BYTES_PER_TICKER_DAY[0] // 1000}-"
+        f"{GUIDE_BYTES_PER_TICKER_DAY[1] // 1000} KB per symbol and trading day)")
     out(f"  storage:           {e.storage_bytes / mb:,.1f} MB")
     out(f"  backups:           {e.backup_bytes / mb:,.1f} MB ({app.settings.backup_keep} archives "
           f"kept); plan for at least {(e.storage_bytes + e.backup_bytes) / mb:,.1f} MB in all")

@@ -214,6 +214,7 @@ def test_a_full_download_that_brings_nothing_new_says_unchanged(stored):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("IBM daily: unchanged, "), result.stdout
     assert "(+0)" not in result.stdout
+    assert result.stderr.startswith("done: 0 updated, 1 unchanged, ")
 
 
 def test_result_lines_come_in_the_order_the_symbols_were_given(emulator, tmp_path):
