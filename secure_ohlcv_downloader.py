@@ -2169,11 +2169,12 @@ def stored_frame(store: EncryptedStore, symbol: str, interval: str,
 def load_frame(store: EncryptedStore, symbol: str, interval: str, adjusted: bool,
                start: str | date | None, end: str | date | None) -> pd.DataFrame:
     """The stored bars of one symbol as a DataFrame indexed by timestamp, oldest first."""
-    if start is not None and end is not None and \
-            _bound(start, pd.Series([], dtype="datetime64[ns]")) > \
-            _bound(end, pd.Series([], dtype="datetime64[ns]")):
-        raise UsageError(f"--start {start} is after --end {end}: nothing could match. "
-                         "Fix: give the earlier day as --start.")
+    if start is not None and end is not None:  # refused before any file is read
+        none = pd.Series([], dtype="datetime64[ns]")
+        with contextlib.suppress(TypeError):  # one bound with a UTC offset, one without
+            if _bound(start, none) > _bound(end, none):
+                raise UsageError(f"--start {start} is after --end {end}: nothing could "
+                                 "match. Fix: give the earlier day as --start.")
     frame = stored_frame(store, symbol, interval, adjusted)
     stamps = frame["timestamp"]
     if start is not None:
@@ -2359,10 +2360,10 @@ class DatasetResult:
             return head + f"not reached: {self.error}; the next run does it first"
         if self.outcome == "current":
             return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
+        note = " (partial history: full history needs a premium key)" if self.partial_history else ""
         if not self.changed:  # asked (--full, a month not final): the same bars came back
             return (head + f"unchanged, {self.rows} rows, last bar {self.last_bar} "
-                    f"[{self.mode}, {self.seconds:.2f} s]")
-        note = " (partial history: full history needs a premium key)" if self.partial_history else ""
+                    f"[{self.mode}, {self.seconds:.2f} s]{note}")
         return (head + f"updated, {self.rows} rows (+{self.added}), last bar {self.last_bar} "
                 f"[{self.mode}, {self.seconds:.2f} s]{note}")
 
