@@ -2615,7 +2615,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     elif interval not in INTRADAY and month is not None:
         raise UsageError("--month applies to intraday intervals only.")
     elif month is not None and not MONTH_PATTERN.fullmatch(month):
-        raise UsageError(f"invalid --month {outside_text(month, 40)}: use YYYY-MM, "
+        raise UsageError(f"invalid month {outside_text(month, 40)} for --month: use YYYY-MM, "
                          f"e.g. {this_month}.")
     elif month is not None and month > this_month:
         raise UsageError(f"--month {month} has not begun yet in New York (this month is "
