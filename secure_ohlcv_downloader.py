@@ -1157,14 +1157,23 @@ class DailyQuota:
                      "recent": state.get("recent", [])}
         return state
 
-    def take(self) -> bool:
-        """Count one request; False (and nothing counted) when today's budget is spent."""
+    def take(self) -> str | None:
+        """Count one request: the quota day it counts against; None (and nothing counted)
+        when today's budget is spent."""
         with self._locked() as state:
             if state["exhausted"] or (self.per_day and state["used"] >= self.per_day):
-                return False
+                return None
             state["used"] += 1
             state["last_request"] = time.time()
-            return True
+            return str(state["day"])
+
+    def give_back(self, day: str) -> None:
+        """Uncount one request counted on `day` that never reached the server: a slot
+        reserved but not used, a connection never made. A later day's count is not
+        touched: that request was never part of it."""
+        with self._locked() as state:
+            if state["day"] == day and state["used"] > 0:
+                state["used"] -= 1
 
     def mark_exhausted(self) -> None:
         """The server said the day's quota is spent, whatever our count says."""
@@ -1203,7 +1212,12 @@ class RateLimiter:
         self._monotonic, self._sleep = monotonic, sleep
         self._lock = threading.Lock()
         self._sent: dict[str, deque[float]] = {}
+        # Keys the server called spent: a request waiting for a slot of one is not sent.
         self._exhausted: set[str] = set()
+        # Keys whose count reached the daily budget: no new reservation, but the ones
+        # already counted are sent (dropping them would leave the budget partly unused).
+        self._budget_spent: set[str] = set()
+        self._reserved = threading.local()  # the quota day of this thread's reservation
         self._penalty_until: dict[str, float] = {}
         offset = time.time() - monotonic()  # wall clock -> our monotonic clock
         for key in self.keys:
@@ -1238,30 +1252,49 @@ class RateLimiter:
         that write overlaps the wait instead of lengthening every interval; the slot is
         never earlier than the moment the count is on disk, so a slow write only delays.
         A key the server throttled or declared spent during the wait is not used: the
-        request goes behind the penalty, or to another key."""
+        request goes behind the penalty, or to another key. A reservation that is not
+        sent (that key spent, or the wait interrupted) is given back to the day's count;
+        so is one whose request never reaches the server (`unsent`)."""
         with self._lock:
             key, slot, now = self._reserve()
         if slot <= now:
             return key
-        while True:
-            self._sleep(max(slot - self._monotonic(), 0.0))
-            with self._lock:
-                fp = key.fingerprint
-                if fp not in self._exhausted and self._penalty_until.get(fp, slot) <= slot:
-                    return key
-                with contextlib.suppress(ValueError):  # gone only if we slept for minutes
-                    self._sent[fp].remove(slot)
-                if fp in self._exhausted:  # its count no longer matters: the day is over
-                    key, slot, _ = self._reserve()
-                else:  # counted already: only the slot moves, behind the penalty
-                    slot = self._next_slot(fp, self._monotonic())
-                    self._sent[fp].append(slot)
+        counted = True
+        try:
+            while True:
+                self._sleep(max(slot - self._monotonic(), 0.0))
+                with self._lock:
+                    fp = key.fingerprint
+                    if fp not in self._exhausted and self._penalty_until.get(fp, slot) <= slot:
+                        return key
+                    with contextlib.suppress(ValueError):  # gone only if we slept for minutes
+                        self._sent[fp].remove(slot)
+                    if fp in self._exhausted:  # the server says its day is over: not sent
+                        self.quotas[fp].give_back(self._reserved.day)
+                        counted = False
+                        key, slot, _ = self._reserve()
+                        counted = True
+                    else:  # counted already: only the slot moves, behind the penalty
+                        slot = self._next_slot(fp, self._monotonic())
+                        self._sent[fp].append(slot)
+        except BaseException:  # Ctrl-C during the wait: the request never leaves
+            if counted:
+                self.quotas[key.fingerprint].give_back(self._reserved.day)
+            raise
+
+    def unsent(self, key: ApiKey) -> None:
+        """The request this thread's last acquire() was for never reached the server (no
+        connection was made): it does not count against the day."""
+        self.quotas[key.fingerprint].give_back(self._reserved.day)
+        with self._lock:
+            self._budget_spent.discard(key.fingerprint)  # one more may be counted now
 
     def _reserve(self) -> tuple[ApiKey, float, float]:
         """Under the lock: count a request for the key free soonest and reserve its slot.
         Returns the key, the slot and the time the slot was reserved at."""
         while True:
-            usable = [k for k in self.keys if k.fingerprint not in self._exhausted]
+            usable = [k for k in self.keys
+                      if k.fingerprint not in self._exhausted | self._budget_spent]
             if not usable:
                 raise QuotaExhausted("the daily API quota of every configured key is spent.")
             now = self._monotonic()
@@ -1271,9 +1304,11 @@ class RateLimiter:
                                   self._last_sent(k.fingerprint), i)
                                  for i, k in enumerate(usable))
             key = usable[index]
-            if self.quotas[key.fingerprint].take():
+            day = self.quotas[key.fingerprint].take()
+            if day is not None:
+                self._reserved.day = day
                 break
-            self._exhausted.add(key.fingerprint)
+            self._budget_spent.add(key.fingerprint)
             log.warning("rate limit: key %s reached its daily budget of %s",
                         key.fingerprint, self.quotas[key.fingerprint].per_day)
         now = self._monotonic()

@@ -1,0 +1,111 @@
+"""The day's quota spent exactly, and requests that never reached the server.
+
+* A free key (25 a day) with the default 4 workers: every one of its 25 requests reaches
+  the server; a reservation counted while another worker ran the budget out is sent, not
+  dropped (it was counted, so dropping it left requests of the day unused).
+* A request that never reached the server (connection refused, a name that does not
+  resolve) is not counted against the day; one that may have reached it (read timeout)
+  is. A name that does not resolve is tried twice at most; the failure names the cause
+  and the offline demo; a person at a terminal sees each retry wait, cron does not.
+
+Everything is real: the emulator over a real socket, a port that refuses connections (a
+socket bound but not listening), the reserved `.invalid` name (RFC 2606: never resolves,
+no network needed), the command line in a subprocess, a pseudo-terminal for stderr.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from secure_ohlcv_downloader import DailyQuota, QuotaExhausted, api_key_fingerprint
+from tests.download_fixtures import (
+    FREE_KEY,
+    PREMIUM_KEY,
+    Workspace,
+    start_emulator,
+)
+from tests.test_client import ServerAnswersDuringTheWait, limiter_settings, simulated_limiter
+
+
+
+# -- a free key's day, spent exactly ---------------------------------------------------------
+
+# 5 a second (the emulator's free plan set to the same) keeps the run to seconds; the
+# daily budget is the free default of 25 on both sides, and OHLCV_MAX_WORKERS the default 4.
+FREE_DAY = {"ALPHA_VANTAGE_API_KEY": FREE_KEY, "OHLCV_RATE_LIMIT_PER_MINUTE": None,
+            "OHLCV_RATE_LIMIT_PER_SECOND": "5"}
+THIRTY = [f"S{i:02d}" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def free_day(tmp_path_factory):
+    av = start_emulator(free_per_second=5, free_per_day=25, free_full_daily=True)
+    try:
+        ws = Workspace(tmp_path_factory.mktemp("free-day"), av, **FREE_DAY).init()
+        (ws.cwd / "symbols.txt").write_text("\n".join(THIRTY) + "\n")
+        run = ws.cli("download", "--symbols-file", "symbols.txt")
+        yield SimpleNamespace(av=av, ws=ws, run=run, status=ws.cli("status", "--json"),
+                              status_text=ws.cli("status"))
+    finally:
+        av.stop()
+
+
+def test_free_key_with_four_workers_sends_all_25_requests_of_its_day(free_day):
+    assert free_day.run.returncode == 4, free_day.run.stderr
+    assert free_day.av.request_count == 25
+    assert free_day.av.violations == 0
+
+
+def test_free_key_with_four_workers_brings_25_datasets_up_to_date(free_day):
+    lines = free_day.run.stdout.splitlines()
+
+    assert sum(": updated, " in line for line in lines) == 25, free_day.run.stdout
+    assert "0 failed, 5 not reached; 25 requests" in free_day.run.stderr
+
+
+def test_status_counts_exactly_the_requests_the_server_counted(free_day):
+    [quota] = json.loads(free_day.status.stdout)["quota"]
+
+    assert (quota["used"], quota["limit"], quota["left"]) == (25, 25, 0)
+    assert quota["used"] == free_day.av.used_today(FREE_KEY)
+    assert "25 of 25 used" in free_day.status_text.stdout
+
+
+# -- the limiter, on the simulated clock of tests/test_client.py -----------------------------
+
+def test_a_reservation_counted_before_the_budget_ran_out_is_still_sent(tmp_path):
+    """While a request waits for its slot, another worker finds the day's budget spent:
+    the waiting one was counted within the budget and is sent."""
+    clock = ServerAnswersDuringTheWait(None)
+    limiter = clock.limiter = simulated_limiter(tmp_path, clock, OHLCV_RATE_LIMIT_PER_DAY="2")
+    key = limiter.acquire()
+    refused: list[type] = []
+
+    def another_worker(lim):
+        with pytest.raises(QuotaExhausted) as caught:
+            lim.acquire()
+        refused.append(caught.type)
+    clock.answer = another_worker
+
+    assert limiter.acquire() is key
+    assert refused == [QuotaExhausted]
+    quota = DailyQuota(limiter_settings(tmp_path), key.fingerprint)
+    assert quota.read()["used"] == 2
+
+
+def test_a_reservation_of_a_key_the_server_called_spent_is_given_back(tmp_path):
+    second_key = "SECONDPREMIUMKEY"
+    clock = ServerAnswersDuringTheWait(None)
+    limiter = clock.limiter = simulated_limiter(tmp_path, clock, (PREMIUM_KEY, second_key))
+    first = limiter.acquire()
+    limiter.acquire()  # the other key, free at once
+    clock.answer = lambda lim: lim.exhausted(first)
+
+    assert limiter.acquire().fingerprint != first.fingerprint
+
+    settings = limiter_settings(tmp_path, (PREMIUM_KEY, second_key))
+    assert DailyQuota(settings, first.fingerprint).read()["used"] == 1  # the one it sent
+    assert DailyQuota(settings, api_key_fingerprint(second_key)).read()["used"] == 2
