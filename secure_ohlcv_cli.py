@@ -132,6 +132,8 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     if sys.stderr.isatty():  # a progress bar for people; cron gets the result lines only
         from tqdm import tqdm
         bar = tqdm(total=len(symbols), unit="symbol", file=sys.stderr, leave=False)
+        # Retry waits are shown to a person (above the bar), never in cron's output.
+        app.ctx.progress = lambda message: bar.write(f"note: {redact(message)}", file=sys.stderr)
 
     def show(result: DatasetResult) -> None:
         line = outside_text(result.line(), RESULT_LINE_LIMIT)  # one line, no secret

@@ -16,19 +16,27 @@ no network needed), the command line in a subprocess, a pseudo-terminal for stde
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 
 from secure_ohlcv_downloader import DailyQuota, QuotaExhausted, api_key_fingerprint
-from tests.download_fixtures import (
+from tests.download_fixtures import (  # noqa: F401  (emulator is a fixture)
     FREE_KEY,
     PREMIUM_KEY,
     Workspace,
+    emulator,
     start_emulator,
 )
+from tests.foundation_fixtures import CLI, SUBPROCESS_TIMEOUT
 from tests.test_client import ServerAnswersDuringTheWait, limiter_settings, simulated_limiter
 
+OFFLINE_DEMO = "./scripts/offline-demo.sh"
+UNRESOLVABLE = "https://nonexistent.invalid/query"
 
 
 # -- a free key's day, spent exactly ---------------------------------------------------------
@@ -109,3 +117,124 @@ def test_a_reservation_of_a_key_the_server_called_spent_is_given_back(tmp_path):
     settings = limiter_settings(tmp_path, (PREMIUM_KEY, second_key))
     assert DailyQuota(settings, first.fingerprint).read()["used"] == 1  # the one it sent
     assert DailyQuota(settings, api_key_fingerprint(second_key)).read()["used"] == 2
+
+
+# -- requests that never reached the server ----------------------------------------------------
+
+@pytest.fixture
+def refusing_url():
+    """A local port that refuses connections: bound, never listening, held for the test."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/query"
+
+
+def used_today(ws: Workspace) -> int:
+    settings = ws.settings()
+    key = settings.api_keys[0].reveal()
+    return DailyQuota(settings, api_key_fingerprint(key)).read()["used"]
+
+
+def test_connection_refused_is_not_counted_and_names_the_cause(emulator, tmp_path, refusing_url):
+    ws = Workspace(tmp_path, emulator, ALPHA_VANTAGE_BASE_URL=refusing_url,
+                   OHLCV_MAX_RETRIES="2").init()
+
+    [result] = ws.download(["IBM"]).results
+
+    assert result.outcome == "failed"
+    assert "gave up after 3 attempts" in result.error
+    assert "could not connect to 127.0.0.1:" in result.error
+    assert "Connection refused" in result.error
+    assert OFFLINE_DEMO in result.error
+    assert used_today(ws) == 0
+
+
+def test_unresolvable_name_is_tried_twice_at_most_and_not_counted(emulator, tmp_path):
+    ws = Workspace(tmp_path, emulator, ALPHA_VANTAGE_BASE_URL=UNRESOLVABLE,
+                   OHLCV_MAX_RETRIES="5").init()
+
+    report = ws.download(["IBM"])
+
+    [result] = report.results
+    assert result.outcome == "failed"
+    assert "could not resolve nonexistent.invalid" in result.error
+    assert OFFLINE_DEMO in result.error
+    assert report.stats.requests["network_error"] <= 2
+    assert ws.log_text().count("IBM TIME_SERIES_DAILY: retry ") <= 1
+    assert used_today(ws) == 0
+
+
+def test_after_a_name_failed_to_resolve_later_datasets_try_once(emulator, tmp_path):
+    ws = Workspace(tmp_path, emulator, ALPHA_VANTAGE_BASE_URL=UNRESOLVABLE,
+                   OHLCV_MAX_WORKERS="1").init()
+
+    report = ws.download(["IBM", "MSFT", "AAPL"])
+
+    assert [r.outcome for r in report.results] == ["failed"] * 3
+    assert report.stats.requests["network_error"] == 2 + 1 + 1
+    assert used_today(ws) == 0
+
+
+def test_a_request_that_may_have_reached_the_server_is_counted(emulator, tmp_path):
+    # The server read the request and stalled: a read timeout, counted as sent.
+    ws = Workspace(tmp_path, emulator, OHLCV_MAX_RETRIES="1",
+                   OHLCV_REQUEST_TIMEOUT="0.3").init()
+    emulator.inject("stall", times=2, symbol="IBM", seconds=1.0)
+
+    [result] = ws.download(["IBM"]).results
+
+    assert result.outcome == "failed"
+    assert "network error" in result.error
+    assert OFFLINE_DEMO not in result.error
+    assert used_today(ws) == 2 == emulator.request_count
+
+
+# -- what the operator sees --------------------------------------------------------------------
+
+def run_with_terminal_stderr(ws: Workspace, *args: str) -> tuple[int, str, str]:
+    """The command line with stderr on a pseudo-terminal (as a person runs it): exit
+    code, stdout, and what the terminal showed."""
+    leader, follower = os.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, str(CLI), *args], cwd=ws.cwd, env=ws.env(),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=follower, text=True)
+        os.close(follower)
+        shown = bytearray()
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other side closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+        stdout = proc.stdout.read() if proc.stdout else ""
+        code = proc.wait(timeout=SUBPROCESS_TIMEOUT)
+    finally:
+        os.close(leader)
+    return code, stdout, shown.decode(errors="replace")
+
+
+def test_a_terminal_is_shown_each_retry_wait_naming_the_cause(emulator, tmp_path, refusing_url):
+    ws = Workspace(tmp_path, emulator, ALPHA_VANTAGE_BASE_URL=refusing_url,
+                   OHLCV_MAX_RETRIES="2").init()
+
+    code, stdout, terminal = run_with_terminal_stderr(ws, "download", "IBM")
+
+    assert code == 1
+    assert "(Connection refused); retry 1 of 2 in " in terminal
+    assert "(Connection refused); retry 2 of 2 in " in terminal
+    assert OFFLINE_DEMO in stdout
+
+
+def test_cron_output_has_no_retry_notes_only_the_outcome(emulator, tmp_path, refusing_url):
+    ws = Workspace(tmp_path, emulator, ALPHA_VANTAGE_BASE_URL=refusing_url,
+                   OHLCV_MAX_RETRIES="2").init()
+
+    run = ws.cli("download", "IBM")
+
+    assert run.returncode == 1
+    assert "retry" not in run.stdout + run.stderr
+    assert "IBM daily: FAILED: gave up after 3 attempts: could not connect" in run.stdout
+    assert OFFLINE_DEMO in run.stdout
