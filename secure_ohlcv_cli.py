@@ -149,10 +149,12 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     counts = Counter(r.outcome for r in report.results)
-    requests_made = sum(report.stats.requests.values())
+    unconnected = report.stats.requests["no_connection"]  # never reached the server
+    requests_made = sum(report.stats.requests.values()) - unconnected
     say(f"done: {counts['updated']} updated, {counts['current']} current, {counts['failed']} "
-        f"failed, {counts['pending']} not reached; {requests_made} requests, "
-        f"{report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
+        f"failed, {counts['pending']} not reached; {requests_made} requests"
+        + (f" (and {unconnected} attempts without a connection)" if unconnected else "")
+        + f", {report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
     if report.failed:
         say("failed: " + ", ".join(r.dataset.symbol for r in report.failed))
     if report.pending:

@@ -1638,7 +1638,7 @@ class AlphaVantageClient:
 
     def fetch(self, request: ApiRequest) -> Classified:
         """The data of `request` (Outcome.DATA), or an ApiError saying why not."""
-        problem, unsent = "", False
+        problem, unsent, unresolved = "", False, False
         # A name that does not resolve is retried once at most, and in a run where it
         # already failed that way, not at all. getaddrinfo has already asked every
         # configured resolver, with their own retries and timeouts: "no such name" or no
@@ -1651,11 +1651,12 @@ class AlphaVantageClient:
             if attempt:
                 self.stats.retried()
                 delay = min(60.0, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                retries = attempt if unresolved else self.max_retries  # a name: this one only
                 log.info("%s %s: retry %d/%d in %.1f s after %s", request.symbol,
-                         request.function, attempt, self.max_retries, delay, problem)
+                         request.function, attempt, retries, delay, problem)
                 if self.notify is not None:
-                    self.notify(f"{request.symbol}: {problem}; retry {attempt} of "
-                                f"{self.max_retries} in {delay:.1f} s")
+                    self.notify(f"{request.symbol}: {problem}; retry {attempt} of {retries} "
+                                f"in {delay:.1f} s")
                 time.sleep(delay)
             key = self.limiter.acquire()
             started = time.monotonic()
@@ -1663,10 +1664,10 @@ class AlphaVantageClient:
                 status, body = self._get(request, key)
             except requests.RequestException as exc:
                 failure = network_failure(exc, self.url)
-                problem, unsent = failure.text, failure.unsent
+                problem, unsent, unresolved = failure.text, failure.unsent, failure.unresolved
                 if failure.unsent:  # the server never saw it: not one of today's requests
                     self.limiter.unsent(key)
-                self.stats.count("network_error")
+                self.stats.count("no_connection" if failure.unsent else "network_error")
                 log.debug("%s: %s: %s", request.symbol, problem, outside_text(exc))
                 if failure.unresolved:
                     if name_retries == 0:
@@ -1675,7 +1676,7 @@ class AlphaVantageClient:
                                        f"{'s' if attempt else ''}: {problem}. {OFFLINE_HINT}") from None
                     name_retries -= 1
                 continue
-            unsent = False
+            unsent = unresolved = False
             log.debug("%s %s: HTTP %d, %d bytes in %.3f s via key %s", request.symbol,
                       request.function, status, len(body), time.monotonic() - started,
                       key.fingerprint)

@@ -159,8 +159,10 @@ def test_unresolvable_name_is_tried_twice_at_most_and_not_counted(emulator, tmp_
     assert result.outcome == "failed"
     assert "could not resolve nonexistent.invalid" in result.error
     assert OFFLINE_DEMO in result.error
-    assert report.stats.requests["network_error"] <= 2
+    assert report.stats.requests["no_connection"] <= 2
+    assert report.stats.requests["network_error"] == 0
     assert ws.log_text().count("IBM TIME_SERIES_DAILY: retry ") <= 1
+    assert "IBM TIME_SERIES_DAILY: retry 2/" not in ws.log_text()
     assert used_today(ws) == 0
 
 
@@ -171,7 +173,7 @@ def test_after_a_name_failed_to_resolve_later_datasets_try_once(emulator, tmp_pa
     report = ws.download(["IBM", "MSFT", "AAPL"])
 
     assert [r.outcome for r in report.results] == ["failed"] * 3
-    assert report.stats.requests["network_error"] == 2 + 1 + 1
+    assert report.stats.requests["no_connection"] == 2 + 1 + 1
     assert used_today(ws) == 0
 
 
@@ -228,6 +230,20 @@ def test_a_terminal_is_shown_each_retry_wait_naming_the_cause(emulator, tmp_path
     assert OFFLINE_DEMO in stdout
 
 
+def test_a_terminal_is_told_a_name_that_does_not_resolve_is_retried_once(emulator, tmp_path):
+    ws = Workspace(tmp_path, emulator, ALPHA_VANTAGE_BASE_URL=UNRESOLVABLE,
+                   OHLCV_MAX_RETRIES="5").init()
+
+    code, stdout, terminal = run_with_terminal_stderr(ws, "download", "IBM")
+
+    assert code == 1
+    assert "IBM: could not resolve nonexistent.invalid: " in terminal
+    assert "; retry 1 of 1 in " in terminal
+    assert "retry 2" not in terminal
+    assert "gave up after 2 attempts: could not resolve nonexistent.invalid" in stdout
+    assert OFFLINE_DEMO in stdout
+
+
 def test_cron_output_has_no_retry_notes_only_the_outcome(emulator, tmp_path, refusing_url):
     ws = Workspace(tmp_path, emulator, ALPHA_VANTAGE_BASE_URL=refusing_url,
                    OHLCV_MAX_RETRIES="2").init()
@@ -238,3 +254,4 @@ def test_cron_output_has_no_retry_notes_only_the_outcome(emulator, tmp_path, ref
     assert "retry" not in run.stdout + run.stderr
     assert "IBM daily: FAILED: gave up after 3 attempts: could not connect" in run.stdout
     assert OFFLINE_DEMO in run.stdout
+    assert "; 0 requests (and 3 attempts without a connection), 2 retries" in run.stderr
