@@ -86,7 +86,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("OHLCV_CONNECT_TIMEOUT", "10", "Seconds to wait for a connection."),
     Variable("OHLCV_REQUEST_TIMEOUT", "30", "Seconds to wait for the server to answer (read timeout)."),
     Variable("OHLCV_MAX_RETRIES", "5",
-             "Retries of one request after connection errors, 5xx, bad bodies or throttling."),
+             "Retries of one request after connection errors, 5xx, bad bodies or throttling "
+             "(a host name that does not resolve: one retry at most)."),
     Variable("OHLCV_BACKOFF_SECONDS", "2",
              "First retry delay; it doubles each retry (with jitter), capped at 60 s."),
     Variable("OHLCV_DATATYPE", "csv",

@@ -191,6 +191,8 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     if sys.stderr.isatty():  # a progress bar for people; cron gets the result lines only
         from tqdm import tqdm
         bar = tqdm(total=len(symbols), unit="symbol", file=sys.stderr, leave=False)
+        # Retry waits are shown to a person (above the bar), never in cron's output.
+        app.ctx.progress = lambda message: bar.write(f"note: {redact(message)}", file=sys.stderr)
 
     def show(result: DatasetResult) -> None:
         line = outside_text(result.line(), RESULT_LINE_LIMIT)  # one line, no secret
@@ -207,12 +209,14 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
             bar.close()
     counts = Counter("unchanged" if r.outcome == "updated" and not r.changed else r.outcome
                      for r in report.results)
-    requests_made = sum(report.stats.requests.values())
+    unconnected = report.stats.requests["no_connection"]  # never reached the server
+    requests_made = sum(report.stats.requests.values()) - unconnected
     say(f"done: {counts['updated']} updated, "
         + (f"{counts['unchanged']} unchanged, " if counts["unchanged"] else "")
-        + f"{counts['current']} current, {counts['failed']} "
-        f"failed, {counts['pending']} not reached; {requests_made} requests, "
-        f"{report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
+        + f"{counts['current']} current, {counts['failed']} failed, {counts['pending']} not "
+        f"reached; {requests_made} requests"
+        + (f" (and {unconnected} attempts without a connection)" if unconnected else "")
+        + f", {report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
     if report.failed:
         say("failed: " + ", ".join(r.dataset.symbol for r in report.failed))
     if report.pending:

@@ -63,6 +63,7 @@ from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import keyring
@@ -76,6 +77,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import requests
 import requests.adapters
+import urllib3.exceptions
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
@@ -1157,14 +1159,23 @@ class DailyQuota:
                      "recent": state.get("recent", [])}
         return state
 
-    def take(self) -> bool:
-        """Count one request; False (and nothing counted) when today's budget is spent."""
+    def take(self) -> str | None:
+        """Count one request: the quota day it counts against; None (and nothing counted)
+        when today's budget is spent."""
         with self._locked() as state:
             if state["exhausted"] or (self.per_day and state["used"] >= self.per_day):
-                return False
+                return None
             state["used"] += 1
             state["last_request"] = time.time()
-            return True
+            return str(state["day"])
+
+    def give_back(self, day: str) -> None:
+        """Uncount one request counted on `day` that never reached the server: a slot
+        reserved but not used, a connection never made. A later day's count is not
+        touched: that request was never part of it."""
+        with self._locked() as state:
+            if state["day"] == day and state["used"] > 0:
+                state["used"] -= 1
 
     def mark_exhausted(self) -> None:
         """The server said the day's quota is spent, whatever our count says."""
@@ -1203,7 +1214,12 @@ class RateLimiter:
         self._monotonic, self._sleep = monotonic, sleep
         self._lock = threading.Lock()
         self._sent: dict[str, deque[float]] = {}
+        # Keys the server called spent: a request waiting for a slot of one is not sent.
         self._exhausted: set[str] = set()
+        # Keys whose count reached the daily budget: no new reservation, but the ones
+        # already counted are sent (dropping them would leave the budget partly unused).
+        self._budget_spent: set[str] = set()
+        self._reserved = threading.local()  # the quota day of this thread's reservation
         self._penalty_until: dict[str, float] = {}
         offset = time.time() - monotonic()  # wall clock -> our monotonic clock
         for key in self.keys:
@@ -1238,30 +1254,49 @@ class RateLimiter:
         that write overlaps the wait instead of lengthening every interval; the slot is
         never earlier than the moment the count is on disk, so a slow write only delays.
         A key the server throttled or declared spent during the wait is not used: the
-        request goes behind the penalty, or to another key."""
+        request goes behind the penalty, or to another key. A reservation that is not
+        sent (that key spent, or the wait interrupted) is given back to the day's count;
+        so is one whose request never reaches the server (`unsent`)."""
         with self._lock:
             key, slot, now = self._reserve()
         if slot <= now:
             return key
-        while True:
-            self._sleep(max(slot - self._monotonic(), 0.0))
-            with self._lock:
-                fp = key.fingerprint
-                if fp not in self._exhausted and self._penalty_until.get(fp, slot) <= slot:
-                    return key
-                with contextlib.suppress(ValueError):  # gone only if we slept for minutes
-                    self._sent[fp].remove(slot)
-                if fp in self._exhausted:  # its count no longer matters: the day is over
-                    key, slot, _ = self._reserve()
-                else:  # counted already: only the slot moves, behind the penalty
-                    slot = self._next_slot(fp, self._monotonic())
-                    self._sent[fp].append(slot)
+        counted = True
+        try:
+            while True:
+                self._sleep(max(slot - self._monotonic(), 0.0))
+                with self._lock:
+                    fp = key.fingerprint
+                    if fp not in self._exhausted and self._penalty_until.get(fp, slot) <= slot:
+                        return key
+                    with contextlib.suppress(ValueError):  # gone only if we slept for minutes
+                        self._sent[fp].remove(slot)
+                    if fp in self._exhausted:  # the server says its day is over: not sent
+                        self.quotas[fp].give_back(self._reserved.day)
+                        counted = False
+                        key, slot, _ = self._reserve()
+                        counted = True
+                    else:  # counted already: only the slot moves, behind the penalty
+                        slot = self._next_slot(fp, self._monotonic())
+                        self._sent[fp].append(slot)
+        except BaseException:  # Ctrl-C during the wait: the request never leaves
+            if counted:
+                self.quotas[key.fingerprint].give_back(self._reserved.day)
+            raise
+
+    def unsent(self, key: ApiKey) -> None:
+        """The request this thread's last acquire() was for never reached the server (no
+        connection was made): it does not count against the day."""
+        self.quotas[key.fingerprint].give_back(self._reserved.day)
+        with self._lock:
+            self._budget_spent.discard(key.fingerprint)  # one more may be counted now
 
     def _reserve(self) -> tuple[ApiKey, float, float]:
         """Under the lock: count a request for the key free soonest and reserve its slot.
         Returns the key, the slot and the time the slot was reserved at."""
         while True:
-            usable = [k for k in self.keys if k.fingerprint not in self._exhausted]
+            usable = [k for k in self.keys
+                      if k.fingerprint not in self._exhausted | self._budget_spent]
             if not usable:
                 raise QuotaExhausted("the daily API quota of every configured key is spent.")
             now = self._monotonic()
@@ -1271,9 +1306,11 @@ class RateLimiter:
                                   self._last_sent(k.fingerprint), i)
                                  for i, k in enumerate(usable))
             key = usable[index]
-            if self.quotas[key.fingerprint].take():
+            day = self.quotas[key.fingerprint].take()
+            if day is not None:
+                self._reserved.day = day
                 break
-            self._exhausted.add(key.fingerprint)
+            self._budget_spent.add(key.fingerprint)
             log.warning("rate limit: key %s reached its daily budget of %s",
                         key.fingerprint, self.quotas[key.fingerprint].per_day)
         now = self._monotonic()
@@ -1505,12 +1542,71 @@ class RunStats:
             self.retries += 1
 
 
+OFFLINE_HINT = ("Fix: check this machine's network connection and DNS (and "
+                "ALPHA_VANTAGE_BASE_URL); to try the tool without network, run "
+                "./scripts/offline-demo.sh (the whole pipeline against a local emulator).")
+
+
+@dataclass(frozen=True)
+class NetworkFailure:
+    """What a failed request met on the network, in words for the operator."""
+
+    text: str
+    unsent: bool      # no connection was made: the request never reached the server
+    unresolved: bool  # the server's name did not resolve
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps: requests wraps urllib3's MaxRetryError, whose `reason` is
+    the failure itself, raised from the OSError (a gaierror for a name)."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo and len(seen) < 12:
+        error = todo.pop(0)
+        if error is None or any(error is s for s in seen):
+            continue
+        seen.append(error)
+        yield error
+        wrapped = error.args[0] if error.args and isinstance(error.args[0], BaseException) \
+            else None
+        todo += [getattr(error, "reason", None), wrapped, error.__cause__, error.__context__]
+
+
+def network_failure(exc: requests.RequestException, url: str) -> NetworkFailure:
+    """Name the cause of a failed request and whether it can have reached the server.
+
+    Only a connection never made is surely unsent: the name did not resolve, the
+    connection was refused or unreachable, or not made in time (urllib3's
+    NewConnectionError, NameResolutionError, ConnectTimeoutError). A read timeout or a
+    reset after the request went out may have been counted by the server."""
+    parts = urlsplit(url)
+    host = outside_text(parts.hostname or "", 100)
+    where = f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    chain = list(_chain(exc))
+    os_error = next((e for e in chain if isinstance(e, OSError)
+                     and not isinstance(e, urllib3.exceptions.HTTPError)
+                     and not isinstance(e, requests.RequestException)), None)
+    detail = outside_text(os_error.strerror or os_error, 100) if os_error is not None else ""
+    if any(isinstance(e, urllib3.exceptions.NameResolutionError) for e in chain):
+        return NetworkFailure(f"could not resolve {host}: no network, or no DNS server "
+                              f"answers ({detail or 'name resolution failed'})", True, True)
+    if any(isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain):
+        return NetworkFailure(f"could not connect to {where} ({detail or 'no connection'})",
+                              True, False)
+    if any(isinstance(e, urllib3.exceptions.ConnectTimeoutError) for e in chain) \
+            or isinstance(exc, requests.ConnectTimeout):
+        return NetworkFailure(f"no connection to {where} in time (connect timeout)", True, False)
+    return NetworkFailure(f"network error ({type(exc).__name__})", False, False)
+
+
 class AlphaVantageClient:
     """Fetches one series: rate-limited, timed out, retried with backoff, classified.
 
     Retries are written here rather than left to urllib3's Retry because every attempt,
-    retries included, must pass the rate limiter and count against the day's quota.
-    `Error Message` answers are never retried: the same call would fail the same way.
+    retries included, must pass the rate limiter and count against the day's quota (an
+    attempt that never reached the server is given back). `Error Message` answers are
+    never retried: the same call would fail the same way. `notify`, when set, is told of
+    each retry wait (the command line shows it on a terminal only).
     """
 
     def __init__(self, settings: Settings, limiter: RateLimiter, stats: RunStats,
@@ -1528,6 +1624,8 @@ class AlphaVantageClient:
         self.datatype = settings.datatype
         self.limiter = limiter
         self.stats = stats
+        self.notify: Callable[[str], None] | None = None
+        self.unresolved = False  # the API's host name did not resolve, even on a retry
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "secure-ohlcv-downloader/1"
         adapter = requests.adapters.HTTPAdapter(pool_connections=1,
@@ -1540,23 +1638,45 @@ class AlphaVantageClient:
 
     def fetch(self, request: ApiRequest) -> Classified:
         """The data of `request` (Outcome.DATA), or an ApiError saying why not."""
-        problem = ""
+        problem, unsent, unresolved = "", False, False
+        # A name that does not resolve is retried once at most, and in a run where it
+        # already failed that way, not at all. getaddrinfo has already asked every
+        # configured resolver, with their own retries and timeouts: "no such name" or no
+        # network at all does not change within our seconds of backoff; a resolver
+        # hiccup (EAI_AGAIN while it restarts, a link coming up) may, hence the one retry.
+        # Five would only keep a machine without network silent for most of a minute.
+        # The next run (cron) tries again.
+        name_retries = 0 if self.unresolved else 1
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.stats.retried()
                 delay = min(60.0, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+                retries = attempt if unresolved else self.max_retries  # a name: this one only
                 log.info("%s %s: retry %d/%d in %.1f s after %s", request.symbol,
-                         request.function, attempt, self.max_retries, delay, problem)
+                         request.function, attempt, retries, delay, problem)
+                if self.notify is not None:
+                    self.notify(f"{request.symbol}: {problem}; retry {attempt} of {retries} "
+                                f"in {delay:.1f} s")
                 time.sleep(delay)
             key = self.limiter.acquire()
             started = time.monotonic()
             try:
                 status, body = self._get(request, key)
             except requests.RequestException as exc:
-                problem = f"network error ({type(exc).__name__})"
-                self.stats.count("network_error")
+                failure = network_failure(exc, self.url)
+                problem, unsent, unresolved = failure.text, failure.unsent, failure.unresolved
+                if failure.unsent:  # the server never saw it: not one of today's requests
+                    self.limiter.unsent(key)
+                self.stats.count("no_connection" if failure.unsent else "network_error")
                 log.debug("%s: %s: %s", request.symbol, problem, outside_text(exc))
+                if failure.unresolved:
+                    if name_retries == 0:
+                        self.unresolved = True
+                        raise ApiError(f"gave up after {attempt + 1} attempt"
+                                       f"{'s' if attempt else ''}: {problem}. {OFFLINE_HINT}") from None
+                    name_retries -= 1
                 continue
+            unsent = unresolved = False
             log.debug("%s %s: HTTP %d, %d bytes in %.3f s via key %s", request.symbol,
                       request.function, status, len(body), time.monotonic() - started,
                       key.fingerprint)
@@ -1586,7 +1706,10 @@ class AlphaVantageClient:
                 self.limiter.exhausted(key)
                 return self.fetch(request)  # another key may still have quota
             raise _refusal(answer, request)
-        raise ApiError(f"gave up after {self.max_retries + 1} attempts: {problem}.")
+        hint = f" {OFFLINE_HINT}" if unsent else ""
+        attempts = self.max_retries + 1
+        raise ApiError(f"gave up after {attempts} attempt{'s' if attempts > 1 else ''}: "
+                       f"{problem}.{hint}")
 
     def _get(self, request: ApiRequest, key: ApiKey) -> tuple[int, bytes]:
         """Status and body, streamed: a body over the cap is refused unread beyond it
@@ -2244,6 +2367,9 @@ class RunContext:
     monitor: ResourceMonitor
     warnings: list[str]
     notify: Callable[[str], None] = log.warning  # the CLI also shows these on stderr
+    # Passing notes for a person watching (a retry being waited for): the CLI sets it on
+    # a terminal only, so cron's output stays the result lines and the summary.
+    progress: Callable[[str], None] | None = None
     facts: dict[str, Any] = field(default_factory=dict)
     clock: Callable[[], datetime] = utc_now  # "now" for a download; tests set their own
 
@@ -2640,6 +2766,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
         client = AlphaVantageClient(settings, limiter, stats,
                                     in_flight=min(settings.max_workers, len(datasets)),
                                     baseline_rss=ctx.monitor.rss())
+        client.notify = ctx.progress
         worker = DatasetDownloader(store, client, ctx.clock)
         stop = threading.Event()
         fatal: list[OHLCVError] = []
