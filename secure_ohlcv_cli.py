@@ -46,6 +46,7 @@ from secure_ohlcv_downloader import (
     exit_code_of,
     outside_text,
     redact,
+    status_exit_code,
 )
 
 log = logging.getLogger("secure_ohlcv.cli")
@@ -295,7 +296,7 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
             out(f"quota {quota['key']}: {quota['used']} of {limit} used on {quota['day']}{left}")
         if status["pending"]:
             out("pending from the last run: " + ", ".join(status["pending"]))
-    return 5 if any("error" in row for row in status["datasets"]) else 0
+    return status_exit_code(status)
 
 
 def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
@@ -392,7 +393,7 @@ def cmd_verify_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
           f"{report.datasets_decrypted} datasets decrypted, {len(report.problems)} problem(s)")
     for problem in report.problems:
         out(f"  PROBLEM {problem}")
-    return 0 if report.sound else 5
+    return report.exit_code
 
 
 def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:

@@ -3221,6 +3221,10 @@ class VerifyReport:
     def sound(self) -> bool:
         return not self.problems
 
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.sound else 5
+
 
 def brief(problems: list[str], shown: int = 3) -> str:
     """The first few problems on one line, and how many more there are."""

@@ -729,6 +729,19 @@ def test_a_tampered_member_is_one_problem_reported_once(spoiled):
     assert ", 1 problem(s)" in result.stdout
 
 
+def test_a_failed_verification_is_recorded_with_its_exit_code(backed_up, tmp_path):
+    """runs.json and the metrics file say what the command line exits with: a verify that
+    found a problem is exit 5 there too (the library records the run, not the CLI)."""
+    site = clone_site(backed_up.site, tmp_path)
+    archive = flipped(IBM_MEMBER)(Path(shutil.copy(backed_up.archive, tmp_path)), site)
+
+    result = site.cli("--verify-backup", "--all", str(archive))
+
+    assert result.returncode == 5, output(result)
+    runs = json.loads((site.state_dir / "runs.json").read_text())
+    assert runs["verify-backup"]["exit_code"] == 5
+
+
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_a_hostile_archive_fails_verification_naming_the_refused_member(spoiled, case):
     result = spoiled.results[case]
