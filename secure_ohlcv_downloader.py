@@ -526,13 +526,18 @@ def require_free_disk(path: Path, floor: int, needed: int) -> None:
                            "and stored data is intact. Free some space, then run again.")
 
 
+def temp_files(root: Path) -> list[Path]:
+    """The `.tmp-*` files crashed writers left under `root`; nothing behind a link."""
+    if not root.is_dir() or root.is_symlink():
+        return []
+    return [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.is_file() and not p.is_symlink()]
+
+
 def remove_temp_files(root: Path) -> list[Path]:
     """Delete the `.tmp-*` files crashed writers left under `root`. Call only under the lock."""
-    removed = []
-    for tmp in root.rglob(f"{TEMP_PREFIX}*"):
-        if tmp.is_file() and not tmp.is_symlink():
-            tmp.unlink()
-            removed.append(tmp)
+    removed = temp_files(root)
+    for tmp in removed:
+        tmp.unlink()
     return removed
 
 
@@ -3933,8 +3938,7 @@ def cleanup(ctx: RunContext, dry_run: bool) -> CleanupReport:
     with ctx.exclusive(record=not dry_run, remove_temps=False) as ring:
         store = EncryptedStore(s, ring)
         for root in (s.data_dir, s.state_dir, s.backup_dir):
-            temps = [p for p in root.rglob(f"{TEMP_PREFIX}*") if p.is_file() and not p.is_symlink()] \
-                if root.is_dir() and not root.is_symlink() else []
+            temps = temp_files(root)
             report.temp_files += temps
             report.bytes_freed += sum(p.stat().st_size for p in temps)
             if not dry_run:
