@@ -138,8 +138,8 @@ def tell_new_key_file(new: NewKey | None) -> None:
     """Off a terminal the new key went to a file: say where, and that it must move."""
     if new is not None and new.file is not None:
         out(f"New key {new.fingerprint} written to {new.file} (mode 0600), not shown here: "
-              f"move it offline now (password manager or safe), then delete it (shred -u "
-              f"{new.file}). --check-keys warns until it is gone.")
+            f"move it offline now (password manager or safe), then delete it (shred -u "
+            f"{new.file}). --check-keys warns until it is gone.")
 
 
 def cmd_init(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
@@ -148,14 +148,14 @@ def cmd_init(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         out(f"created {directory}")
     if report.already_initialised:
         out(f"Already initialised; nothing changed. Key ring from {report.key_source}, "
-              f"fingerprints {', '.join(report.fingerprints)}.")
+            f"fingerprints {', '.join(report.fingerprints)}.")
         return 0
     out(f"Key ring from {report.key_source}; primary key fingerprint {report.fingerprints[0]}.")
     if report.stored_in:
         out(f"Stored in: {', '.join(report.stored_in)}.")
     tell_new_key_file(report.new_key)
     out("Encrypted canary written; check with: "
-          f"python {prog()} --check-keys")
+        f"python {prog()} --check-keys")
     return 0
 
 
@@ -281,8 +281,8 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
                 notes = ("  STALE" if row["stale"] else "") + (
                     "  partial history" if row["partial_history"] else "")
                 out(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:10]} .. "
-                      f"{row['last_bar'][:19]} ({row['age_days']} d old)  updated "
-                      f"{row['updated_at']}  key {row['key']}{notes}")
+                    f"{row['last_bar'][:19]} ({row['age_days']} d old)  updated "
+                    f"{row['updated_at']}  key {row['key']}{notes}")
         for command, run in sorted(status["runs"].items()):
             when = datetime.fromtimestamp(run["last_run"], UTC).isoformat(timespec="seconds")
             ok = run.get("last_success")
@@ -310,7 +310,7 @@ def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         f"{GUIDE_BYTES_PER_TICKER_DAY[1] // 1000} KB per symbol and trading day)")
     out(f"  storage:           {e.storage_bytes / mb:,.1f} MB")
     out(f"  backups:           {e.backup_bytes / mb:,.1f} MB ({app.settings.backup_keep} archives "
-          f"kept); plan for at least {(e.storage_bytes + e.backup_bytes) / mb:,.1f} MB in all")
+        f"kept); plan for at least {(e.storage_bytes + e.backup_bytes) / mb:,.1f} MB in all")
     out(f"  full backfill:     {e.backfill_requests:,} requests, {_duration(e.backfill_seconds)}")
     out(f"  daily refresh:     {e.refresh_requests:,} requests, {_duration(e.refresh_seconds)}")
     keys = max(1, len(app.settings.api_keys))
@@ -340,22 +340,22 @@ def cmd_rotate_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     tell_new_key_file(report.new_key)
     if report.awaiting_env_update:
         out(f"New primary key {report.new_fingerprint} generated; old key "
-              f"{report.old_fingerprint} kept as retired. Your keys come from "
-              "OHLCV_ENCRYPTION_KEY set outside this directory, so nothing was re-encrypted yet.")
+            f"{report.old_fingerprint} kept as retired. Your keys come from "
+            "OHLCV_ENCRYPTION_KEY set outside this directory, so nothing was re-encrypted yet.")
         out("Set OHLCV_ENCRYPTION_KEY where it is defined (service environment file, "
-              "credential store) to the new value above (or in the file named), then run "
-              f"`python {prog()} --rotate-key` again to re-encrypt every dataset.")
+            "credential store) to the new value above (or in the file named), then run "
+            f"`python {prog()} --rotate-key` again to re-encrypt every dataset.")
         return 0
     out(f"Rotated {report.rotated} dataset(s) ({report.already_done} already under the new "
-          f"key) in {report.seconds:.1f} s: key {report.old_fingerprint} -> "
-          f"{report.new_fingerprint}. Every file opens under the new key alone.")
+        f"key) in {report.seconds:.1f} s: key {report.old_fingerprint} -> "
+        f"{report.new_fingerprint}. Every file opens under the new key alone.")
     out("The old key stays in the ring, retired, so older backups stay readable.")
     if report.stored_in:
         out(f"The new key ring is stored in: {', '.join(report.stored_in)}.")
     if report.variable_disagrees:
         out("OHLCV_ENCRYPTION_KEY is also set outside this directory: set it to the new "
-              "value (new key first), or every run will stop because keyring and variable "
-              "disagree.")
+            "value (new key first), or every run will stop because keyring and variable "
+            "disagree.")
     return 0
 
 
@@ -368,7 +368,7 @@ def cmd_remove_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     out(f"{len(report.needed_by)} backup(s) above would become unreadable without the key.")
     if report.unchecked:
         out("Nothing removed: every destination must be checked first. Fix: mount or "
-              "restore access to the destinations above, then run again.")
+            "restore access to the destinations above, then run again.")
     elif report.removed:
         out(f"Removed retired key {args.fingerprint} from the key ring.")
     elif not args.yes:
@@ -390,7 +390,7 @@ def cmd_verify_backup(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
     sample = None if args.all else args.sample
     report = app.verify_backup(Path(args.archive) if args.archive else None, sample)
     out(f"{outside_text(report.archive.name)}: {report.members_checked} members checked, "
-          f"{report.datasets_decrypted} datasets decrypted, {len(report.problems)} problem(s)")
+        f"{report.datasets_decrypted} datasets decrypted, {len(report.problems)} problem(s)")
     for problem in report.problems:
         out(f"  PROBLEM {problem}")
     return report.exit_code
@@ -413,7 +413,7 @@ def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     for warning in report.warnings:
         say(f"warning: {warning}")
     out(f"{report.checked} dataset(s) checked in the store, {len(report.restored)} restored "
-          f"from the backup, {len(report.failed)} could not be recovered")
+        f"from the backup, {len(report.failed)} could not be recovered")
     for rel in report.restored:
         out(f"  restored {rel}")
     for problem in report.failed:
