@@ -4243,7 +4243,7 @@ def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tupl
 def status_of(ctx: RunContext) -> dict[str, Any]:
     """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
     store = ctx.store()
-    now = datetime.now(UTC)
+    now = ctx.clock()
     datasets = []
     for dataset in store.datasets():
         entry: dict[str, Any] = {"dataset": str(dataset), "path": str(dataset.relative_path())}
