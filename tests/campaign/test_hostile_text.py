@@ -58,7 +58,13 @@ from secure_ohlcv_downloader import (
     parse_payload,
 )
 from tests.campaign.figures import campaign_budget
-from tests.campaign.test_hostile_input import HostileServer, crash_kind, good_csv, run_property
+from tests.campaign.test_hostile_input import (
+    HostileServer,
+    crash_kind,
+    good_csv,
+    run_batch,
+    run_property,
+)
 from tests.foundation_fixtures import REPO, headless_env, new_key
 
 EXAMPLES = campaign_budget(60, 1500)
@@ -287,35 +293,9 @@ def test_outside_text_from_the_server_is_one_safe_line_in_errors_and_log(tmp_pat
 
 # -- the real command line -------------------------------------------------------------------
 
-BATCH = r"""
-import io, json, os, sys
-sys.path.insert(0, sys.argv[1])
-jobs = json.load(open(sys.argv[2]))
-import secure_ohlcv_cli
-results = []
-for argv in jobs:
-    out, err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), io.StringIO()
-    sys.stdout, sys.stderr = out, err
-    try:
-        code = secure_ohlcv_cli.main(argv)
-    finally:
-        sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
-    out.flush()
-    results.append({"code": code, "stdout": out.buffer.getvalue().decode("utf-8", "replace"),
-                    "stderr": err.getvalue()})
-json.dump(results, open(sys.argv[3], "w"))
-"""
-
-
 def cli_batch(jobs: list[list[str]], cwd: Path, env: dict[str, str]) -> list[dict[str, Any]]:
     """The real command line, each job's argv in turn, in one child process."""
-    spec, out = cwd / "jobs.json", cwd / "results.json"
-    spec.write_text(json.dumps(jobs))
-    child = subprocess.run([sys.executable, "-c", BATCH, str(REPO), str(spec), str(out)],
-                           cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                           text=True, timeout=300, check=False)
-    assert child.returncode == 0 and out.exists(), child.stderr[-3000:]
-    return json.loads(out.read_text())
+    return run_batch([{"argv": argv} for argv in jobs], cwd, env)
 
 
 def site(tmp_path: Path, server: HostileServer, **variables: str) -> tuple[Path, dict[str, str]]:
