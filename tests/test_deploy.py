@@ -5,7 +5,8 @@
   writes exactly these.
 - Prometheus alert rules: YAML groups -> rules, each complete; `promtool check rules`
   where it is installed.
-- Grafana dashboard: JSON panels whose PromQL uses listed metrics only.
+- Grafana dashboard: JSON panels whose PromQL uses listed metrics only; every data source
+  reference is the import input DS_PROMETHEUS, so Grafana's import asks for it.
 - systemd units: parsed with repeated keys kept (two ExecStart= lines), hardening present,
   timers wired to services that exist; `systemd-analyze verify` where it is installed.
 - crontab: five valid time fields and a command that cd's, runs the tool with the venv's
@@ -52,6 +53,7 @@ DASHBOARD_MUST_SHOW = {"ohlcv_last_success_timestamp_seconds", "ohlcv_datasets_t
                        "ohlcv_run_duration_seconds", "ohlcv_peak_rss_bytes",
                        "ohlcv_verify_problems", "ohlcv_last_exit_code"}
 SERVICE_USER = "ohlcv"
+DASHBOARD_INPUT = "DS_PROMETHEUS"  # the data source Grafana's import asks for
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -411,12 +413,56 @@ def test_dashboard_panel_ids_are_unique():
     assert len(ids) == len(set(ids)), ids
 
 
-def test_dashboard_uses_the_datasource_variable_not_a_fixed_datasource():
-    fixed = [panel["title"] for panel in all_panels(dashboard()["panels"])
-             for source in [panel.get("datasource")] + [t.get("datasource") for t in
-                                                        panel.get("targets", [])]
-             if source is not None and source.get("uid") != "${datasource}"]
-    assert not fixed
+def datasource_references(node: object) -> list[object]:
+    """Every `datasource` value in the dashboard: panels', targets', variables', annotations'."""
+    found: list[object] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                found.append(value)
+            found += datasource_references(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += datasource_references(item)
+    return found
+
+
+def test_dashboard_import_asks_for_a_prometheus_data_source():
+    # Grafana's import shows one picker per __inputs entry and writes the chosen data
+    # source's uid wherever ${NAME} appears; without the entry it asks nothing.
+    board = dashboard()
+    assert {"name": DASHBOARD_INPUT, "type": "datasource", "pluginId": "prometheus"}.items() \
+        <= next((i for i in board.get("__inputs", []) if i.get("name") == DASHBOARD_INPUT),
+                {}).items(), board.get("__inputs")
+    required = {(r.get("type"), r.get("id")) for r in board.get("__requires", [])}
+    panel_types = {p["type"] for p in all_panels(board["panels"]) if p["type"] != "row"}
+    expected = {("grafana", "grafana"), ("datasource", "prometheus")}
+    expected |= {("panel", t) for t in panel_types}
+    assert expected <= required, expected - required
+
+
+def test_every_datasource_reference_is_the_import_input():
+    board = dashboard()
+    builtin = {"type": "grafana", "uid": "-- Grafana --"}  # the annotations' own source
+    wanted = {"type": "prometheus", "uid": f"${{{DASHBOARD_INPUT}}}"}
+    references = [r for r in datasource_references(board) if r != builtin]
+    assert references and all(r == wanted for r in references), \
+        [r for r in references if r != wanted]
+    queried = [p for p in all_panels(board["panels"]) if p.get("targets")]
+    assert all(p.get("datasource") == wanted for p in queried), \
+        [p["title"] for p in queried if p.get("datasource") != wanted]
+    variables = [v for v in board["templating"]["list"] if v.get("type") == "query"]
+    assert all(v.get("datasource") == wanted for v in variables), variables
+
+
+def test_dashboard_names_no_fixed_data_source():
+    # A uid or name from the machine it was drawn on would not exist where it is imported;
+    # every ${...} must be an import input (a dashboard variable is not asked for).
+    text = DASHBOARD.read_text(encoding="utf-8")
+    declared = {i["name"] for i in dashboard().get("__inputs", [])}
+    placeholders = set(re.findall(r"\$\{([A-Za-z0-9_]+)\}", text)) - {"__all"}
+    assert placeholders <= declared, placeholders - declared
+    assert not [v for v in dashboard()["templating"]["list"] if v.get("type") == "datasource"]
 
 
 # -- systemd units ---------------------------------------------------------------------------
