@@ -11,24 +11,35 @@
   timers wired to services that exist; `systemd-analyze verify` where it is installed.
 - crontab: five valid time fields and a command that cd's, runs the tool with the venv's
   python, names a command the CLI's --help lists, and never wraps it in flock.
-- logrotate: no copytruncate (the tool reopens its log), new files 0600.
+- logrotate: no copytruncate (the tool reopens its log), new files 0600; the real
+  logrotate (-d, then -f twice while a download writes) on a copy that differs only in
+  the log directory and the account.
 - The log, metrics and working-directory paths agree across cron, systemd and logrotate.
 """
 
 from __future__ import annotations
 
 import functools
+import grp
+import gzip
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import pytest
 import yaml
+
+from tests.download_fixtures import start_emulator
+from tests.operations_fixtures import OpsWorkspace, dataset_lines, describe
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -722,6 +733,138 @@ def test_logrotate_keeps_a_bounded_compressed_history():
     rotate = [d for d in directives if d[0] == "rotate"]
     assert rotate and rotate[0][1].isdigit() and 0 < int(rotate[0][1]) <= 52
     assert ["compress"] in directives and ["missingok"] in directives
+
+
+LOG_DIRECTORY = "/var/log/secure-ohlcv"  # where the shipped config rotates
+ROTATION_SYMBOLS = ["IBM", "MSFT", "AAPL", "GOOG", "AMZN", "META", "NVDA", "TSLA"]
+
+
+def logrotate_command() -> str:
+    found = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
+    if found is None:
+        # Not a skip: the rotation below is the only proof that the shipped config and the
+        # tool's log handler agree, and CI (.ci/run) installs the tool.
+        pytest.fail("logrotate is not installed. Fix: apt-get install logrotate "
+                    "(.ci/run installs it in CI).", pytrace=False)
+    return found
+
+
+def logrotate_config_in(directory: Path) -> Path:
+    """The shipped config with its two machine-specific parts replaced, nothing else: the
+    log directory by `directory`, the service account by the user running the test."""
+    text = LOGROTATE.read_text(encoding="utf-8")
+    account = f"{pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}"
+    assert text.count(LOG_DIRECTORY + "/") == 2 and text.count(" ohlcv ohlcv\n") == 2, text
+    text = text.replace(LOG_DIRECTORY + "/", f"{directory}/")
+    text = text.replace(" ohlcv ohlcv\n", f" {account}\n")
+    config = directory.parent / "logrotate.conf"
+    config.write_text(text, encoding="utf-8")
+    config.chmod(0o600)  # logrotate ignores a config others may write
+    return config
+
+
+def run_logrotate(config: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([logrotate_command(), *options, "-s", str(config.parent / "state"),
+                           str(config)], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_logrotate_debug_run_accepts_the_shipped_config(tmp_path):
+    logs = tmp_path / "log"
+    logs.mkdir(mode=0o700)
+    (logs / "secure_downloader.log").write_text("a line\n")
+    result = run_logrotate(logrotate_config_in(logs), "-d")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "error" not in output.lower(), output
+    assert f"considering log {logs}/secure_downloader.log" in output, output
+
+
+def log_texts(directory: Path) -> dict[str, str]:
+    """Every file in the log directory, decompressed: name -> text."""
+    return {p.name: (gzip.decompress(p.read_bytes()) if p.suffix == ".gz"
+                     else p.read_bytes()).decode() for p in sorted(directory.iterdir())}
+
+
+def wait_for_dataset_lines(directory: Path, count: int, proc: subprocess.Popen) -> None:
+    """Until the log files hold `count` dataset lines; fails if the run ends first (no
+    clock: the emulator's latency keeps the run going for seconds after each dataset)."""
+    while len(dataset_lines("".join(log_texts(directory).values()))) < count:
+        assert proc.poll() is None, "the download ended before the rotation: " + \
+            "".join(proc.communicate()[1:])
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def rotated_by_logrotate(tmp_path_factory):
+    """A download of eight symbols, 0.3 s a request, rotated twice by real `logrotate -f`
+    with the shipped config while it writes: after its first and its second dataset line.
+    Then a `status` run, a new process, in the file
+    logrotate created."""
+    av = start_emulator(latency=0.3)
+    proc = None
+    root = tmp_path_factory.mktemp("logrotate")
+    logs = root / "log"
+    logs.mkdir(mode=0o700)
+    log_file = logs / "secure_downloader.log"
+    try:
+        ws = OpsWorkspace(root / "site", av, OHLCV_MAX_WORKERS="1",
+                          OHLCV_LOG_FILE=str(log_file))
+        ws.cwd.mkdir(mode=0o700)
+        ws.init()
+        config = logrotate_config_in(logs)
+        proc = ws.start("download", *ROTATION_SYMBOLS, umask=0o022)
+        rotations = []
+        for written in (1, 2):
+            wait_for_dataset_lines(logs, written, proc)
+            rotations.append(run_logrotate(config, "-f"))
+            assert proc.poll() is None, "the download ended before logrotate did"
+        stdout, stderr = proc.communicate(timeout=120)
+        download = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+        status = ws.run("status", umask=0o022)
+        yield SimpleNamespace(rotations=rotations, download=download, status=status,
+                              logs=logs, log_file=log_file, texts=log_texts(logs))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        av.stop()
+
+
+def test_logrotate_rotates_the_log_while_the_tool_writes(rotated_by_logrotate):
+    run = rotated_by_logrotate
+    for result in run.rotations:
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    assert run.download.returncode == 0, describe(run.download)
+    # delaycompress: the newest rotated file stays plain, the one before is compressed.
+    names = set(run.texts)
+    assert {"secure_downloader.log", "secure_downloader.log.1",
+            "secure_downloader.log.2.gz"} == names, names
+
+
+def test_logrotate_loses_no_line_of_the_run(rotated_by_logrotate):
+    # A handler that kept writing to the moved file would have written the run's later
+    # lines into .1, which the second rotation compressed and deleted.
+    everything = "".join(rotated_by_logrotate.texts.values())
+    symbols = sorted(line.split(" ", 1)[0] for line in dataset_lines(everything))
+    assert symbols == sorted(ROTATION_SYMBOLS), symbols
+    assert everything.count("command download started") == 1
+    assert everything.count("command download finished with exit code 0") == 1
+    assert dataset_lines(rotated_by_logrotate.texts["secure_downloader.log"]), \
+        "no dataset line reached the file logrotate created"
+
+
+def test_tool_accepts_the_log_file_logrotate_creates(rotated_by_logrotate):
+    run = rotated_by_logrotate
+    assert run.status.returncode == 0, describe(run.status)
+    assert "command status finished" in run.texts["secure_downloader.log"]
+    info = run.log_file.stat()
+    assert info.st_uid == os.getuid() and oct(stat.S_IMODE(info.st_mode)) == oct(0o600)
+
+
+def test_rotated_logs_stay_private(rotated_by_logrotate):
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode))
+             for p in rotated_by_logrotate.logs.iterdir()}
+    assert all(int(mode, 8) & 0o077 == 0 for mode in modes.values()), modes
 
 
 # -- one set of paths ------------------------------------------------------------------------
