@@ -10,7 +10,8 @@
 - systemd units: parsed with repeated keys kept (two ExecStart= lines), hardening present,
   timers wired to services that exist; `systemd-analyze verify` where it is installed.
 - crontab: five valid time fields and a command that cd's, runs the tool with the venv's
-  python, names a command the CLI's --help lists, and never wraps it in flock.
+  python, names a command the CLI's --help lists, and never wraps it in flock; every job
+  run through /bin/sh against the emulator stamps each line it adds to cron.log.
 - logrotate: no copytruncate (the tool reopens its log), new files 0600; the real
   logrotate (-d, then -f twice while a download writes) on a copy that differs only in
   the log directory and the account.
@@ -32,6 +33,7 @@ import stat
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
@@ -714,6 +716,61 @@ def test_cron_and_systemd_options_exist_in_the_cli():
         assert shown.returncode == 0, shown.stderr
         assert all(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", shown.stdout)
                    for o in options), (args, shown.stdout)
+
+
+CRON_LOG_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) ")  # ISO 8601, UTC
+
+
+def as_cron_runs_it(command: str) -> str:
+    r"""A job's command as cron hands it to the shell: `\%` is a literal percent sign (a
+    bare one would end the command; another test keeps them out)."""
+    return command.replace("\\%", "%")
+
+
+def test_cron_log_lines_carry_a_timestamp(tmp_path):
+    """Every job line of the crontab, run through /bin/sh as cron runs it (its variables
+    set, the installed paths mapped into tmp_path), against the emulator: each line the
+    jobs append to cron.log starts with the UTC time it was written."""
+    site, logs, metrics = tmp_path / "site", tmp_path / "log", tmp_path / "node-exporter"
+    for directory in (site, logs, metrics):
+        directory.mkdir(mode=0o700)
+    (tmp_path / "symbols.txt").write_text("IBM\nMSFT\n")
+    installed = {"/opt/secure-ohlcv/.venv/bin/python": sys.executable,
+                 "/opt/secure-ohlcv/": f"{REPO}/", "/var/lib/secure-ohlcv": str(site),
+                 "/etc/secure-ohlcv/symbols.txt": str(tmp_path / "symbols.txt"),
+                 LOG_DIRECTORY: str(logs), "/var/lib/prometheus/node-exporter": str(metrics)}
+
+    def here(text: str) -> str:
+        for path, replacement in installed.items():
+            text = text.replace(path, replacement)
+        return text
+
+    variables, jobs = read_crontab()
+    av = start_emulator()
+    try:
+        ws = OpsWorkspace(site, av).init()
+        env = dict(ws.env(), **{name: here(value) for name, value in variables.items()
+                                if name != "MAILTO"})
+        cron_log = logs / "cron.log"
+        for _, command in jobs:
+            before = datetime.now(UTC).replace(microsecond=0)
+            appended_from = cron_log.stat().st_size if cron_log.exists() else 0
+            job = subprocess.run([variables["SHELL"], "-c", here(as_cron_runs_it(command))],
+                                 env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=300)
+            after = datetime.now(UTC)
+            # cron mails what a job prints outside its redirection: nothing, when all is well
+            assert job.returncode == 0 and not job.stdout + job.stderr, describe(job)
+            lines = cron_log.read_text()[appended_from:].splitlines()
+            assert lines, f"nothing appended to cron.log by: {command}"
+            unstamped = [line for line in lines if not CRON_LOG_STAMP.match(line)]
+            assert not unstamped, unstamped
+            stamps = {datetime.fromisoformat(CRON_LOG_STAMP.match(line)[1]) for line in lines}
+            assert all(before <= stamp <= after for stamp in stamps), (before, stamps, after)
+        assert re.search(r"(?m)^\S+ done: 2 updated", cron_log.read_text()), cron_log.read_text()
+        assert (metrics / "secure_ohlcv.prom").exists()
+    finally:
+        av.stop()
 
 
 # -- logrotate -------------------------------------------------------------------------------
