@@ -224,9 +224,9 @@ def tool_invocations(command: str) -> list[tuple[str, list[str]]]:
     for i, word in enumerate(words):
         if PurePosixPath(word).name in TOOL_SCRIPTS:
             args = []
-            for arg in words[i + 1:]:
-                if is_operator(arg):
-                    break
+            for arg, following in zip(words[i + 1:], words[i + 2:] + [""], strict=True):
+                if is_operator(arg) or (arg.isdigit() and following[:1] in ("<", ">")):
+                    break  # an operator, or the 2 of `2>&1`
                 args.append(arg)
             runs.append((words[i - 1] if i else "", args))
     return runs
@@ -793,7 +793,9 @@ def test_logrotate_keeps_a_bounded_compressed_history():
 
 
 LOG_DIRECTORY = "/var/log/secure-ohlcv"  # where the shipped config rotates
-ROTATION_SYMBOLS = ["IBM", "MSFT", "AAPL", "GOOG", "AMZN", "META", "NVDA", "TSLA"]
+# Twelve symbols at 0.3 s each: seconds of run left after each rotation, even on a slow machine.
+ROTATION_SYMBOLS = ["IBM", "MSFT", "AAPL", "GOOG", "AMZN", "META", "NVDA", "TSLA", "JPM", "XOM",
+                    "KO", "PEP"]
 
 
 def logrotate_command() -> str:
@@ -842,20 +844,21 @@ def log_texts(directory: Path) -> dict[str, str]:
                      else p.read_bytes()).decode() for p in sorted(directory.iterdir())}
 
 
-def wait_for_dataset_lines(directory: Path, count: int, proc: subprocess.Popen) -> None:
-    """Until the log files hold `count` dataset lines; fails if the run ends first (no
-    clock: the emulator's latency keeps the run going for seconds after each dataset)."""
-    while len(dataset_lines("".join(log_texts(directory).values()))) < count:
-        assert proc.poll() is None, "the download ended before the rotation: " + \
-            "".join(proc.communicate()[1:])
+def wait_for_a_dataset_line(log_file: Path, proc: subprocess.Popen) -> None:
+    """Until `log_file` holds a dataset line; fails if the run ends first (no clock: the
+    emulator's latency keeps the run going for seconds after each dataset)."""
+    while not (log_file.exists() and dataset_lines(log_file.read_text())):
+        assert proc.poll() is None, (
+            f"the download ended before a dataset line reached {log_file.name}: does the "
+            "tool still reopen its log when logrotate moves it?\n" + proc.communicate()[1])
         time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
 def rotated_by_logrotate(tmp_path_factory):
-    """A download of eight symbols, 0.3 s a request, rotated twice by real `logrotate -f`
-    with the shipped config while it writes: after its first and its second dataset line.
-    Then a `status` run, a new process, in the file
+    """A download of twelve symbols, 0.3 s a request, rotated twice by real `logrotate -f`
+    with the shipped config while it writes: once a dataset line is in the log, and again
+    once one is in the file logrotate created. Then a `status` run, a new process, in the file
     logrotate created."""
     av = start_emulator(latency=0.3)
     proc = None
@@ -871,8 +874,8 @@ def rotated_by_logrotate(tmp_path_factory):
         config = logrotate_config_in(logs)
         proc = ws.start("download", *ROTATION_SYMBOLS, umask=0o022)
         rotations = []
-        for written in (1, 2):
-            wait_for_dataset_lines(logs, written, proc)
+        for _ in range(2):
+            wait_for_a_dataset_line(log_file, proc)
             rotations.append(run_logrotate(config, "-f"))
             assert proc.poll() is None, "the download ended before logrotate did"
         stdout, stderr = proc.communicate(timeout=120)
