@@ -5,29 +5,43 @@
   writes exactly these.
 - Prometheus alert rules: YAML groups -> rules, each complete; `promtool check rules`
   where it is installed.
-- Grafana dashboard: JSON panels whose PromQL uses listed metrics only.
+- Grafana dashboard: JSON panels whose PromQL uses listed metrics only; every data source
+  reference is the import input DS_PROMETHEUS, so Grafana's import asks for it.
 - systemd units: parsed with repeated keys kept (two ExecStart= lines), hardening present,
   timers wired to services that exist; `systemd-analyze verify` where it is installed.
 - crontab: five valid time fields and a command that cd's, runs the tool with the venv's
-  python, names a command the CLI's --help lists, and never wraps it in flock.
-- logrotate: no copytruncate (the tool reopens its log), new files 0600.
+  python, names a command the CLI's --help lists, and never wraps it in flock; every job
+  run through /bin/sh against the emulator stamps each line it adds to cron.log.
+- logrotate: no copytruncate (the tool reopens its log), new files 0600; the real
+  logrotate (-d, then -f twice while a download writes) on a copy that differs only in
+  the log directory and the account.
 - The log, metrics and working-directory paths agree across cron, systemd and logrotate.
 """
 
 from __future__ import annotations
 
 import functools
+import grp
+import gzip
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
 
 import pytest
 import yaml
+
+from tests.download_fixtures import start_emulator
+from tests.operations_fixtures import OpsWorkspace, dataset_lines, describe
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -52,6 +66,7 @@ DASHBOARD_MUST_SHOW = {"ohlcv_last_success_timestamp_seconds", "ohlcv_datasets_t
                        "ohlcv_run_duration_seconds", "ohlcv_peak_rss_bytes",
                        "ohlcv_verify_problems", "ohlcv_last_exit_code"}
 SERVICE_USER = "ohlcv"
+DASHBOARD_INPUT = "DS_PROMETHEUS"  # the data source Grafana's import asks for
 
 
 # -- readers -------------------------------------------------------------------------------
@@ -209,9 +224,9 @@ def tool_invocations(command: str) -> list[tuple[str, list[str]]]:
     for i, word in enumerate(words):
         if PurePosixPath(word).name in TOOL_SCRIPTS:
             args = []
-            for arg in words[i + 1:]:
-                if is_operator(arg):
-                    break
+            for arg, following in zip(words[i + 1:], words[i + 2:] + [""], strict=True):
+                if is_operator(arg) or (arg.isdigit() and following[:1] in ("<", ">")):
+                    break  # an operator, or the 2 of `2>&1`
                 args.append(arg)
             runs.append((words[i - 1] if i else "", args))
     return runs
@@ -411,12 +426,56 @@ def test_dashboard_panel_ids_are_unique():
     assert len(ids) == len(set(ids)), ids
 
 
-def test_dashboard_uses_the_datasource_variable_not_a_fixed_datasource():
-    fixed = [panel["title"] for panel in all_panels(dashboard()["panels"])
-             for source in [panel.get("datasource")] + [t.get("datasource") for t in
-                                                        panel.get("targets", [])]
-             if source is not None and source.get("uid") != "${datasource}"]
-    assert not fixed
+def datasource_references(node: object) -> list[object]:
+    """Every `datasource` value in the dashboard: panels', targets', variables', annotations'."""
+    found: list[object] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                found.append(value)
+            found += datasource_references(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += datasource_references(item)
+    return found
+
+
+def test_dashboard_import_asks_for_a_prometheus_data_source():
+    # Grafana's import shows one picker per __inputs entry and writes the chosen data
+    # source's uid wherever ${NAME} appears; without the entry it asks nothing.
+    board = dashboard()
+    assert {"name": DASHBOARD_INPUT, "type": "datasource", "pluginId": "prometheus"}.items() \
+        <= next((i for i in board.get("__inputs", []) if i.get("name") == DASHBOARD_INPUT),
+                {}).items(), board.get("__inputs")
+    required = {(r.get("type"), r.get("id")) for r in board.get("__requires", [])}
+    panel_types = {p["type"] for p in all_panels(board["panels"]) if p["type"] != "row"}
+    expected = {("grafana", "grafana"), ("datasource", "prometheus")}
+    expected |= {("panel", t) for t in panel_types}
+    assert expected <= required, expected - required
+
+
+def test_every_datasource_reference_is_the_import_input():
+    board = dashboard()
+    builtin = {"type": "grafana", "uid": "-- Grafana --"}  # the annotations' own source
+    wanted = {"type": "prometheus", "uid": f"${{{DASHBOARD_INPUT}}}"}
+    references = [r for r in datasource_references(board) if r != builtin]
+    assert references and all(r == wanted for r in references), \
+        [r for r in references if r != wanted]
+    queried = [p for p in all_panels(board["panels"]) if p.get("targets")]
+    assert all(p.get("datasource") == wanted for p in queried), \
+        [p["title"] for p in queried if p.get("datasource") != wanted]
+    variables = [v for v in board["templating"]["list"] if v.get("type") == "query"]
+    assert all(v.get("datasource") == wanted for v in variables), variables
+
+
+def test_dashboard_names_no_fixed_data_source():
+    # A uid or name from the machine it was drawn on would not exist where it is imported;
+    # every ${...} must be an import input (a dashboard variable is not asked for).
+    text = DASHBOARD.read_text(encoding="utf-8")
+    declared = {i["name"] for i in dashboard().get("__inputs", [])}
+    placeholders = set(re.findall(r"\$\{([A-Za-z0-9_]+)\}", text)) - {"__all"}
+    assert placeholders <= declared, placeholders - declared
+    assert not [v for v in dashboard()["templating"]["list"] if v.get("type") == "datasource"]
 
 
 # -- systemd units ---------------------------------------------------------------------------
@@ -659,6 +718,61 @@ def test_cron_and_systemd_options_exist_in_the_cli():
                    for o in options), (args, shown.stdout)
 
 
+CRON_LOG_STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) ")  # ISO 8601, UTC
+
+
+def as_cron_runs_it(command: str) -> str:
+    r"""A job's command as cron hands it to the shell: `\%` is a literal percent sign (a
+    bare one would end the command; another test keeps them out)."""
+    return command.replace("\\%", "%")
+
+
+def test_cron_log_lines_carry_a_timestamp(tmp_path):
+    """Every job line of the crontab, run through /bin/sh as cron runs it (its variables
+    set, the installed paths mapped into tmp_path), against the emulator: each line the
+    jobs append to cron.log starts with the UTC time it was written."""
+    site, logs, metrics = tmp_path / "site", tmp_path / "log", tmp_path / "node-exporter"
+    for directory in (site, logs, metrics):
+        directory.mkdir(mode=0o700)
+    (tmp_path / "symbols.txt").write_text("IBM\nMSFT\n")
+    installed = {"/opt/secure-ohlcv/.venv/bin/python": sys.executable,
+                 "/opt/secure-ohlcv/": f"{REPO}/", "/var/lib/secure-ohlcv": str(site),
+                 "/etc/secure-ohlcv/symbols.txt": str(tmp_path / "symbols.txt"),
+                 LOG_DIRECTORY: str(logs), "/var/lib/prometheus/node-exporter": str(metrics)}
+
+    def here(text: str) -> str:
+        for path, replacement in installed.items():
+            text = text.replace(path, replacement)
+        return text
+
+    variables, jobs = read_crontab()
+    av = start_emulator()
+    try:
+        ws = OpsWorkspace(site, av).init()
+        env = dict(ws.env(), **{name: here(value) for name, value in variables.items()
+                                if name != "MAILTO"})
+        cron_log = logs / "cron.log"
+        for _, command in jobs:
+            before = datetime.now(UTC).replace(microsecond=0)
+            appended_from = cron_log.stat().st_size if cron_log.exists() else 0
+            job = subprocess.run([variables["SHELL"], "-c", here(as_cron_runs_it(command))],
+                                 env=env, cwd=tmp_path, stdin=subprocess.DEVNULL,
+                                 capture_output=True, text=True, timeout=300)
+            after = datetime.now(UTC)
+            # cron mails what a job prints outside its redirection: nothing, when all is well
+            assert job.returncode == 0 and not job.stdout + job.stderr, describe(job)
+            lines = cron_log.read_text()[appended_from:].splitlines()
+            assert lines, f"nothing appended to cron.log by: {command}"
+            unstamped = [line for line in lines if not CRON_LOG_STAMP.match(line)]
+            assert not unstamped, unstamped
+            stamps = {datetime.fromisoformat(CRON_LOG_STAMP.match(line)[1]) for line in lines}
+            assert all(before <= stamp <= after for stamp in stamps), (before, stamps, after)
+        assert re.search(r"(?m)^\S+ done: 2 updated", cron_log.read_text()), cron_log.read_text()
+        assert (metrics / "secure_ohlcv.prom").exists()
+    finally:
+        av.stop()
+
+
 # -- logrotate -------------------------------------------------------------------------------
 
 def test_logrotate_does_not_copytruncate():
@@ -676,6 +790,141 @@ def test_logrotate_keeps_a_bounded_compressed_history():
     rotate = [d for d in directives if d[0] == "rotate"]
     assert rotate and rotate[0][1].isdigit() and 0 < int(rotate[0][1]) <= 52
     assert ["compress"] in directives and ["missingok"] in directives
+
+
+LOG_DIRECTORY = "/var/log/secure-ohlcv"  # where the shipped config rotates
+# Twelve symbols at 0.3 s each: seconds of run left after each rotation, even on a slow machine.
+ROTATION_SYMBOLS = ["IBM", "MSFT", "AAPL", "GOOG", "AMZN", "META", "NVDA", "TSLA", "JPM", "XOM",
+                    "KO", "PEP"]
+
+
+def logrotate_command() -> str:
+    found = shutil.which("logrotate") or shutil.which("logrotate", path="/usr/sbin:/sbin")
+    if found is None:
+        # Not a skip: the rotation below is the only proof that the shipped config and the
+        # tool's log handler agree, and CI (.ci/run) installs the tool.
+        pytest.fail("logrotate is not installed. Fix: apt-get install logrotate "
+                    "(.ci/run installs it in CI).", pytrace=False)
+    return found
+
+
+def logrotate_config_in(directory: Path) -> Path:
+    """The shipped config with its two machine-specific parts replaced, nothing else: the
+    log directory by `directory`, the service account by the user running the test."""
+    text = LOGROTATE.read_text(encoding="utf-8")
+    account = f"{pwd.getpwuid(os.getuid()).pw_name} {grp.getgrgid(os.getgid()).gr_name}"
+    assert text.count(LOG_DIRECTORY + "/") == 2 and text.count(" ohlcv ohlcv\n") == 2, text
+    text = text.replace(LOG_DIRECTORY + "/", f"{directory}/")
+    text = text.replace(" ohlcv ohlcv\n", f" {account}\n")
+    config = directory.parent / "logrotate.conf"
+    config.write_text(text, encoding="utf-8")
+    config.chmod(0o600)  # logrotate ignores a config others may write
+    return config
+
+
+def run_logrotate(config: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([logrotate_command(), *options, "-s", str(config.parent / "state"),
+                           str(config)], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_logrotate_debug_run_accepts_the_shipped_config(tmp_path):
+    logs = tmp_path / "log"
+    logs.mkdir(mode=0o700)
+    (logs / "secure_downloader.log").write_text("a line\n")
+    result = run_logrotate(logrotate_config_in(logs), "-d")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "error" not in output.lower(), output
+    assert f"considering log {logs}/secure_downloader.log" in output, output
+
+
+def log_texts(directory: Path) -> dict[str, str]:
+    """Every file in the log directory, decompressed: name -> text."""
+    return {p.name: (gzip.decompress(p.read_bytes()) if p.suffix == ".gz"
+                     else p.read_bytes()).decode() for p in sorted(directory.iterdir())}
+
+
+def wait_for_a_dataset_line(log_file: Path, proc: subprocess.Popen) -> None:
+    """Until `log_file` holds a dataset line; fails if the run ends first (no clock: the
+    emulator's latency keeps the run going for seconds after each dataset)."""
+    while not (log_file.exists() and dataset_lines(log_file.read_text())):
+        assert proc.poll() is None, (
+            f"the download ended before a dataset line reached {log_file.name}: does the "
+            "tool still reopen its log when logrotate moves it?\n" + proc.communicate()[1])
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def rotated_by_logrotate(tmp_path_factory):
+    """A download of twelve symbols, 0.3 s a request, rotated twice by real `logrotate -f`
+    with the shipped config while it writes: once a dataset line is in the log, and again
+    once one is in the file logrotate created. Then a `status` run, a new process, in the file
+    logrotate created."""
+    av = start_emulator(latency=0.3)
+    proc = None
+    root = tmp_path_factory.mktemp("logrotate")
+    logs = root / "log"
+    logs.mkdir(mode=0o700)
+    log_file = logs / "secure_downloader.log"
+    try:
+        ws = OpsWorkspace(root / "site", av, OHLCV_MAX_WORKERS="1",
+                          OHLCV_LOG_FILE=str(log_file))
+        ws.cwd.mkdir(mode=0o700)
+        ws.init()
+        config = logrotate_config_in(logs)
+        proc = ws.start("download", *ROTATION_SYMBOLS, umask=0o022)
+        rotations = []
+        for _ in range(2):
+            wait_for_a_dataset_line(log_file, proc)
+            rotations.append(run_logrotate(config, "-f"))
+            assert proc.poll() is None, "the download ended before logrotate did"
+        stdout, stderr = proc.communicate(timeout=120)
+        download = SimpleNamespace(returncode=proc.returncode, stdout=stdout, stderr=stderr)
+        status = ws.run("status", umask=0o022)
+        yield SimpleNamespace(rotations=rotations, download=download, status=status,
+                              logs=logs, log_file=log_file, texts=log_texts(logs))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        av.stop()
+
+
+def test_logrotate_rotates_the_log_while_the_tool_writes(rotated_by_logrotate):
+    run = rotated_by_logrotate
+    for result in run.rotations:
+        assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    assert run.download.returncode == 0, describe(run.download)
+    # delaycompress: the newest rotated file stays plain, the one before is compressed.
+    names = set(run.texts)
+    assert {"secure_downloader.log", "secure_downloader.log.1",
+            "secure_downloader.log.2.gz"} == names, names
+
+
+def test_logrotate_loses_no_line_of_the_run(rotated_by_logrotate):
+    # A handler that kept writing to the moved file would have written the run's later
+    # lines into .1, which the second rotation compressed and deleted.
+    everything = "".join(rotated_by_logrotate.texts.values())
+    symbols = sorted(line.split(" ", 1)[0] for line in dataset_lines(everything))
+    assert symbols == sorted(ROTATION_SYMBOLS), symbols
+    assert everything.count("command download started") == 1
+    assert everything.count("command download finished with exit code 0") == 1
+    assert dataset_lines(rotated_by_logrotate.texts["secure_downloader.log"]), \
+        "no dataset line reached the file logrotate created"
+
+
+def test_tool_accepts_the_log_file_logrotate_creates(rotated_by_logrotate):
+    run = rotated_by_logrotate
+    assert run.status.returncode == 0, describe(run.status)
+    assert "command status finished" in run.texts["secure_downloader.log"]
+    info = run.log_file.stat()
+    assert info.st_uid == os.getuid() and oct(stat.S_IMODE(info.st_mode)) == oct(0o600)
+
+
+def test_rotated_logs_stay_private(rotated_by_logrotate):
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode))
+             for p in rotated_by_logrotate.logs.iterdir()}
+    assert all(int(mode, 8) & 0o077 == 0 for mode in modes.values()), modes
 
 
 # -- one set of paths ------------------------------------------------------------------------
