@@ -2593,7 +2593,9 @@ class DatasetDownloader:
             request, fresh = self._fetch_or_compact(replace(request, outputsize="full"), dataset)
             if request.outputsize == "full":
                 stored, partial = None, False
-        meta = {"checked_at": utc_now_iso(), "partial_history": partial,
+        # The run's clock, the one `now` is read from: a check is judged against it later.
+        checked_at = self.clock().astimezone(UTC).replace(microsecond=0).isoformat()
+        meta = {"checked_at": checked_at, "partial_history": partial,
                 "function": request.function}
         added, changed = 0, False
         if trailing:  # other months the trailing window touched: merge into their files
