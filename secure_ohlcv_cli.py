@@ -285,8 +285,8 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
             else:
                 notes = ("  STALE" if row["stale"] else "") + (
                     "  partial history" if row["partial_history"] else "")
-                out(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:10]} .. "
-                    f"{row['last_bar'][:19]} ({row['age_days']} d old)  updated "
+                out(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar']} .. "
+                    f"{row['last_bar']} ({row['age_days']} d old)  updated "
                     f"{row['updated_at']}  key {row['key']}{notes}")
         for command, run in sorted(status["runs"].items()):
             when = datetime.fromtimestamp(run["last_run"], UTC).isoformat(timespec="seconds")

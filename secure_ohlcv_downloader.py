@@ -4256,6 +4256,15 @@ def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tupl
     return (size / rows, True) if rows else (None, False)
 
 
+def bar_time_text(stamp: date, intraday: bool) -> str:
+    """A bar's time as export writes it: a date; intraday, the New York time with its UTC
+    offset ('2024-12-04 15:45:00-05:00'). `stamp`: a stored timestamp, or the Parquet
+    statistic of the column (a date; an aware datetime, in UTC)."""
+    if intraday:
+        return pd.Timestamp(stamp).tz_convert(MARKET_TZ).isoformat(sep=" ")
+    return (stamp.date() if isinstance(stamp, datetime) else stamp).isoformat()
+
+
 def status_of(ctx: RunContext) -> dict[str, Any]:
     """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
     store = ctx.store()
@@ -4266,9 +4275,10 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
         try:
             frame, meta, key_fp = store.read_with_key(dataset)
             newest = frame["timestamp"].iloc[-1].date()
-            shown: Callable[[pd.Timestamp], str] = str if dataset.month else (lambda t: str(t.date()))
-            entry |= {"rows": len(frame), "first_bar": shown(frame["timestamp"].iloc[0]),
-                      "last_bar": shown(frame["timestamp"].iloc[-1]),
+            intraday = dataset.month is not None
+            entry |= {"rows": len(frame),
+                      "first_bar": bar_time_text(frame["timestamp"].iloc[0], intraday),
+                      "last_bar": bar_time_text(frame["timestamp"].iloc[-1], intraday),
                       "age_days": (market_today() - newest).days,
                       "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
                                     or is_current(newest, meta.get("checked_at"), now)),

@@ -1,25 +1,32 @@
-"""Intraday downloads across a month boundary.
+"""Intraday downloads across a month boundary, and how intraday bars are shown.
 
 A trailing intraday download (no --month) fetches the last 30 days and stores every month
 they touch: each month written has its own result line, with its own rows and added
 count. Before the month's first session has opened, the month has nothing yet: not a
-failure, nothing stored for it, asked again by the next run.
+failure, nothing stored for it, asked again by the next run. `status` shows intraday bars
+as `export` does, with their UTC offset.
 
 Runs in-process with the run's clock set (RunContext.clock) over the local emulator, whose
-`as_of` is the last day it has bars for. The dates are in the past, so the emulator's own
-"no bar that has not started yet" (the machine's clock) never cuts them.
+`as_of` is the last day it has bars for; `status` and `export` run as the real command
+line. The dates are in the past, so the emulator's own "no bar that has not started yet"
+(the machine's clock) never cuts them.
 """
 
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
+import io
+import json
+from datetime import UTC, date, datetime
 from types import SimpleNamespace
 
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import secure_ohlcv_cli
-from secure_ohlcv_downloader import MARKET_TZ, DatasetId, RunRecord
+from secure_ohlcv_downloader import MARKET_TZ, DatasetId, RunRecord, bar_time_text
 from tests.download_fixtures import Workspace, sent, start_emulator
 
 # Wednesday 4 December 2024, 20:30 in New York: the trailing 30 days reach back into
@@ -188,5 +195,40 @@ def test_download_summary_counts_nothing_yet_apart(tmp_path, capsys):
     assert code == 0
     assert "IBM intraday_15min 2024-12: nothing yet" in captured.out
     assert "2 updated, 0 current, 1 nothing yet, 0 failed" in captured.err
-    assert "0 failed" in captured.err
 
+
+# -- status shows intraday bars as export does ------------------------------------------------
+
+def test_status_shows_intraday_bars_with_their_utc_offset_as_export_does(across_months):
+    ws = across_months.ws
+    export = ws.cli("export", "IBM", "--interval", "15min")
+    text = ws.cli("status")
+    as_json = ws.cli("status", "--json")
+
+    assert export.returncode == 0, export.stderr
+    stamps = pd.read_csv(io.StringIO(export.stdout))["timestamp"]
+    november = stamps[stamps.str.startswith("2024-11")]
+    first, last = november.iloc[0], november.iloc[-1]
+    assert (first, last) == ("2024-11-05 04:00:00-05:00", "2024-11-29 19:45:00-05:00")
+    entry = next(d for d in json.loads(as_json.stdout)["datasets"]
+                 if d["dataset"] == str(NOVEMBER))
+    assert (entry["first_bar"], entry["last_bar"]) == (first, last)
+    [line] = [line for line in text.stdout.splitlines() if line.startswith(str(NOVEMBER))]
+    assert f"{first} .. {last} " in line
+
+
+def test_bar_time_text_gives_the_export_form_from_a_parquet_statistic_too():
+    """status may read first and last bar from the Parquet statistics, which come in UTC
+    (intraday) or as dates (daily): the same text as from the stored frame."""
+    stamps = pd.Series(pd.to_datetime(["2024-11-05 04:00", "2024-11-29 19:45"])
+                       .tz_localize(MARKET_TZ))
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"timestamp": pa.array(stamps)}), sink)
+    statistics = pq.ParquetFile(pa.BufferReader(sink.getvalue())).metadata \
+        .row_group(0).column(0).statistics
+
+    assert bar_time_text(statistics.min, True) == bar_time_text(stamps.iloc[0], True) \
+        == "2024-11-05 04:00:00-05:00"
+    assert bar_time_text(statistics.max, True) == "2024-11-29 19:45:00-05:00"
+    assert bar_time_text(date(2024, 1, 2), False) == bar_time_text(
+        pd.Timestamp("2024-01-02"), False) == "2024-01-02"
