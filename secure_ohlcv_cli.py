@@ -195,10 +195,14 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         # Retry waits are shown to a person (above the bar), never in cron's output.
         app.ctx.progress = lambda message: bar.write(f"note: {redact(message)}", file=sys.stderr)
 
+    counted: set[str] = set()  # the bar counts symbols; an intraday one may have two lines
+
     def show(result: DatasetResult) -> None:
         line = outside_text(result.line(), RESULT_LINE_LIMIT)  # one line, no secret
         if bar is not None:
-            bar.update(1)
+            if result.dataset.symbol not in counted:
+                counted.add(result.dataset.symbol)
+                bar.update(1)
             Output.guard(lambda: bar.write(line, file=sys.stdout))
         else:
             out(line, flush=True)
@@ -214,8 +218,9 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     requests_made = sum(report.stats.requests.values()) - unconnected
     say(f"done: {counts['updated']} updated, "
         + (f"{counts['unchanged']} unchanged, " if counts["unchanged"] else "")
-        + f"{counts['current']} current, {counts['failed']} failed, {counts['pending']} not "
-        f"reached; {requests_made} requests"
+        + f"{counts['current']} current, "
+        + (f"{counts['nothing_yet']} nothing yet, " if counts["nothing_yet"] else "")
+        + f"{counts['failed']} failed, {counts['pending']} not reached; {requests_made} requests"
         + (f" (and {unconnected} attempts without a connection)" if unconnected else "")
         + f", {report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
     if report.failed:
@@ -280,8 +285,8 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
             else:
                 notes = ("  STALE" if row["stale"] else "") + (
                     "  partial history" if row["partial_history"] else "")
-                out(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar'][:10]} .. "
-                    f"{row['last_bar'][:19]} ({row['age_days']} d old)  updated "
+                out(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar']} .. "
+                    f"{row['last_bar']} ({row['age_days']} d old)  updated "
                     f"{row['updated_at']}  key {row['key']}{notes}")
         for command, run in sorted(status["runs"].items()):
             when = datetime.fromtimestamp(run["last_run"], UTC).isoformat(timespec="seconds")

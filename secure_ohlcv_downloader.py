@@ -2470,10 +2470,11 @@ def _month_complete(month: str | None, checked_at: str | None) -> bool:
 
 @dataclass
 class DatasetResult:
-    """What one dataset's download did: one line of the command's output."""
+    """What one dataset's download did: one line of the command's output (an intraday
+    download has one for each month file it wrote)."""
 
     dataset: DatasetId
-    outcome: str  # updated | current | failed | pending
+    outcome: str  # updated | current | nothing_yet | failed | pending
     rows: int = 0
     added: int = 0
     last_bar: str = ""
@@ -2491,6 +2492,10 @@ class DatasetResult:
             return head + f"not reached: {self.error}; the next run does it first"
         if self.outcome == "current":
             return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
+        if self.outcome == "nothing_yet":
+            return head + (f"nothing yet: no bar of {self.dataset.month} in the answer (its "
+                           "first session has not opened in New York); nothing stored, the "
+                           "next run asks again")
         note = " (partial history: full history needs a premium key)" if self.partial_history else ""
         if not self.changed:  # asked (--full, a month not final): the same bars came back
             return (head + f"unchanged, {self.rows} rows, last bar {self.last_bar} "
@@ -2558,9 +2563,10 @@ class DatasetDownloader:
         self._warned = threading.Lock()
 
     def run(self, dataset: DatasetId, force_full: bool, now: datetime,
-            trailing: bool = False) -> DatasetResult:
-        """Bring `dataset` up to date. `trailing` (intraday without --month): fetch the
-        trailing 30 days and store every month they touch, so no month end is lost."""
+            trailing: bool = False) -> list[DatasetResult]:
+        """Bring `dataset` up to date: one result per file written, oldest month first.
+        `trailing` (intraday without --month): fetch the trailing 30 days and store every
+        month they touch, so no month end is lost."""
         started = time.monotonic()
         stored, meta = self._read(dataset)
         last_bar = None if stored is None or stored.empty else stored["timestamp"].iloc[-1].date()
@@ -2568,7 +2574,7 @@ class DatasetDownloader:
                                                                            meta.get("checked_at"))
         if not force_full and stored is not None and (
                 is_current(last_bar, meta.get("checked_at"), now) or final_month):
-            return DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")
+            return [DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")]
         request, needs_full = self._plan(dataset, last_bar, force_full, now)
         if trailing:
             request = replace(request, month=None)
@@ -2593,30 +2599,37 @@ class DatasetDownloader:
             request, fresh = self._fetch_or_compact(replace(request, outputsize="full"), dataset)
             if request.outputsize == "full":
                 stored, partial = None, False
-        meta = {"checked_at": utc_now_iso(), "partial_history": partial,
+        # The run's clock, the one `now` is read from: a check is judged against it later.
+        checked_at = self.clock().astimezone(UTC).replace(microsecond=0).isoformat()
+        meta = {"checked_at": checked_at, "partial_history": partial,
                 "function": request.function}
-        added, changed = 0, False
-        if trailing:  # other months the trailing window touched: merge into their files
-            for month, part in fresh.groupby(fresh["timestamp"].dt.strftime("%Y-%m")):
-                if month != dataset.month:
-                    other = replace(dataset, month=month)
-                    before = self._read(other)[0]
-                    merged = merge_bars(before, part.reset_index(drop=True), other)
-                    added += len(merged) - (0 if before is None else len(before))
-                    changed = changed or before is None or not merged.equals(before)
-                    self.store.write(other, merged, meta)
-            fresh = fresh[fresh["timestamp"].dt.strftime("%Y-%m") == dataset.month]
-            fresh = fresh.reset_index(drop=True)
-        merged = merge_bars(stored, fresh, dataset)
-        added += len(merged) - (0 if stored is None else len(stored))
-        changed = changed or stored is None or not merged.equals(stored)
-        if merged.empty:
+        parts = {dataset: fresh}
+        if trailing:  # every month the trailing window touched, each into its own file
+            parts = {replace(dataset, month=month): part.reset_index(drop=True)
+                     for month, part in fresh.groupby(fresh["timestamp"].dt.strftime("%Y-%m"))}
+            parts.setdefault(dataset, fresh.iloc[:0])  # the month asked for has its line
+        # Before the month's first session (the 1st before the open, after a holiday) the
+        # answer has earlier months only: nothing to store yet, and with nothing stored the
+        # next run asks again. A past month without bars is the answer's fault.
+        waiting = parts[dataset].empty and (stored is None or stored.empty)
+        if waiting and dataset.month != now.astimezone(MARKET_TZ).strftime("%Y-%m"):
             raise ApiError(f"no bars for {dataset.month} in the answer.")
-        self.store.write(dataset, merged, meta)
-        return DatasetResult(dataset, "updated", len(merged), added,
-                             str(merged["timestamp"].iloc[-1].date()), request.outputsize or "full",
-                             time.monotonic() - started, partial_history=partial,
-                             changed=changed)
+        if waiting:
+            del parts[dataset]
+        mode = request.outputsize or "full"
+        results = []
+        for target, part in sorted(parts.items(), key=lambda item: item[0].month or ""):
+            before = stored if target == dataset else self._read(target)[0]
+            merged = merge_bars(before, part, target)
+            self.store.write(target, merged, meta)
+            results.append(DatasetResult(
+                target, "updated", len(merged), len(merged) - (0 if before is None else len(before)),
+                str(merged["timestamp"].iloc[-1].date()), mode, time.monotonic() - started,
+                partial_history=partial, changed=before is None or not merged.equals(before)))
+        if waiting:  # the month asked for is the newest the answer could hold: it goes last
+            results.append(DatasetResult(dataset, "nothing_yet", mode=mode,
+                                         seconds=time.monotonic() - started))
+        return results
 
     def _read(self, dataset: DatasetId) -> tuple[pd.DataFrame | None, dict[str, Any]]:
         try:
@@ -2665,10 +2678,8 @@ class DatasetDownloader:
     def _fetch(self, request: ApiRequest, dataset: DatasetId) -> pd.DataFrame:
         answer = self.client.fetch(request)
         frame = parse_payload(answer, dataset, self.clock())
-        if request.month:
+        if request.month:  # none at all is for run() to judge: the month may not have begun
             frame = frame[frame["timestamp"].dt.strftime("%Y-%m") == request.month]
-            if frame.empty:
-                raise ApiError(f"no bars for {request.month} in the answer.")
         return frame.reset_index(drop=True)
 
     def _note_full_refused(self) -> None:
@@ -2762,7 +2773,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                             "https://www.alphavantage.co/support/#api-key.")
     stats = RunStats()
     results: list[DatasetResult] = []
-    finished: dict[int, DatasetResult] = {}  # done, waiting for an earlier one to be reported
+    finished: dict[int, list[DatasetResult]] = {}  # done, waiting for an earlier one's turn
     with ctx.exclusive() as ring:
         store = EncryptedStore(settings, ring)
         limiter = RateLimiter(settings, api_keys_of(settings))
@@ -2780,65 +2791,70 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
         quota_note = "the daily API quota is spent"
         memory_note = f"the run reached OHLCV_MAX_MEMORY_MB={settings.max_memory_mb}"
 
-        def job(dataset: DatasetId) -> DatasetResult:
+        def job(dataset: DatasetId) -> list[DatasetResult]:
             # A spent quota does not skip the job: a current dataset still says so, and
             # one that needs a request gets QuotaExhausted from the limiter, unsent.
             if fatal:
-                return DatasetResult(dataset, "pending", error="the run stopped on an error "
-                                     "(the FAILED line says which)")
+                return [DatasetResult(dataset, "pending", error="the run stopped on an error "
+                                     "(the FAILED line says which)")]
             if memory_stop.is_set() or not ctx.monitor.memory_ok():
                 memory_stop.set()  # the datasets in hand finish; no new one starts
-                return DatasetResult(dataset, "pending", error=memory_note)
+                return [DatasetResult(dataset, "pending", error=memory_note)]
             try:
                 return worker.run(dataset, full, now, trailing)
             except QuotaExhausted:
                 stop.set()
-                return DatasetResult(dataset, "pending", error=quota_note)
+                return [DatasetResult(dataset, "pending", error=quota_note)]
             except OSError as exc:  # a full disk, a file-size limit: the next would fail too
                 stop.set()
                 failure = OHLCVError(f"cannot write {dataset}: {exc.strerror or exc}"
                                      + (f" ({exc.filename})" if exc.filename else "")
                                      + "; the previous version of that file is intact.")
                 fatal.append(failure)
-                return DatasetResult(dataset, "failed", error=str(failure))
+                return [DatasetResult(dataset, "failed", error=str(failure))]
             except ApiError as exc:
                 log.warning("%s: failed: %s", dataset, exc)
-                return DatasetResult(dataset, "failed", error=str(exc))
+                return [DatasetResult(dataset, "failed", error=str(exc))]
             except OHLCVError as exc:  # integrity, keys, paths, disk: stop, then raise
                 log.error("%s: %s: %s; the run stops here", dataset, type(exc).__name__, exc)
                 stop.set()
                 fatal.append(exc)
-                return DatasetResult(dataset, "failed", error=str(exc))
+                return [DatasetResult(dataset, "failed", error=str(exc))]
             except Exception as exc:  # a defect met on this dataset's input: its failure only
                 log.error("%s: failed on an unexpected %s", dataset, type(exc).__name__,
                           exc_info=exc)
-                return DatasetResult(dataset, "failed", error=(
+                return [DatasetResult(dataset, "failed", error=(
                     f"unexpected {type(exc).__name__}: {outside_text(exc)} (the traceback is "
-                    "in the log; please report it)"))
+                    "in the log; please report it)"))]
 
         try:
             with ThreadPoolExecutor(settings.max_workers, "download") as pool:
-                futures = [pool.submit(job, d) for d in pending.order(datasets)]
+                futures = {pool.submit(job, d): d for d in pending.order(datasets)}
                 # Results are handed on in the order the symbols were given, each as soon
                 # as it and every one before it are done (the work order may differ).
                 position = {d: i for i, d in enumerate(datasets)}
+                handed_on = 0  # datasets whose results are handed on
                 try:
                     for future in as_completed(futures):
-                        result = future.result()
-                        log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
-                                 result.outcome, result.mode, result.rows, result.added,
-                                 result.seconds, f" error={result.error}" if result.error else "")
-                        finished[position[result.dataset]] = result
-                        while len(results) in finished:
-                            results.append(finished.pop(len(results)))
-                            if on_result:
-                                on_result(results[-1])
+                        done = finished[position[futures[future]]] = future.result()
+                        for result in done:  # an intraday dataset: one per month written
+                            log.info("%s: %s %s rows=%d added=%d %.3fs%s", result.dataset,
+                                     result.outcome, result.mode, result.rows, result.added,
+                                     result.seconds,
+                                     f" error={result.error}" if result.error else "")
+                        while handed_on in finished:
+                            batch = finished.pop(handed_on)
+                            handed_on += 1
+                            results += batch
+                            for result in batch:
+                                if on_result:
+                                    on_result(result)
                 except BaseException:  # Ctrl-C, or the output gone: start nothing unreported
                     for future in futures:
                         future.cancel()
                     raise
         finally:  # whatever stopped the loop, what was done is remembered
-            results += [finished[i] for i in sorted(finished)]
+            results += [result for i in sorted(finished) for result in finished[i]]
             limiter.close()
             client.close()
             report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
@@ -4240,6 +4256,15 @@ def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tupl
     return (size / rows, True) if rows else (None, False)
 
 
+def bar_time_text(stamp: date, intraday: bool) -> str:
+    """A bar's time as export writes it: a date; intraday, the New York time with its UTC
+    offset ('2024-12-04 15:45:00-05:00'). `stamp`: a stored timestamp, or the Parquet
+    statistic of the column (a date; an aware datetime, in UTC)."""
+    if intraday:
+        return pd.Timestamp(stamp).tz_convert(MARKET_TZ).isoformat(sep=" ")
+    return (stamp.date() if isinstance(stamp, datetime) else stamp).isoformat()
+
+
 def status_of(ctx: RunContext) -> dict[str, Any]:
     """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
     store = ctx.store()
@@ -4250,9 +4275,10 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
         try:
             frame, meta, key_fp = store.read_with_key(dataset)
             newest = frame["timestamp"].iloc[-1].date()
-            shown: Callable[[pd.Timestamp], str] = str if dataset.month else (lambda t: str(t.date()))
-            entry |= {"rows": len(frame), "first_bar": shown(frame["timestamp"].iloc[0]),
-                      "last_bar": shown(frame["timestamp"].iloc[-1]),
+            intraday = dataset.month is not None
+            entry |= {"rows": len(frame),
+                      "first_bar": bar_time_text(frame["timestamp"].iloc[0], intraday),
+                      "last_bar": bar_time_text(frame["timestamp"].iloc[-1], intraday),
                       "age_days": (market_today() - newest).days,
                       "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
                                     or is_current(newest, meta.get("checked_at"), now)),
