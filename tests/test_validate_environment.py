@@ -18,6 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from secure_ohlcv_downloader import fingerprint
+from tests.foundation_fixtures import keyring_backend  # noqa: F401 (a fixture)
 from validate_environment import read_pins
 
 SCRIPT = Path(__file__).resolve().parents[1] / "validate_environment.py"
@@ -305,6 +306,35 @@ def test_fresh_machine_reports_what_init_will_create_and_choose(setup):
     assert backend["status"] == "WARN" and ".env" in backend["detail"]
     assert not any(setup[name].exists() for name in ("data", "backups", "state"))
     assert not (setup["work"] / ".env").exists()
+
+
+def with_secret_service(setup, service) -> None:
+    """The run's keyring: the private, real Secret Service instead of the `fail` backend."""
+    del setup["env"]["PYTHON_KEYRING_BACKEND"]
+    setup["env"].update(service.env)
+
+
+def test_fresh_machine_with_a_keyring_says_init_will_keep_the_key_there(setup, keyring_backend,
+                                                                       secret_service):
+    fresh_machine(setup)
+    with_secret_service(setup, secret_service)
+    result = run(setup, "--json")
+    assert result.returncode == 0, result.stdout
+    checks = checks_by_name(result)
+    assert checks["keyring backend"]["status"] == "OK"
+    assert checks["encryption keys"]["status"] == "OK"
+    assert "stores it in the OS keyring" in checks["encryption keys"]["detail"]
+
+
+def test_empty_keyring_after_init_fails_pointing_to_the_offline_copy(setup, keyring_backend,
+                                                                     secret_service):
+    del setup["env"]["OHLCV_ENCRYPTION_KEY"]
+    with_secret_service(setup, secret_service)
+    initialise(setup)
+    result = run(setup, "--json")
+    assert result.returncode == 3
+    keys = checks_by_name(result)["encryption keys"]
+    assert keys["status"] == "FAIL" and "offline copy" in keys["fix"]
 
 
 def test_loose_existing_dir_before_init_still_fails_with_the_chmod_fix(setup):
