@@ -5,6 +5,9 @@ Map of this file:
     read_pins            -- `name==version` pins of a pip-compile file (hashes, comments, markers)
     check_*              -- one small function per check: Python, packages, settings, `.env`,
                             API key, keyring backend, encryption keys, directories, log file, disk
+    initialised_by       -- whether --init has run here: before it, what --init will create
+                            or choose (directories, the key, where it is kept) is no failure;
+                            after it, a missing directory or key is one
     render_table         -- the human table; `--json` prints {"ok": ..., "checks": [...]}
     main                 -- runs every check; exit 0 when none failed (warnings allowed),
                             3 when one failed (configuration or key problem), 2 on usage errors
@@ -106,11 +109,27 @@ def check_packages(requirements: Path) -> Check:
     return Check("packages", OK, f"{len(pins)} pinned packages installed at their versions")
 
 
-def check_env_file(warnings: tuple[str, ...]) -> Check:
-    if warnings:
-        return Check(".env file", WARN, " ".join(warnings),
-                     "chmod 600 .env, and correct or remove any unknown variable it names")
-    return Check(".env file", OK, "absent, or private and without unknown variables")
+def check_env_file(path: Path, settings_warnings: tuple[str, ...] = ()) -> Check:
+    """Which state `.env` is in: absent, private, readable by others or naming unknown
+    variables (WARN), or refused (a link, another user's, writable by others: FAIL)."""
+    from config import ConfigError, read_env_file
+    if not os.path.lexists(path):
+        return Check(".env file", OK, f"absent ({path}): settings come from the environment "
+                     "and the defaults")
+    try:
+        _, readable = read_env_file(path)
+    except ConfigError as exc:
+        problem, fix = split_fix(str(exc))
+        return Check(".env file", FAIL, problem,
+                     fix or f"replace {path} with a regular file of yours, mode 600")
+    found = f"{path}: mode {stat.S_IMODE(os.lstat(path).st_mode):04o}, owned by you"
+    unknown = [w for w in settings_warnings if w not in readable]
+    if readable or unknown:
+        fixes = ([f"chmod 600 {path}"] if readable else []) + \
+                (["correct or remove the unknown variable it names"] if unknown else [])
+        return Check(".env file", WARN, f"{found}; " + " ".join(readable + unknown),
+                     ", and ".join(fixes))
+    return Check(".env file", OK, f"{found}: private, no unknown variables")
 
 
 def check_api_key(settings) -> Check:
@@ -121,11 +140,17 @@ def check_api_key(settings) -> Check:
     return Check("api key", OK, f"{len(settings.api_keys)} key(s) set (not shown)")
 
 
-def check_keyring_backend(info, env_keys: bool) -> Check:
+def check_keyring_backend(info, env_keys: bool, initialised: str, env_file: Path) -> Check:
     if not info.usable:
         if env_keys:
             return Check("keyring backend", WARN, f"no usable OS keyring ({info.name}); the "
                          "headless fallback OHLCV_ENCRYPTION_KEY is used")
+        if not initialised:  # --init keeps the new key ring in .env itself
+            return Check("keyring backend", WARN, f"no usable OS keyring ({info.name}); "
+                         f"--init will keep the key ring in {env_file} as "
+                         "OHLCV_ENCRYPTION_KEY (the headless fallback)",
+                         "to keep it in an OS keyring instead, run a Secret Service "
+                         "(gnome-keyring) in this session before --init")
         problem, fix = split_fix(info.problem)
         return Check("keyring backend", FAIL, f"{info.name}: {problem}", fix)
     if not info.secure:
@@ -133,7 +158,7 @@ def check_keyring_backend(info, env_keys: bool) -> Check:
     return Check("keyring backend", OK, info.name)
 
 
-def check_encryption_keys(sod, store, env_keys) -> Check:
+def check_encryption_keys(sod, store, env_keys, initialised: str, env_file: Path) -> Check:
     """Where the run's keys come from. The keyring read is a probe with a timeout."""
     env = env_keys and (f"OHLCV_ENCRYPTION_KEY holds {len(env_keys)} key(s), primary "
                         f"fingerprint {sod.fingerprint(env_keys[0].reveal())}")
@@ -149,16 +174,28 @@ def check_encryption_keys(sod, store, env_keys) -> Check:
                      f"fingerprint {keys[0].fingerprint}{also}")
     if env:
         return Check("encryption keys", OK, env)
-    if not store.info.usable:
-        return Check("encryption keys", FAIL, "no key source: no OS keyring and no "
-                     "OHLCV_ENCRYPTION_KEY", "set OHLCV_ENCRYPTION_KEY, or run a Secret Service")
-    return Check("encryption keys", WARN, "no key stored in the keyring yet", INIT_FIX)
+    home = "the OS keyring" if store.info.usable else str(env_file)
+    if not initialised:
+        return Check("encryption keys", OK, f"none yet (--init generates one and stores it "
+                     f"in {home})")
+    return Check("encryption keys", FAIL, f"no key in {home} nor in OHLCV_ENCRYPTION_KEY, "
+                 f"but this store was initialised ({initialised})",
+                 "set OHLCV_ENCRYPTION_KEY to the keys from your offline copy, or run "
+                 "python secure_ohlcv_downloader.py --recover --key-file FILE")
 
 
-def check_directory(sod, variable: str, path: Path, mode: int) -> Check:
+def check_directory(sod, variable: str, path: Path, mode: int, initialised: str) -> Check:
     name = variable.removeprefix("OHLCV_").lower().replace("_", " ")
     if not os.path.lexists(path):
-        return Check(name, FAIL, f"{path} ({variable}) does not exist", INIT_FIX)
+        if initialised:
+            return Check(name, FAIL, f"{path} ({variable}) does not exist", INIT_FIX)
+        parent = nearest_existing(path.parent)
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            return Check(name, FAIL, f"{path} ({variable}) does not exist and cannot be "
+                         f"created: {parent} is not a directory you can write",
+                         f"create it as its owner (install -d -m {mode:o} {path}), or point "
+                         f"{variable} at a directory you can write")
+        return Check(name, OK, f"{path} not yet created (--init creates it {mode:04o})")
     try:
         sod.check_private_dir(path, mode)
     except (sod.UnsafePathError, OSError) as exc:
@@ -201,22 +238,39 @@ def check_disk(data_dir: Path, minimum_mb: int) -> Check:
     return Check("disk space", OK, f"{free_mb} MB free at {where} (minimum {minimum_mb} MB)")
 
 
+def initialised_by(sod, settings) -> str:
+    """What shows that --init has run here, "" before it: the canary, or datasets (a
+    restored data directory, which a newly generated key would not open)."""
+    canary = settings.state_dir / sod.CANARY_NAME
+    if os.path.lexists(canary):
+        return f"{canary} exists"
+    datasets = len(sod.dataset_files(settings.data_dir))
+    return f"{settings.data_dir} holds {datasets} dataset(s)" if datasets else ""
+
+
 def project_checks(sod) -> list[Check]:
     """Every check that needs the project's settings and key store."""
     import keyring
 
-    from config import ConfigError, load_settings
+    from config import ENV_FILE, ConfigError, load_settings
+    refused = check_env_file(Path.cwd() / ENV_FILE)
+    if refused.status == FAIL:  # the settings are read from it: nothing else can be judged
+        return [refused]
     try:
         settings = load_settings()
     except ConfigError as exc:
         return [Check("settings", FAIL, str(exc),
                       "correct that variable in the environment or .env")]
     store = sod.KeyringKeyStore(keyring.get_keyring())
+    initialised = initialised_by(sod, settings)
     return [Check("settings", OK, "every variable is well-formed"),
-            check_env_file(settings.warnings), check_api_key(settings),
-            check_keyring_backend(store.info, bool(settings.encryption_keys)),
-            check_encryption_keys(sod, store, settings.encryption_keys),
-            *(check_directory(sod, variable, getattr(settings, field), settings.dir_mode)
+            check_env_file(settings.env_file, settings.warnings), check_api_key(settings),
+            check_keyring_backend(store.info, bool(settings.encryption_keys), initialised,
+                                  settings.env_file),
+            check_encryption_keys(sod, store, settings.encryption_keys, initialised,
+                                  settings.env_file),
+            *(check_directory(sod, variable, getattr(settings, field), settings.dir_mode,
+                              initialised)
               for variable, field in (("OHLCV_DATA_DIR", "data_dir"),
                                       ("OHLCV_BACKUP_DIR", "backup_dir"),
                                       ("OHLCV_STATE_DIR", "state_dir"))),

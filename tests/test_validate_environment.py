@@ -18,6 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from secure_ohlcv_downloader import fingerprint
+from tests.foundation_fixtures import keyring_backend  # noqa: F401 (a fixture)
 from validate_environment import read_pins
 
 SCRIPT = Path(__file__).resolve().parents[1] / "validate_environment.py"
@@ -140,16 +141,17 @@ def test_loose_data_dir_fails_naming_the_dir_and_the_chmod_fix(setup):
     assert f"fix: chmod 700 {setup['data']}" in result.stdout
 
 
-def test_missing_dirs_fail_pointing_to_init_and_are_not_created(setup):
-    for name in ("data", "backups", "state"):
+def test_missing_dirs_after_init_fail_pointing_to_init_and_are_not_created(setup):
+    initialise(setup)
+    for name in ("data", "backups"):
         setup[name].rmdir()
     result = run(setup, "--json")
     assert result.returncode == 3
     checks = checks_by_name(result)
-    for name in ("data dir", "backup dir", "state dir"):
+    for name in ("data dir", "backup dir"):
         assert checks[name]["status"] == "FAIL"
         assert "--init" in checks[name]["fix"]
-    assert not any(setup[name].exists() for name in ("data", "backups", "state"))
+    assert not any(setup[name].exists() for name in ("data", "backups"))
 
 
 def test_malformed_encryption_key_exits_3_without_showing_it(setup):
@@ -179,11 +181,25 @@ def test_missing_requirements_file_is_a_failed_check(setup, tmp_path):
     assert checks_by_name(result)["packages"]["status"] == "FAIL"
 
 
-def test_no_backend_and_no_encryption_key_fails(setup):
+def test_no_backend_and_no_encryption_key_after_init_fails(setup):
+    initialise(setup)
     del setup["env"]["OHLCV_ENCRYPTION_KEY"]
     result = run(setup, "--json")
     assert result.returncode == 3
-    assert checks_by_name(result)["keyring backend"]["status"] == "FAIL"
+    checks = checks_by_name(result)
+    assert checks["keyring backend"]["status"] == "FAIL"
+    assert checks["encryption keys"]["status"] == "FAIL"
+    assert "offline copy" in checks["encryption keys"]["fix"]
+
+
+def test_restored_datasets_without_a_key_fail_although_no_canary_exists(setup):
+    # --init would generate a new key that opens none of them.
+    del setup["env"]["OHLCV_ENCRYPTION_KEY"]
+    (setup["data"] / "daily").mkdir(mode=0o700)
+    (setup["data"] / "daily" / "IBM.fernet").write_bytes(b"token")
+    result = run(setup, "--json")
+    assert result.returncode == 3
+    assert checks_by_name(result)["encryption keys"]["status"] == "FAIL"
 
 
 def test_empty_api_key_is_only_a_warning(setup):
@@ -193,13 +209,55 @@ def test_empty_api_key_is_only_a_warning(setup):
     assert checks_by_name(result)["api key"]["status"] == "WARN"
 
 
-def test_env_file_readable_by_others_is_a_warning(setup):
+def test_env_file_readable_by_others_is_a_warning_naming_its_mode(setup):
     env_file = setup["work"] / ".env"
     env_file.write_text("OHLCV_LOG_LEVEL=INFO\n")
     env_file.chmod(0o644)
     result = run(setup, "--json")
     assert result.returncode == 0
-    assert checks_by_name(result)[".env file"]["status"] == "WARN"
+    check = checks_by_name(result)[".env file"]
+    assert check["status"] == "WARN"
+    assert "0644" in check["detail"] and "readable by group or others" in check["detail"]
+    assert check["fix"] == f"chmod 600 {env_file}"
+
+
+def test_env_file_line_says_absent_when_there_is_none(good):
+    _, _, as_json = good
+    check = checks_by_name(as_json)[".env file"]
+    assert check["status"] == "OK"
+    assert check["detail"].startswith("absent")
+    assert "private" not in check["detail"]
+
+
+def test_env_file_line_says_private_and_yours_for_a_0600_file(setup):
+    env_file = setup["work"] / ".env"
+    env_file.write_text("OHLCV_LOG_LEVEL=INFO\n")
+    env_file.chmod(0o600)
+    check = checks_by_name(run(setup, "--json"))[".env file"]
+    assert check["status"] == "OK"
+    assert "mode 0600" in check["detail"] and "owned by you" in check["detail"]
+    assert "absent" not in check["detail"]
+
+
+def test_env_file_with_an_unknown_variable_is_a_warning_naming_it(setup):
+    env_file = setup["work"] / ".env"
+    env_file.write_text("OHLCV_LOG_LEVL=INFO\n")
+    env_file.chmod(0o600)
+    check = checks_by_name(run(setup, "--json"))[".env file"]
+    assert check["status"] == "WARN"
+    assert "OHLCV_LOG_LEVL" in check["detail"] and "chmod" not in check["fix"]
+
+
+def test_env_file_that_is_a_link_fails_on_its_own_line(setup, tmp_path):
+    target = tmp_path / "elsewhere.env"
+    target.write_text("OHLCV_LOG_LEVEL=INFO\n")
+    target.chmod(0o600)
+    (setup["work"] / ".env").symlink_to(target)
+    result = run(setup, "--json")
+    assert result.returncode == 3
+    check = checks_by_name(result)[".env file"]
+    assert check["status"] == "FAIL"
+    assert "symbolic link" in check["detail"] and check["fix"]
 
 
 def test_too_little_free_disk_fails(setup):
@@ -211,6 +269,102 @@ def test_too_little_free_disk_fails(setup):
 
 def test_unknown_option_is_a_usage_error(setup):
     assert run(setup, "--no-such-option").returncode == 2
+
+
+# -- before --init: what --init creates or chooses is no failure ------------------------------
+
+def fresh_machine(setup) -> None:
+    """As on a new machine: no directories, no key anywhere, no keyring backend."""
+    for name in ("data", "backups", "state"):
+        setup[name].rmdir()
+    del setup["env"]["OHLCV_ENCRYPTION_KEY"]
+
+
+def initialise(setup) -> None:
+    """What --init leaves that says it has run: the canary in the state directory."""
+    (setup["state"] / "canary.fernet").write_bytes(b"token")
+
+
+def test_fresh_machine_before_init_exits_0_without_fail_lines(setup):
+    fresh_machine(setup)
+    result = run(setup)
+    assert result.returncode == 0, result.stdout
+    assert "FAIL" not in result.stdout
+
+
+def test_fresh_machine_reports_what_init_will_create_and_choose(setup):
+    fresh_machine(setup)
+    checks = checks_by_name(run(setup, "--json"))
+    for name in ("data dir", "backup dir", "state dir"):
+        assert checks[name]["status"] == "OK"
+        assert "not yet created (--init creates it 0700)" in checks[name]["detail"]
+    keys = checks["encryption keys"]
+    assert keys["status"] == "OK"
+    assert keys["detail"].startswith("none yet") and "--init generates one" in keys["detail"]
+    assert str(setup["work"] / ".env") in keys["detail"]
+    backend = checks["keyring backend"]
+    assert backend["status"] == "WARN" and ".env" in backend["detail"]
+    assert not any(setup[name].exists() for name in ("data", "backups", "state"))
+    assert not (setup["work"] / ".env").exists()
+
+
+def with_secret_service(setup, service) -> None:
+    """The run's keyring: the private, real Secret Service instead of the `fail` backend."""
+    del setup["env"]["PYTHON_KEYRING_BACKEND"]
+    setup["env"].update(service.env)
+
+
+def test_fresh_machine_with_a_keyring_says_init_will_keep_the_key_there(setup, keyring_backend,
+                                                                       secret_service):
+    fresh_machine(setup)
+    with_secret_service(setup, secret_service)
+    result = run(setup, "--json")
+    assert result.returncode == 0, result.stdout
+    checks = checks_by_name(result)
+    assert checks["keyring backend"]["status"] == "OK"
+    assert checks["encryption keys"]["status"] == "OK"
+    assert "stores it in the OS keyring" in checks["encryption keys"]["detail"]
+
+
+def test_empty_keyring_after_init_fails_pointing_to_the_offline_copy(setup, keyring_backend,
+                                                                     secret_service):
+    del setup["env"]["OHLCV_ENCRYPTION_KEY"]
+    with_secret_service(setup, secret_service)
+    initialise(setup)
+    result = run(setup, "--json")
+    assert result.returncode == 3
+    keys = checks_by_name(result)["encryption keys"]
+    assert keys["status"] == "FAIL" and "offline copy" in keys["fix"]
+
+
+def test_loose_existing_dir_before_init_still_fails_with_the_chmod_fix(setup):
+    # The restore drill's `mkdir backups` under umask 022, before --recover.
+    fresh_machine(setup)
+    setup["backups"].mkdir(mode=0o755)
+    setup["backups"].chmod(0o755)
+    result = run(setup, "--json")
+    assert result.returncode == 3
+    check = checks_by_name(result)["backup dir"]
+    assert check["status"] == "FAIL"
+    assert check["fix"] == f"chmod 700 {setup['backups']}"
+
+
+def test_dir_that_cannot_be_created_before_init_fails(setup):
+    fresh_machine(setup)
+    blocker = setup["work"] / "not-a-dir"
+    blocker.write_text("")
+    setup["env"]["OHLCV_DATA_DIR"] = str(blocker / "data")
+    result = run(setup, "--json")
+    assert result.returncode == 3
+    check = checks_by_name(result)["data dir"]
+    assert check["status"] == "FAIL"
+    assert str(blocker) in check["detail"] and "OHLCV_DATA_DIR" in check["fix"]
+
+
+def test_bad_key_value_before_init_still_fails(setup):
+    fresh_machine(setup)
+    setup["env"]["OHLCV_ENCRYPTION_KEY"] = "not-a-fernet-key"
+    assert run(setup).returncode == 3
 
 
 # -- the requirements parser -------------------------------------------------------------------
