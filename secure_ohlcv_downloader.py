@@ -2271,25 +2271,41 @@ class TableSummary:
 
 
 def summarise_table(data: bytes) -> TableSummary:
-    """decode_table's facts without its DataFrame: the Parquet footer and the timestamp
-    column only, so status and estimate never import pandas. The Fernet token that held
-    `data` already proved it is the table we wrote; its price pages are left unread."""
+    """decode_table's facts without decoding a bar: the Parquet footer only (row count,
+    metadata, the timestamp column's min and max statistics), so status and estimate
+    never import pandas. Tables are stored sorted by time (parse_payload and merge_bars
+    sort), so the minimum is the first bar. The Fernet token that held `data` already
+    proved it is the table we wrote; its pages are left unread."""
     try:
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-        stamps = parquet.read(columns=["timestamp"], use_threads=False)["timestamp"]
-    except (pa.ArrowException, OSError, KeyError) as exc:
+        footer = pq.read_metadata(pa.BufferReader(data))
+        schema = footer.schema.to_arrow_schema()
+        column = schema.get_field_index("timestamp")
+        stats = [footer.row_group(g).column(column).statistics
+                 for g in range(footer.num_row_groups)] if column >= 0 else []
+        logical = json.loads(footer.schema.column(column).logical_type.to_json()) if stats else {}
+    except (pa.ArrowException, OSError, ValueError) as exc:
         raise ValueError(f"not a Parquet table ({exc})") from None
-    meta = _table_meta(parquet.schema_arrow)
-    # As integers: Arrow's own conversion of a timestamp scalar imports pandas. Bars fall
-    # on whole minutes, so microseconds lose nothing.
-    tz = getattr(stamps.type, "tz", None)
-    micros = stamps.cast(pa.timestamp("us", tz)).cast(pa.int64())
+    meta = _table_meta(schema)
+    if not stats or not all(s is not None and s.has_min_max for s in stats):
+        raise ValueError("no timestamp statistics")
+    tz = getattr(schema.field(column).type, "tz", None)
+    first = _stored_time(min(s.min_raw for s in stats), logical, tz)
+    last = _stored_time(max(s.max_raw for s in stats), logical, tz)
+    return TableSummary(footer.num_rows, first, last, meta)
 
-    def bar(index: int) -> datetime:
-        naive = datetime(1970, 1, 1) + timedelta(microseconds=micros[index].as_py())
-        return naive if tz is None else naive.replace(tzinfo=UTC).astimezone(ZoneInfo(tz))
 
-    return TableSummary(parquet.metadata.num_rows, bar(0), bar(-1), meta)
+_TICKS_PER_SECOND = {"milliseconds": 10**3, "microseconds": 10**6, "nanoseconds": 10**9}
+
+
+def _stored_time(raw: int, logical: dict[str, Any], tz: str | None) -> datetime:
+    """A timestamp column's raw Parquet value: days since 1970 (Date), or ticks since 1970
+    UTC (Timestamp), shown in the column's time zone. (Arrow's own conversion of a
+    timestamp imports pandas.) Bars fall on whole minutes: microseconds lose nothing."""
+    epoch = datetime(1970, 1, 1)
+    if logical.get("Type") == "Date":
+        return epoch + timedelta(days=raw)
+    at = epoch + timedelta(microseconds=raw * 10**6 // _TICKS_PER_SECOND[logical["timeUnit"]])
+    return at if tz is None else at.replace(tzinfo=UTC).astimezone(ZoneInfo(tz))
 
 
 Decoded = TypeVar("Decoded")  # what EncryptedStore makes of a decrypted table
