@@ -67,7 +67,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-import psutil
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from config import (
@@ -88,9 +87,9 @@ __all__ = ["EXIT_CODES", "ConfigError", "OHLCVError", "SecureOHLCVDownloader", "
 
 class DeferredModule:
     """A module imported when one of its attributes is first used. pandas, numpy and
-    pyarrow take ~0.6 s and ~100 MB to import, requests, keyring and prometheus_client
-    another ~0.1 s: a command that never needs them (estimate, --check-keys, status,
-    cleanup --dry-run) never pays for them. `with_modules` are imported along (`import
+    pyarrow take ~0.6 s and ~100 MB to import, requests, keyring, prometheus_client and
+    psutil another ~0.1 s: a command that never needs them (--help, estimate, status,
+    --check-keys, cleanup --dry-run) never pays for them. `with_modules` are imported along (`import
     keyring` leaves out keyring.errors); `then` runs once, after the import."""
 
     def __init__(self, name: str, *with_modules: str,
@@ -124,6 +123,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
     import prometheus_client
+    import psutil
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -135,6 +135,7 @@ else:
     np = DeferredModule("numpy")
     pd = DeferredModule("pandas", then=_arrow_memory_pool)
     prometheus_client = DeferredModule("prometheus_client")
+    psutil = DeferredModule("psutil")
     pa = DeferredModule("pyarrow", then=_arrow_memory_pool)
     pc = DeferredModule("pyarrow.compute", then=_arrow_memory_pool)
     pq = DeferredModule("pyarrow.parquet", then=_arrow_memory_pool)
