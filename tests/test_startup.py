@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from secure_ohlcv_downloader import MARKET_TZ, status_of
 from tests.download_fixtures import PREMIUM_KEY, start_emulator
-from tests.foundation_fixtures import CLI, REPO, SUBPROCESS_TIMEOUT
+from tests.foundation_fixtures import CLI, MODULE, REPO, SUBPROCESS_TIMEOUT
 from tests.operations_fixtures import OpsWorkspace
 
 HEAVY = ("pandas", "pyarrow", "numpy")
@@ -52,11 +53,12 @@ def store(tmp_path_factory):
         av.stop()
 
 
-def heavy_imports(ws: OpsWorkspace, *args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+def heavy_imports(ws: OpsWorkspace, *args: str,
+                  script: Path = CLI) -> tuple[subprocess.CompletedProcess, list[str]]:
     report = ws.cwd / "imported.json"
     report.unlink(missing_ok=True)
     code = WRAPPER.format(repo=str(REPO), heavy=HEAVY)
-    run = subprocess.run([sys.executable, "-c", code, str(report), str(CLI), *args],
+    run = subprocess.run([sys.executable, "-c", code, str(report), str(script), *args],
                          cwd=ws.cwd, env=ws.env(), stdin=subprocess.DEVNULL,
                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
     assert report.exists(), run.stderr
@@ -74,6 +76,14 @@ def test_a_command_that_reads_no_bars_imports_neither_pandas_nor_pyarrow(store, 
     run, imported = heavy_imports(store, *args)
 
     assert run.returncode == code, run.stderr
+    assert imported == []
+
+
+def test_the_library_run_as_a_script_starts_as_light_as_the_cli(store):
+    """Cron and the systemd units run secure_ohlcv_downloader.py itself."""
+    run, imported = heavy_imports(store, "--check-keys", script=MODULE)
+
+    assert run.returncode == 0, run.stderr
     assert imported == []
 
 
