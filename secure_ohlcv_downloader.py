@@ -1,6 +1,8 @@
 """Secure OHLCV Downloader: Alpha Vantage bars, encrypted at rest, safe to run for years.
 
-Read top to bottom; the sections follow the data, and calls only go down the file:
+Read top to bottom; the sections follow the data, and calls only go down the file. Above
+section 1, DeferredModule: pandas, numpy, pyarrow and the other heavy imports happen on
+first use, so a command that touches no bar data starts without them.
 
     1. Errors          -- the OHLCVError family (root in config.py), one exit code each;
                           EXIT_CODES, the one table of their meanings
@@ -89,8 +91,8 @@ class DeferredModule:
     """A module imported when one of its attributes is first used. pandas, numpy and
     pyarrow take ~0.6 s and ~100 MB to import, requests, keyring, prometheus_client and
     psutil another ~0.1 s: a command that never needs them (--help, estimate, status,
-    --check-keys, cleanup --dry-run) never pays for them. `with_modules` are imported along (`import
-    keyring` leaves out keyring.errors); `then` runs once, after the import."""
+    --check-keys, cleanup --dry-run) never pays for them. `with_modules` are imported
+    along (`import keyring` leaves out keyring.errors); `then` runs once, after the import."""
 
     def __init__(self, name: str, *with_modules: str,
                  then: Callable[[], None] | None = None) -> None:
