@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
-
 log = logging.getLogger("secure_ohlcv.config")
 
 DEFAULT_BASE_URL = "https://www.alphavantage.co/query"
@@ -365,6 +363,8 @@ def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
     """Values of a `.env` file and warnings about it; no file, no values."""
     if not os.path.lexists(path):
         return {}, []
+    from dotenv import dotenv_values  # only where a .env exists: not on every start-up
+
     text, warnings = open_private_file(path, ".env file")
     values = {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
     return values, warnings

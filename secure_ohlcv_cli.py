@@ -28,8 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from config import ConfigError, load_settings
 from secure_ohlcv_downloader import (
@@ -48,6 +47,9 @@ from secure_ohlcv_downloader import (
     redact,
     status_exit_code,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("secure_ohlcv.cli")
 PROG = "secure_ohlcv_cli.py"  # when the script run is not known (main() called in-process)

@@ -1,6 +1,8 @@
 """Secure OHLCV Downloader: Alpha Vantage bars, encrypted at rest, safe to run for years.
 
-Read top to bottom; the sections follow the data, and calls only go down the file:
+Read top to bottom; the sections follow the data, and calls only go down the file. Above
+section 1, DeferredModule: pandas, numpy, pyarrow and the other heavy imports happen on
+first use, so a command that touches no bar data starts without them.
 
     1. Errors          -- the OHLCVError family (root in config.py), one exit code each;
                           EXIT_CODES, the one table of their meanings
@@ -37,6 +39,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -62,24 +65,11 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from datetime import time as dt_time
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
-import keyring
-import keyring.backend
-import keyring.errors
-import numpy as np
-import pandas as pd
-import psutil
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-import requests
-import requests.adapters
-import urllib3.exceptions
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from config import (
     KEYRING_SERVICE,
@@ -96,9 +86,63 @@ from config import (
 
 __all__ = ["EXIT_CODES", "ConfigError", "OHLCVError", "SecureOHLCVDownloader", "load_settings"]
 
-# Arrow's default pool (mimalloc) keeps freed memory per thread: with 8 download workers
-# that alone held ~70 MB (bench: peak RSS 222 MB with it, 157 MB with the system pool).
-pa.set_memory_pool(pa.system_memory_pool())
+
+class DeferredModule:
+    """A module imported when one of its attributes is first used. pandas, numpy and
+    pyarrow take ~0.6 s and ~100 MB to import, requests, keyring, prometheus_client and
+    psutil another ~0.1 s: a command that never needs them (--help, estimate, status,
+    --check-keys, cleanup --dry-run) never pays for them. `with_modules` are imported
+    along (`import keyring` leaves out keyring.errors); `then` runs once, after the import."""
+
+    def __init__(self, name: str, *with_modules: str,
+                 then: Callable[[], None] | None = None) -> None:
+        self._names = (name, *with_modules)
+        self._then = then
+
+    def __getattr__(self, attribute: str) -> Any:
+        module = [importlib.import_module(name) for name in self._names][0]
+        if self._then is not None:
+            self._then()
+            self._then = None
+        value = getattr(module, attribute)
+        setattr(self, attribute, value)  # later uses are a plain attribute look-up
+        return value
+
+
+def _arrow_memory_pool() -> None:
+    """Arrow's default pool (mimalloc) keeps freed memory per thread: with 8 download
+    workers that alone held ~70 MB (bench: peak RSS 222 MB with it, 157 MB with the
+    system pool). Set before any table is built, whichever of pandas or pyarrow comes first."""
+    import pyarrow
+
+    pyarrow.set_memory_pool(pyarrow.system_memory_pool())
+
+
+if TYPE_CHECKING:
+    import keyring
+    import keyring.backend
+    import keyring.errors
+    import numpy as np
+    import pandas as pd
+    import prometheus_client
+    import psutil
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import requests
+    import requests.adapters
+    import urllib3.exceptions
+else:
+    keyring = DeferredModule("keyring", "keyring.backend", "keyring.errors")
+    np = DeferredModule("numpy")
+    pd = DeferredModule("pandas", then=_arrow_memory_pool)
+    prometheus_client = DeferredModule("prometheus_client")
+    psutil = DeferredModule("psutil")
+    pa = DeferredModule("pyarrow", then=_arrow_memory_pool)
+    pc = DeferredModule("pyarrow.compute", then=_arrow_memory_pool)
+    pq = DeferredModule("pyarrow.parquet", then=_arrow_memory_pool)
+    requests = DeferredModule("requests", "requests.adapters")
+    urllib3 = DeferredModule("urllib3", "urllib3.exceptions")
 
 log = logging.getLogger("secure_ohlcv")
 
@@ -2188,16 +2232,7 @@ def decode_arrow(data: bytes) -> tuple[pa.Table, dict[str, Any]]:
         table = pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
     except (pa.ArrowException, OSError) as exc:
         raise ValueError(f"not a Parquet table ({exc})") from None
-    raw = (table.schema.metadata or {}).get(_META_KEY)
-    if raw is None:
-        raise ValueError("no secure_ohlcv metadata")
-    try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise ValueError("unreadable secure_ohlcv metadata") from None
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"schema version {meta.get('schema_version')!r}, "
-                         f"this program reads {SCHEMA_VERSION}")
+    meta = _table_meta(table.schema)
     # Undo the storage encodings in Arrow, column by column, then convert once: cheaper
     # than fixing up pandas columns one assignment at a time.
     columns = {}
@@ -2210,6 +2245,73 @@ def decode_arrow(data: bytes) -> tuple[pa.Table, dict[str, Any]]:
             column = column.cast(pa.timestamp("us"))
         columns[name] = column
     return pa.table(columns), meta
+
+
+def _table_meta(schema: pa.Schema) -> dict[str, Any]:
+    """Our metadata of a table's schema; ValueError if it is missing or of another version."""
+    raw = (schema.metadata or {}).get(_META_KEY)
+    if raw is None:
+        raise ValueError("no secure_ohlcv metadata")
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise ValueError("unreadable secure_ohlcv metadata") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"schema version {meta.get('schema_version')!r}, "
+                         f"this program reads {SCHEMA_VERSION}")
+    return meta
+
+
+@dataclass(frozen=True)
+class TableSummary:
+    """A stored table's row count, first and last bar (naive for daily and longer bars,
+    in the market's time zone intraday) and metadata."""
+
+    rows: int
+    first_bar: datetime
+    last_bar: datetime
+    meta: dict[str, Any]
+
+
+def summarise_table(data: bytes) -> TableSummary:
+    """decode_table's facts without decoding a bar: the Parquet footer only (row count,
+    metadata, the timestamp column's min and max statistics), so status and estimate
+    never import pandas. Tables are stored sorted by time (parse_payload and merge_bars
+    sort), so the minimum is the first bar. The Fernet token that held `data` already
+    proved it is the table we wrote; its pages are left unread."""
+    try:
+        footer = pq.read_metadata(pa.BufferReader(data))
+        schema = footer.schema.to_arrow_schema()
+        column = schema.get_field_index("timestamp")
+        stats = [footer.row_group(g).column(column).statistics
+                 for g in range(footer.num_row_groups)] if column >= 0 else []
+        logical = json.loads(footer.schema.column(column).logical_type.to_json()) if stats else {}
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise ValueError(f"not a Parquet table ({exc})") from None
+    meta = _table_meta(schema)
+    if not stats or not all(s is not None and s.has_min_max for s in stats):
+        raise ValueError("no timestamp statistics")
+    tz = getattr(schema.field(column).type, "tz", None)
+    first = _stored_time(min(s.min_raw for s in stats), logical, tz)
+    last = _stored_time(max(s.max_raw for s in stats), logical, tz)
+    return TableSummary(footer.num_rows, first, last, meta)
+
+
+_TICKS_PER_SECOND = {"milliseconds": 10**3, "microseconds": 10**6, "nanoseconds": 10**9}
+
+
+def _stored_time(raw: int, logical: dict[str, Any], tz: str | None) -> datetime:
+    """A timestamp column's raw Parquet value: days since 1970 (Date), or ticks since 1970
+    UTC (Timestamp), shown in the column's time zone. (Arrow's own conversion of a
+    timestamp imports pandas.) Bars fall on whole minutes: microseconds lose nothing."""
+    epoch = datetime(1970, 1, 1)
+    if logical.get("Type") == "Date":
+        return epoch + timedelta(days=raw)
+    at = epoch + timedelta(microseconds=raw * 10**6 // _TICKS_PER_SECOND[logical["timeUnit"]])
+    return at if tz is None else at.replace(tzinfo=UTC).astimezone(ZoneInfo(tz))
+
+
+Decoded = TypeVar("Decoded")  # what EncryptedStore makes of a decrypted table
 
 
 class EncryptedStore:
@@ -2246,9 +2348,16 @@ class EncryptedStore:
         return self.read_file(self.path(dataset))
 
     def read_file(self, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+        return self._decrypted(path, decode_table)
+
+    def rows(self, dataset: DatasetId) -> int:
+        """A dataset's row count, from its Parquet footer (no bars decoded)."""
+        return self._decrypted(self.path(dataset), summarise_table).rows
+
+    def _decrypted(self, path: Path, decode: Callable[[bytes], Decoded]) -> Decoded:
         token = path.read_bytes()
         try:
-            return decode_table(self.key_ring.decrypt(token))
+            return decode(self.key_ring.decrypt(token))
         except InvalidToken:
             raise IntegrityError(f"{path} does not decrypt with the key ring "
                                  f"({', '.join(self.key_ring.fingerprints())}): altered, "
@@ -2256,15 +2365,14 @@ class EncryptedStore:
         except ValueError as exc:
             raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
 
-    def read_with_key(self, dataset: DatasetId) -> tuple[pd.DataFrame, dict[str, Any], str]:
-        """Like read, and also the fingerprint of the key that opened the file."""
+    def read_summary(self, dataset: DatasetId) -> tuple[TableSummary, str]:
+        """A dataset's summary (status), and the fingerprint of the key that opened it."""
         path = self.path(dataset)
         plaintext, key_fp = self.key_ring.decrypt_with_fingerprint(path.read_bytes(), path)
         try:
-            frame, meta = decode_table(plaintext)
+            return summarise_table(plaintext), key_fp
         except ValueError as exc:
             raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
-        return frame, meta, key_fp
 
     def datasets(self) -> Iterator[DatasetId]:
         """Every dataset file in the store, in path order; temp files are never listed."""
@@ -4153,14 +4261,14 @@ def write_metrics(path: Path, file_mode: int, runs: dict[str, Any]) -> None:
     """The Prometheus text file for node_exporter's textfile collector: the last figures
     of every command (newest run wins where two commands report the same series) and the
     last run, exit code and success of each. Labels carry fingerprints, never keys."""
-    registry = CollectorRegistry()
-    gauges: dict[str, Gauge] = {}
+    registry = prometheus_client.CollectorRegistry()
+    gauges: dict[str, prometheus_client.Gauge] = {}
 
     def set_sample(name: str, labels: dict[str, str], value: float) -> None:
         # Created on first use: a figure no command has produced is absent, not a false 0.
         if name not in gauges:
             doc, label_names = METRICS[name]
-            gauges[name] = Gauge(name, doc, label_names, registry=registry)
+            gauges[name] = prometheus_client.Gauge(name, doc, label_names, registry=registry)
         (gauges[name].labels(**labels) if labels else gauges[name]).set(value)
 
     for command, entry in sorted(runs.items(), key=lambda item: item[1]["last_run"]):
@@ -4174,7 +4282,7 @@ def write_metrics(path: Path, file_mode: int, runs: dict[str, Any]) -> None:
     # The same temp-file-and-rename as prometheus_client's write_to_textfile, but through
     # atomic_write, so the file has its configured mode from its first byte (the library's
     # temp file takes whatever the umask gives) and is fsynced.
-    atomic_write(path, generate_latest(registry), file_mode)
+    atomic_write(path, prometheus_client.generate_latest(registry), file_mode)
 
 
 # Bars a year per interval: 252 sessions; intraday counts extended hours (04:00-20:00 ET).
@@ -4248,9 +4356,8 @@ def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tupl
     size = rows = 0
     for dataset in store.datasets():
         if dataset.interval == interval and not dataset.adjusted:
-            frame, _ = store.read(dataset)
+            rows += store.rows(dataset)
             size += store.path(dataset).stat().st_size
-            rows += len(frame)
             if rows > 200_000:
                 break
     return (size / rows, True) if rows else (None, False)
@@ -4260,8 +4367,8 @@ def bar_time_text(stamp: date, intraday: bool) -> str:
     """A bar's time as export writes it: a date; intraday, the New York time with its UTC
     offset ('2024-12-04 15:45:00-05:00'). `stamp`: a stored timestamp, or the Parquet
     statistic of the column (a date; an aware datetime, in UTC)."""
-    if intraday:
-        return pd.Timestamp(stamp).tz_convert(MARKET_TZ).isoformat(sep=" ")
+    if intraday and isinstance(stamp, datetime):  # aware: stored intraday bars carry a zone
+        return stamp.astimezone(MARKET_TZ).isoformat(sep=" ")
     return (stamp.date() if isinstance(stamp, datetime) else stamp).isoformat()
 
 
@@ -4273,12 +4380,13 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
     for dataset in store.datasets():
         entry: dict[str, Any] = {"dataset": str(dataset), "path": str(dataset.relative_path())}
         try:
-            frame, meta, key_fp = store.read_with_key(dataset)
-            newest = frame["timestamp"].iloc[-1].date()
+            summary, key_fp = store.read_summary(dataset)
+            meta = summary.meta
+            newest = summary.last_bar.date()
             intraday = dataset.month is not None
-            entry |= {"rows": len(frame),
-                      "first_bar": bar_time_text(frame["timestamp"].iloc[0], intraday),
-                      "last_bar": bar_time_text(frame["timestamp"].iloc[-1], intraday),
+            entry |= {"rows": summary.rows,
+                      "first_bar": bar_time_text(summary.first_bar, intraday),
+                      "last_bar": bar_time_text(summary.last_bar, intraday),
                       "age_days": (market_today() - newest).days,
                       "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
                                     or is_current(newest, meta.get("checked_at"), now)),

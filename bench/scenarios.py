@@ -1,4 +1,4 @@
-"""The seven scenarios. Each takes a Workspace and returns a ScenarioResult: every run's
+"""The eight scenarios. Each takes a Workspace and returns a ScenarioResult: every run's
 values, the ratio against its reference, the target and whether it is met. A missed timing
 target is profiled at once (py-spy, every thread) and the summary goes into the result.
 
@@ -8,6 +8,7 @@ runs so that drift in the machine's state hits both alike.
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import time
@@ -800,6 +801,134 @@ def rotate(ws: Workspace) -> ScenarioResult:
     return res
 
 
+# =========================================================================================
+# 8. Start-up: commands that touch no bar data
+# =========================================================================================
+
+# Starts one command and reports its wall time, peak RSS and exit code. Started through
+# this small process, the command's ru_maxrss is its own (see bench/child.py), and the
+# time excludes this process's own start.
+_MEASURE = """
+import json, os, subprocess, sys, time
+started = time.perf_counter()
+child = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(json.dumps({"seconds": time.perf_counter() - started, "maxrss": usage.ru_maxrss * 1024,
+                  "code": os.waitstatus_to_exitcode(status)}))
+"""
+
+# Reads and decrypts every dataset file and nothing else: what any status without a
+# catalogue pays at least (the interpreter, cryptography, the files, Fernet).
+_DECRYPT_ALL = """
+import pathlib, sys
+from cryptography.fernet import Fernet
+fernet = Fernet(sys.argv[1])
+for path in sorted(pathlib.Path(sys.argv[2]).rglob("*.fernet")):
+    fernet.decrypt(path.read_bytes())
+"""
+
+STARTUP_DATASETS, STARTUP_BARS = 2000, 100
+
+
+def startup(ws: Workspace) -> ScenarioResult:
+    import os
+    import subprocess
+    import sys
+
+    from bench.common import PRODUCT
+    from bench.data import symbols, varied
+    from secure_ohlcv_downloader import DatasetId
+
+    res = ScenarioResult("startup", "8. Start-up: commands that touch no bar data, "
+                         f"status of {STARTUP_DATASETS:,} datasets")
+    runs = max(10, ws.runs)
+    root = ws.root / "startup"
+    key = new_fernet_key()
+    env = dict(bench_env(root, "http://127.0.0.1:9/query", per_minute=60_000, key=key),
+               PATH=os.environ.get("PATH", os.defpath), HOME=str(root),
+               # Byte code cached as an installed copy has it, outside the checkout.
+               PYTHONPYCACHEPREFIX=str(ws.root / "pycache"))
+    log(f"startup: an initialised store with {STARTUP_DATASETS:,} datasets of "
+        f"{STARTUP_BARS} bars (untimed)")
+    app = make_app(root, env, init=True)
+    store = app.store()
+    frame = ws.frame().tail(STARTUP_BARS).reset_index(drop=True)
+    meta: dict[str, Any] = {"checked_at": None, "partial_history": False,
+                            "function": "TIME_SERIES_DAILY"}
+    with store.lock():
+        for i, name in enumerate(symbols(STARTUP_DATASETS, "S")):
+            store.write(DatasetId(name), varied(frame, i), meta)
+    settle()
+
+    cli = str(PRODUCT / "secure_ohlcv_cli.py")
+    python = sys.executable
+    commands = {
+        "python -c pass": [python, "-c", "pass"],
+        "--help": [python, cli, "--help"],
+        "an argument error (--interval 2min)": [python, cli, "download", "IBM", "--interval",
+                                                "2min"],
+        "estimate --symbols 500 --interval weekly": [python, cli, "estimate", "--symbols",
+                                                     "500", "--interval", "weekly"],
+        "--check-keys": [python, cli, "--check-keys"],
+        f"status, {STARTUP_DATASETS:,} datasets": [python, cli, "status"],
+        "--cleanup --dry-run": [python, cli, "--cleanup", "--dry-run"],
+        f"floor: read + decrypt {STARTUP_DATASETS:,} files, nothing else":
+            [python, "-c", _DECRYPT_ALL, key, str(root / "data")],
+    }
+    child_env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+    def measure(argv: list[str]) -> dict[str, Any]:
+        done = subprocess.run([python, "-c", _MEASURE, *argv], cwd=root, env=child_env,
+                              capture_output=True, text=True, timeout=300)
+        return json.loads(done.stdout)
+
+    for name, argv in commands.items():  # warm-up: byte code written, files cached
+        first = measure(argv)
+        expected = 2 if "argument error" in name else 0
+        if first["code"] != expected:
+            raise RuntimeError(f"startup: {name} exited {first['code']}, not {expected}")
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    peaks: dict[str, list[float]] = {name: [] for name in commands}
+    for i in range(runs):  # interleaved, so drift in the machine's state hits all alike
+        for name, argv in commands.items():
+            out = measure(argv)
+            seconds[name].append(out["seconds"])
+            peaks[name].append(out["maxrss"] / MB)
+        log(f"startup run {i + 1}: " + ", ".join(
+            f"{name.split(',')[0]} {seconds[name][-1]:.3f} s" for name in commands))
+    bare = _median(seconds["python -c pass"])
+    for name in commands:
+        res.row(f"{name}: wall time", seconds[name], "s", 3)
+    for name in commands:
+        if name != "python -c pass":
+            res.row(f"{name}: wall time / python -c pass",
+                    [value / bare for value in seconds[name]], "x", 1)
+    for name in commands:
+        res.row(f"{name}: peak RSS", peaks[name], "MB", 0)
+    help_ratio = _median(seconds["--help"]) / bare
+    status = _median(seconds[f"status, {STARTUP_DATASETS:,} datasets"])
+    res.check("--help / python -c pass", f"{help_ratio:.1f}", "<= 3.0", help_ratio <= 3.0)
+    res.check(f"status of {STARTUP_DATASETS:,} datasets", f"{status:.2f} s", "<= 0.4 s",
+              status <= 0.4)
+    res.notes.append(
+        f"Each command is a fresh interpreter ({sys.executable}), started {runs} times, "
+        "interleaved with the others, after one untimed warm-up each (byte code cached under "
+        "PYTHONPYCACHEPREFIX, as an installed copy has it); stdout and stderr go to "
+        "/dev/null. Wall time from the start of the process to its exit; peak RSS is its "
+        "ru_maxrss, started from a small intermediate process so that the benchmark's own "
+        "size does not carry over into it.")
+    res.notes.append(
+        f"The store: {STARTUP_DATASETS:,} daily datasets of {STARTUP_BARS} bars (a compact "
+        "download's size), written with EncryptedStore.write; keys in OHLCV_ENCRYPTION_KEY, "
+        "keyring backend `fail`. `estimate --interval weekly` finds nothing stored at that "
+        "interval, so it uses its default figure; with daily data stored it reads footers "
+        "as status does. The floor is a bare Python process that reads and decrypts every "
+        "dataset file (Fernet) and does nothing else: no status without a catalogue can be "
+        "faster.")
+    return res
+
+
 SCENARIOS: dict[str, Callable[[Workspace], ScenarioResult]] = {
     "quota": quota,
     "symbol": symbol,
@@ -808,4 +937,5 @@ SCENARIOS: dict[str, Callable[[Workspace], ScenarioResult]] = {
     "memory": memory,
     "incremental": incremental,
     "rotate": rotate,
+    "startup": startup,
 }
