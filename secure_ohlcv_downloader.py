@@ -32,6 +32,7 @@ Read top to bottom; the sections follow the data, and calls only go down the fil
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -1247,6 +1248,15 @@ class RateLimiter:
             slot = max(slot, sent[-self.per_minute] + window)
         return slot
 
+    def _may_leave(self, fp: str, now: float) -> bool:
+        """Whether a request whose slot has passed may leave at `now`: the requests that
+        left (or were due) before it are far enough back for both windows."""
+        earlier = [t for t in self._sent[fp] if t <= now]
+        if earlier and earlier[-1] > now - self.spacing:
+            return False
+        window = 60 * RATE_SLACK
+        return not self.per_minute or sum(t > now - window for t in earlier) < self.per_minute
+
     def _last_sent(self, fp: str) -> float:
         sent = self._sent[fp]
         return sent[-1] if sent else float("-inf")
@@ -1272,18 +1282,27 @@ class RateLimiter:
                 self._sleep(max(slot - self._monotonic(), 0.0))
                 with self._lock:
                     fp = key.fingerprint
-                    if fp not in self._exhausted and self._penalty_until.get(fp, slot) <= slot:
-                        return key
+                    sent = self._sent[fp]
                     with contextlib.suppress(ValueError):  # gone only if we slept for minutes
-                        self._sent[fp].remove(slot)
+                        sent.remove(slot)
                     if fp in self._exhausted:  # the server says its day is over: not sent
                         self.quotas[fp].give_back(self._reserved.day)
                         counted = False
                         key, slot, _ = self._reserve()
                         counted = True
-                    else:  # counted already: only the slot moves, behind the penalty
-                        slot = self._next_slot(fp, self._monotonic())
-                        self._sent[fp].append(slot)
+                        continue
+                    # The request is stamped when it leaves, not at the slot: a thread
+                    # woken late (a loaded machine) sends late, and the server counts from
+                    # when it arrived. Stamped at its slot, it put the next request that
+                    # much too close to it: a free key throttled at 1 request a second.
+                    now = self._monotonic()
+                    if self._penalty_until.get(fp, now) <= now and self._may_leave(fp, now):
+                        bisect.insort(sent, now)
+                        return key
+                    # counted already: only the slot moves, behind the penalty or behind
+                    # the request that left while this one overslept
+                    slot = self._next_slot(fp, now)
+                    sent.append(slot)
         except BaseException:  # Ctrl-C during the wait: the request never leaves
             if counted:
                 self.quotas[key.fingerprint].give_back(self._reserved.day)
