@@ -1248,14 +1248,17 @@ class RateLimiter:
             slot = max(slot, sent[-self.per_minute] + window)
         return slot
 
-    def _may_leave(self, fp: str, now: float) -> bool:
-        """Whether a request whose slot has passed may leave at `now`: the requests that
-        left (or were due) before it are far enough back for both windows."""
+    def _leave_at(self, fp: str, now: float) -> float:
+        """The earliest moment from `now` a request whose slot has passed may leave: after
+        the penalty, and far enough from the requests that left (or were due) before it
+        for both windows. The requests due after it check for themselves when they wake."""
         earlier = [t for t in self._sent[fp] if t <= now]
-        if earlier and earlier[-1] > now - self.spacing:
-            return False
-        window = 60 * RATE_SLACK
-        return not self.per_minute or sum(t > now - window for t in earlier) < self.per_minute
+        slot = max(now, self._penalty_until.get(fp, now))
+        if earlier:
+            slot = max(slot, earlier[-1] + self.spacing)
+        if self.per_minute and len(earlier) >= self.per_minute:
+            slot = max(slot, earlier[-self.per_minute] + 60 * RATE_SLACK)
+        return slot
 
     def _last_sent(self, fp: str) -> float:
         sent = self._sent[fp]
@@ -1296,13 +1299,12 @@ class RateLimiter:
                     # when it arrived. Stamped at its slot, it put the next request that
                     # much too close to it: a free key throttled at 1 request a second.
                     now = self._monotonic()
-                    if self._penalty_until.get(fp, now) <= now and self._may_leave(fp, now):
-                        bisect.insort(sent, now)
+                    slot = self._leave_at(fp, now)
+                    bisect.insort(sent, slot)
+                    if slot <= now:
                         return key
-                    # counted already: only the slot moves, behind the penalty or behind
-                    # the request that left while this one overslept
-                    slot = self._next_slot(fp, now)
-                    sent.append(slot)
+                    # counted already: only the slot moves, behind the penalty or just
+                    # behind a request that left late, keeping its place in the queue
         except BaseException:  # Ctrl-C during the wait: the request never leaves
             if counted:
                 self.quotas[key.fingerprint].give_back(self._reserved.day)
