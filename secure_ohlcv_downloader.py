@@ -34,6 +34,7 @@ first use, so a command that touches no bar data starts without them.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fcntl
@@ -1291,6 +1292,18 @@ class RateLimiter:
             slot = max(slot, sent[-self.per_minute] + window)
         return slot
 
+    def _leave_at(self, fp: str, now: float) -> float:
+        """The earliest moment from `now` a request whose slot has passed may leave: after
+        the penalty, and far enough from the requests that left (or were due) before it
+        for both windows. The requests due after it check for themselves when they wake."""
+        earlier = [t for t in self._sent[fp] if t <= now]
+        slot = max(now, self._penalty_until.get(fp, now))
+        if earlier:
+            slot = max(slot, earlier[-1] + self.spacing)
+        if self.per_minute and len(earlier) >= self.per_minute:
+            slot = max(slot, earlier[-self.per_minute] + 60 * RATE_SLACK)
+        return slot
+
     def _last_sent(self, fp: str) -> float:
         sent = self._sent[fp]
         return sent[-1] if sent else float("-inf")
@@ -1316,18 +1329,26 @@ class RateLimiter:
                 self._sleep(max(slot - self._monotonic(), 0.0))
                 with self._lock:
                     fp = key.fingerprint
-                    if fp not in self._exhausted and self._penalty_until.get(fp, slot) <= slot:
-                        return key
+                    sent = self._sent[fp]
                     with contextlib.suppress(ValueError):  # gone only if we slept for minutes
-                        self._sent[fp].remove(slot)
+                        sent.remove(slot)
                     if fp in self._exhausted:  # the server says its day is over: not sent
                         self.quotas[fp].give_back(self._reserved.day)
                         counted = False
                         key, slot, _ = self._reserve()
                         counted = True
-                    else:  # counted already: only the slot moves, behind the penalty
-                        slot = self._next_slot(fp, self._monotonic())
-                        self._sent[fp].append(slot)
+                        continue
+                    # The request is stamped when it leaves, not at the slot: a thread
+                    # woken late (a loaded machine) sends late, and the server counts from
+                    # when it arrived. Stamped at its slot, it put the next request that
+                    # much too close to it: a free key throttled at 1 request a second.
+                    now = self._monotonic()
+                    slot = self._leave_at(fp, now)
+                    bisect.insort(sent, slot)
+                    if slot <= now:
+                        return key
+                    # counted already: only the slot moves, behind the penalty or just
+                    # behind a request that left late, keeping its place in the queue
         except BaseException:  # Ctrl-C during the wait: the request never leaves
             if counted:
                 self.quotas[key.fingerprint].give_back(self._reserved.day)

@@ -12,7 +12,8 @@ Map of this file, in the order a request meets it:
                               dividends, CRSP-style adjusted close, revisions, weekly/monthly
                               aggregation, intraday bars), cached per symbol and as-of date
     WireFormat             -- bodies byte for byte: JSON messages, series JSON, CSV
-    RateLimiter            -- sliding 1 s / 60 s windows and a per-day count per API key
+    RateLimiter            -- sliding 1 s / 60 s windows and a per-day count per API key,
+                              judged at each request's arrival (kernel receive stamp)
     Fault, FaultQueue      -- faults queued by a test (or drawn at random) for the next requests
     ApiRequest, Reply      -- one parsed request; the decision about its answer
     QueryService           -- request -> reply: faults, key, limits, plan rules, validation, data
@@ -37,6 +38,7 @@ import argparse
 import bisect
 import gzip
 import hashlib
+import io
 import json
 import math
 import random
@@ -1206,6 +1208,42 @@ class QueryService:
 # ---------------------------------------------------------------------------------------------
 # HTTP side
 
+# Linux's SO_TIMESTAMPNS and SCM_TIMESTAMPNS (Python's socket module does not name them):
+# the kernel stamps each received segment with the wall-clock time it arrived.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+
+
+class _ArrivalReader(io.RawIOBase):
+    """A connection's raw input that remembers when its last bytes reached this machine.
+
+    A request is judged by the rate limits at the moment it arrived. Stamping it when the
+    handler thread got round to it (after a wake-up, the GIL, parsing) is unfair to a correct
+    client on a loaded machine: a request read 40 ms late looks 40 ms closer to the next one,
+    and a client paced at exactly the allowed rate was throttled. The kernel's receive stamp
+    (wall clock) is turned into our monotonic clock by its age; without one (not Linux), the
+    moment the bytes were read is the best there is."""
+
+    def __init__(self, connection: socket.socket) -> None:
+        super().__init__()
+        self._connection = connection
+        self.arrived = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size, ancillary, _, _ = self._connection.recvmsg_into(
+            [buffer], socket.CMSG_SPACE(_TIMESPEC.size))
+        self.arrived = time.monotonic()
+        for level, kind, data in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, _SO_TIMESTAMPNS) and len(data) >= _TIMESPEC.size:
+                seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+                age = max(0.0, time.time() - (seconds + nanoseconds / 1e9))
+                self.arrived -= age
+        return size
+
+
 class _EmulatorServer(ThreadingHTTPServer):
     """ThreadingHTTPServer that knows its open connections, so stop() can cut them."""
 
@@ -1222,6 +1260,13 @@ class _EmulatorServer(ThreadingHTTPServer):
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         super().__init__(address, QueryHandler)
+
+    def server_bind(self) -> None:
+        # Accepted connections inherit it, and segments that arrive before accept() are
+        # stamped too (_ArrivalReader).
+        if sys.platform == "linux":
+            self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        super().server_bind()
 
     def track(self, connection: socket.socket) -> None:
         with self._connections_lock:
@@ -1252,6 +1297,9 @@ class QueryHandler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.rfile.close()  # the socket's own reader: it would keep the socket open
+        self._arrival = _ArrivalReader(self.connection)
+        self.rfile = io.BufferedReader(self._arrival)
         self.server.track(self.connection)
 
     def finish(self) -> None:
@@ -1268,7 +1316,7 @@ class QueryHandler(BaseHTTPRequestHandler):
         return
 
     def do_GET(self) -> None:
-        arrived = time.monotonic()
+        arrived = self._arrival.arrived  # when the request came in, not when we read it
         parts = urlsplit(self.path)
         if parts.path.rstrip("/") != "/query":
             self._send(404, Payload(HTML_404_PAGE.encode(), HTML_TYPE))

@@ -9,12 +9,15 @@ from __future__ import annotations
 import gzip
 import http.client
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -751,10 +754,19 @@ def _paced_violations(av: AlphaVantageEmulator, session: requests.Session, spaci
                       count: int) -> int:
     av.premium_keys["PLAN-600"] = 600             # 10 per second
     av.daily_bars("IBM")
+    # Every 11 requests span at least 10 spacings (the cap is 10 a second), counted from
+    # when the 10th request back had surely arrived: its answer was back. Pacing by the
+    # schedule alone let a late send (a loaded machine) come 20 ms closer to the request
+    # 10 after it: a real burst, which the emulator rightly throttled.
+    answered: list[float] = []
     started = time.monotonic()
     for i in range(count):
-        time.sleep(max(0.0, started + i * spacing - time.monotonic()))
+        due = started + i * spacing
+        if i >= 10:
+            due = max(due, answered[i - 10] + 10 * spacing)
+        time.sleep(max(0.0, due - time.monotonic()))
         call(session, av, function="TIME_SERIES_DAILY", symbol="IBM", apikey="PLAN-600")
+        answered.append(time.monotonic())
     return av.violations
 
 
@@ -764,6 +776,45 @@ def test_client_paced_at_exactly_the_allowed_rate_gets_no_violations(av, client)
 
 def test_client_paced_slightly_too_fast_gets_violations(av, client):
     assert _paced_violations(av, client, spacing=0.08, count=13) > 0
+
+
+def _wait_stopped(pid: int) -> None:
+    """Until the kernel has really stopped `pid` (SIGSTOP is delivered asynchronously)."""
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.01)
+
+
+def test_request_is_judged_by_when_it_arrived_not_when_a_busy_server_read_it():
+    # The first request arrives while the server cannot run (stopped, as a descheduled
+    # handler thread on a loaded machine); the second comes well over a second after it.
+    # A server stamping a request when it gets round to it saw 0.5 s between them.
+    secret = "ARRIVAL-FREE-KEY"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.alphavantage_emulator", "--port", "0", "--free-key", secret,
+         "--as-of", "2025-06-30"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = urlsplit(process.stdout.readline().strip())
+        path = url.path + "?" + urlencode({"function": "TIME_SERIES_DAILY", "symbol": "IBM",
+                                           "apikey": secret})
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        conn.connect()
+        os.kill(process.pid, signal.SIGSTOP)
+        _wait_stopped(process.pid)
+        conn.request("GET", path)
+        first_sent = time.monotonic()
+        time.sleep(0.6)
+        os.kill(process.pid, signal.SIGCONT)
+        first = conn.getresponse().read()
+        time.sleep(max(0.0, first_sent + 1.1 - time.monotonic()))
+        conn.request("GET", path)
+        second = conn.getresponse().read()
+        conn.close()
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        process.communicate(timeout=10)
+    assert "Meta Data" in json.loads(first)
+    assert "Meta Data" in json.loads(second), second
 
 
 def test_reset_counters_clears_counts_log_and_windows(av, client):
