@@ -58,6 +58,7 @@ import tarfile
 import threading
 import time
 import traceback
+import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -120,6 +121,7 @@ def _arrow_memory_pool() -> None:
 
 
 if TYPE_CHECKING:
+    import exchange_calendars as xcals
     import keyring
     import keyring.backend
     import keyring.errors
@@ -144,6 +146,7 @@ else:
     pq = DeferredModule("pyarrow.parquet", then=_arrow_memory_pool)
     requests = DeferredModule("requests", "requests.adapters")
     urllib3 = DeferredModule("urllib3", "urllib3.exceptions")
+    xcals = DeferredModule("exchange_calendars")
 
 log = logging.getLogger("secure_ohlcv")
 
@@ -2553,6 +2556,90 @@ class RunContext:
 # =========================================================================================
 # 9. Downloader: what to fetch, how to merge, what is left
 # =========================================================================================
+
+# The exchange each of Alpha Vantage's symbol forms trades on (IBM, TSCO.LON, SHOP.TRT,
+# GPV.TRV, MBG.DEX, RELIANCE.BSE, 600104.SHH, 000002.SHZ), by exchange_calendars' names.
+# The TSX Venture keeps the TSX's holidays and Shenzhen Shanghai's: one calendar each pair.
+EXCHANGE_OF_SUFFIX = {"": "XNYS", "LON": "XLON", "TRT": "XTSE", "TRV": "XTSE",
+                      "DEX": "XETR", "BSE": "XBOM", "SHH": "XSHG", "SHZ": "XSHG"}
+# Alpha Vantage's histories begin in 1999; a calendar built further back only costs time.
+CALENDAR_START = "1998-01-02"
+# A session's bar is on Alpha Vantage this long after the session closes.
+PUBLISHED_AFTER_CLOSE = timedelta(minutes=30)
+
+
+class ExchangeCalendar:
+    """One exchange's sessions and closes (early closes included), from exchange_calendars.
+    It knows the dates from CALENDAR_START to `last` (about a year ahead of the library's
+    release, less for some exchanges); past `last` it answers None and callers fall back
+    to counting weekdays."""
+
+    def __init__(self, code: str) -> None:
+        with warnings.catch_warnings():
+            # exchange_calendars 4.13 uses pandas APIs pandas 3.1 deprecates (its warning,
+            # not ours: nothing an operator or a test of ours could act on).
+            warnings.simplefilter("ignore", DeprecationWarning)
+            calendar = xcals.get_calendar(code, start=CALENDAR_START)
+        self.code = code
+        self.zone = ZoneInfo(str(calendar.tz))
+        # Sorted session dates, and each session's close as UTC nanoseconds.
+        self.sessions = calendar.sessions.values.astype("datetime64[D]")
+        self.closes = calendar.closes.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64)
+        self.first = self.sessions[0].item()
+        self.last = self.sessions[-1].item()
+
+    def knows(self, day: date) -> bool:
+        return self.first <= day <= self.last
+
+    def is_session(self, day: date) -> bool:
+        index = int(np.searchsorted(self.sessions, np.datetime64(day, "D")))
+        return index < len(self.sessions) and self.sessions[index].item() == day
+
+    def sessions_between(self, first: date, last: date) -> np.ndarray:
+        """The sessions from `first` to `last`, both included (datetime64[D], sorted)."""
+        lo, hi = np.searchsorted(self.sessions, [np.datetime64(first, "D"),
+                                                 np.datetime64(last, "D")], side="left")
+        if hi < len(self.sessions) and self.sessions[hi].item() == last:
+            hi += 1
+        return self.sessions[lo:hi]
+
+    def close_of(self, day: date) -> datetime:
+        """When the session `day` closes (it must be a session)."""
+        index = int(np.searchsorted(self.sessions, np.datetime64(day, "D")))
+        return datetime.fromtimestamp(int(self.closes[index]) / 1e9, UTC)
+
+    def latest_published_session(self, now: datetime) -> date | None:
+        """The newest session whose bar Alpha Vantage has published by `now`; None when
+        `now` is past what the calendar knows."""
+        if now.astimezone(self.zone).date() > self.last:
+            return None
+        cutoff = (now - PUBLISHED_AFTER_CLOSE).timestamp() * 1e9
+        index = int(np.searchsorted(self.closes, cutoff, side="right")) - 1
+        return self.sessions[index].item() if index >= 0 else None
+
+
+_calendars: dict[str, ExchangeCalendar] = {}
+_unknown_suffixes: set[str] = set()
+_calendars_lock = threading.Lock()
+
+
+def calendar_for(symbol: str) -> ExchangeCalendar | None:
+    """The calendar of the exchange `symbol` trades on, built once per process; None for
+    a suffix no calendar is known for (said once in the log: weekdays are used)."""
+    _, dot, suffix = symbol.rpartition(".")
+    code = EXCHANGE_OF_SUFFIX.get(suffix if dot else "")
+    with _calendars_lock:
+        if code is None:
+            if suffix not in _unknown_suffixes:
+                _unknown_suffixes.add(suffix)
+                log.info("no exchange calendar for symbols ending .%s (%s): sessions are "
+                         "counted as weekdays, holidays learned from the API",
+                         outside_text(suffix), outside_text(symbol))
+            return None
+        if code not in _calendars:
+            _calendars[code] = ExchangeCalendar(code)
+        return _calendars[code]
+
 
 # Alpha Vantage publishes a session's daily bar after the close; a check made this long
 # after the close that found no new bar means there was no session (a holiday).
