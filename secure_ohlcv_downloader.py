@@ -470,6 +470,13 @@ def ensure_private_dir(path: Path, mode: int) -> Path:
     return path
 
 
+def ensure_private_dirs(paths: tuple[Path, ...], mode: int) -> None:
+    """ensure_private_dir for each of `paths`, checking the existing ones first: a
+    refusal leaves nothing created behind it."""
+    for path in sorted(paths, key=lambda p: not os.path.lexists(p)):
+        ensure_private_dir(path, mode)
+
+
 def check_private_dir(path: Path, mode: int) -> None:
     """Raise UnsafePathError when `path` is not a directory of ours with at most `mode`."""
     info = os.lstat(path)
@@ -3819,8 +3826,7 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
     a second run changes nothing."""
     s, custody = ctx.settings, ctx.custody
     created = [d for d in (s.data_dir, s.backup_dir, s.state_dir) if not os.path.lexists(d)]
-    for directory in (s.data_dir, s.backup_dir, s.state_dir):
-        ensure_private_dir(directory, s.dir_mode)
+    ensure_private_dirs((s.data_dir, s.backup_dir, s.state_dir), s.dir_mode)
     sources = custody.sources()
     ctx.warnings += sources.warnings
     if custody.canary_path.exists():
@@ -4030,8 +4036,7 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
     s, custody = ctx.settings, ctx.custody
     if from_backup is not None and not from_backup.is_file():
         raise UsageError(f"--from-backup {from_backup}: no such archive file.")
-    for directory in (s.data_dir, s.backup_dir, s.state_dir):
-        ensure_private_dir(directory, s.dir_mode)
+    ensure_private_dirs((s.data_dir, s.backup_dir, s.state_dir), s.dir_mode)
     offered, source = recovery_keys(ctx, key_file, prompt)
     sources = custody.sources()
     held = [k for k in (sources.keyring_keys or []) + (sources.env_keys or [])]

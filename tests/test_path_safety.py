@@ -361,6 +361,23 @@ def test_init_refuses_a_data_directory_another_user_planted(tmp_path):
     assert snapshot(planted) == before
 
 
+@pytest.mark.parametrize("command", [["--init"], ["--recover"]])
+def test_a_refused_directory_leaves_no_other_directory_created(tmp_path, command):
+    """The restore drill's plain `mkdir backups` (0755) is refused; the refusal must not
+    leave data/ and state/ half made behind it."""
+    fresh, home = tmp_path / "fresh-site", tmp_path / "home"
+    fresh.mkdir()
+    home.mkdir()
+    (fresh / "backups").mkdir(mode=0o755)
+    os.chmod(fresh / "backups", 0o755)
+
+    result = run_cli(command, cwd=fresh, env=headless_env(home))
+
+    assert result.returncode == 3, output(result)
+    assert f"chmod 700 {fresh / 'backups'}" in output(result)
+    assert not os.path.lexists(fresh / "data") and not os.path.lexists(fresh / "state")
+
+
 # -- 4. the .env file --------------------------------------------------------------------
 
 def plant_untrusted_env(site: Site, tmp_path: Path, how: str, url: str) -> Path:
