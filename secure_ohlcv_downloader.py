@@ -2789,6 +2789,9 @@ class DatasetResult:
             return head + f"not reached: {self.error}; the next run does it first"
         if self.outcome == "current":
             return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
+        if self.outcome == "nothing_yet" and self.mode == "none":
+            return head + (f"nothing yet: no session of {self.dataset.month} is published "
+                           "by its exchange's calendar; no request, nothing stored")
         if self.outcome == "nothing_yet":
             return head + (f"nothing yet: no bar of {self.dataset.month} in the answer (its "
                            "first session has not opened in New York); nothing stored, the "
@@ -2872,6 +2875,8 @@ class DatasetDownloader:
         if not force_full and stored is not None and (
                 is_current(dataset, last_bar, meta.get("checked_at"), now) or final_month):
             return [DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")]
+        if not force_full and stored is None and self._nothing_to_ask(dataset, now, trailing):
+            return [DatasetResult(dataset, "nothing_yet", mode="none")]
         request, needs_full = self._plan(dataset, last_bar, force_full, now)
         if trailing:
             request = replace(request, month=None)
@@ -2928,6 +2933,23 @@ class DatasetDownloader:
             results.append(DatasetResult(dataset, "nothing_yet", mode=mode,
                                          seconds=time.monotonic() - started))
         return results
+
+    def _nothing_to_ask(self, dataset: DatasetId, now: datetime, trailing: bool) -> bool:
+        """An intraday month whose first session's bars are not yet published, by its
+        exchange's calendar, has nothing to ask for; a trailing request would also refresh
+        the month before, so it is still made unless that month is final."""
+        if not dataset.month:
+            return False
+        expected, from_calendar = expected_session(dataset, now)
+        if not from_calendar or expected.strftime("%Y-%m") >= dataset.month:
+            return False
+        if not trailing:
+            return True
+        year, number = map(int, dataset.month.split("-"))
+        before = replace(dataset, month=f"{year - (number == 1)}-{(number - 2) % 12 + 1:02d}")
+        stored, meta = self._read(before)
+        return stored is not None and not meta.get("partial_history") and \
+            month_complete(before, meta.get("checked_at"))
 
     def _read(self, dataset: DatasetId) -> tuple[pd.DataFrame | None, dict[str, Any]]:
         try:

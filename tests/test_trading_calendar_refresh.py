@@ -187,3 +187,25 @@ def test_an_intraday_month_checked_after_its_last_session_is_final(av, tmp_path)
 
     assert asked == []
     assert status == {"IBM intraday_15min 2026-09": False}
+
+
+def test_the_month_before_its_first_session_is_published_needs_no_request(av, tmp_path):
+    """October 2026 ends on Friday the 30th; November's first session is Monday the 2nd,
+    its bars out that evening. Checked on Friday night, October is final: a trailing run on
+    Sunday or on Monday morning has nothing to ask for, and says November has nothing yet."""
+    ws = Workspace(tmp_path, av).init()
+    av.as_of = "2026-10-30"
+    run_at(ws, datetime(2026, 10, 30, 21, 0, tzinfo=NEW_YORK), ["IBM"], interval="15min")
+
+    handed: list = []
+    asked = requests_during(av, lambda: [
+        run_at(ws, datetime(2026, 11, day, hour, 0, tzinfo=NEW_YORK), ["IBM"],
+               interval="15min", on_result=handed.append)
+        for day, hour in ((1, 12), (2, 8))])
+    explicit = requests_during(av, lambda: run_at(
+        ws, datetime(2026, 11, 1, 12, 0, tzinfo=NEW_YORK), ["IBM"], interval="15min",
+        month="2026-11", on_result=handed.append))
+
+    assert asked == [] and explicit == []
+    assert [r.outcome for r in handed] == ["nothing_yet"] * 3
+    assert "no request" in handed[0].line()
