@@ -245,7 +245,7 @@ def quota(ws: Workspace) -> ScenarioResult:
         res.notes.append(
             f"Timed runs are the second run over a store whose {count} symbols are 3 bars behind "
             f"(set-up: full histories as of {setup_day}; timed: emulator as of {target} = the "
-            "product's latest_session()), so every timed request is outputsize=compact. "
+            "newest NYSE session the product expects), so every timed request is outputsize=compact. "
             f"Results of our runs: {dict(modes)}.")
         res.notes.append(
             "Each run starts from a fresh copy of the set-up store with no rate-limiter state "

@@ -184,14 +184,15 @@ class Workspace:
         """Make the stored dataset look as if its last check ran the evening its newest bar
         was published (20:00 New York), as a nightly run would have left it.
 
-        The downloader decides currency from the real clock: a check made after the
-        expected session's close (plus a grace period) that found no newer bar means a
-        holiday, so a dataset checked "now" is current whatever the emulator serves."""
+        The downloader decides currency from the real clock and the exchange's calendar;
+        checked_at matters only for a symbol no calendar knows (a check made after
+        the expected close that found no newer bar means a holiday, so a dataset checked
+        "now" is current whatever the emulator serves) and for intraday months."""
         store = self.app().store()
         frame, meta = store.read(dataset)
         last = frame["timestamp"].iloc[-1].date()
         evening = datetime.combine(last, time(20, 0), MARKET_TZ).astimezone(UTC)
-        kept = {k: meta[k] for k in ("partial_history", "function") if k in meta}
+        kept = {k: meta[k] for k in ("partial_history", "function", "stale_after") if k in meta}
         with store.lock():
             store.write(dataset, frame, dict(kept, checked_at=evening.isoformat()))
 
