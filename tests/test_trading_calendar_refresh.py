@@ -165,8 +165,12 @@ def test_an_unknown_exchange_keeps_the_weekday_rule_and_says_so_once(av, tmp_pat
         second = requests_during(av, lambda: run_at(
             ws, THANKSGIVING_EVENING.replace(hour=21), symbols))
 
+        status = status_at(ws, THANKSGIVING_EVENING.replace(hour=21))
+
     assert sorted(entry["symbol"] for entry in first) == symbols
     assert second == []
+    assert status == {"ABC.XYZ daily": False, "DEF.XYZ daily": False}  # the same rule
+    assert ws.stored(DatasetId("ABC.XYZ"))[1]["stale_after"] is None
     said = [r for r in caplog.records if "ending .XYZ" in r.getMessage()]
     assert len(said) == 1
 
