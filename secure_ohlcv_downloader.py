@@ -19,7 +19,7 @@ first use, so a command that touches no bar data starts without them.
     7. Parsing         -- parse_payload (JSON or CSV to one typed table), validate_bars
     8. Encrypted store -- DatasetId (symbol and path rules), table codec, EncryptedStore,
                           load_frame / load_many, RunContext (what every command body gets)
-    9. Downloader      -- latest_session / is_current, merge_bars, DatasetDownloader,
+    9. Downloader      -- calendar_for / is_current / stale_after, merge_bars, DatasetDownloader,
                           PendingQueue, run_download (the download command)
    10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, archive_ages (newest
                           by manifest), BackupArchive (hostile-archive safe, bounded memory),
@@ -2648,17 +2648,21 @@ def calendar_for(symbol: str) -> ExchangeCalendar | None:
         return _calendars[code]
 
 
-# Alpha Vantage publishes a session's daily bar after the close; a check made this long
-# after the close that found no new bar means there was no session (a holiday).
+# For an exchange the calendar does not know (an unknown suffix, a date past what the
+# library knows) sessions are weekdays in New York, and holidays are learned from the API:
+# a check made this long after the close that found no new bar means there was no session.
 SESSION_CLOSE = dt_time(16, 30)
 HOLIDAY_GRACE = timedelta(hours=2)
 COMPACT_BARS = 100
 COMPACT_MAX_GAP = 90  # weekdays; leaves room for holidays inside the 100-bar window
+# An intraday answer carries extended hours: a session's last bars start up to four hours
+# after its close (16:00-20:00 in New York, 13:00-17:00 after an early close).
+EXTENDED_HOURS = timedelta(hours=4)
 
 
 def latest_session(now: datetime | None = None) -> date:
-    """The newest trading day whose bar should be published by `now` (weekends skipped;
-    exchange holidays are learned from the API, see is_current)."""
+    """By weekdays alone: the newest weekday whose bar should be published by `now` (for
+    an exchange no calendar knows)."""
     now = (now or datetime.now(UTC)).astimezone(MARKET_TZ)
     day = now.date() if now.time() >= SESSION_CLOSE else now.date() - timedelta(days=1)
     while day.weekday() >= 5:
@@ -2671,24 +2675,101 @@ def weekdays_between(start: date, end: date) -> int:
     return int(np.busday_count(start + timedelta(days=1), end + timedelta(days=1)))
 
 
-def is_current(last_bar: date | None, checked_at: str | None, now: datetime) -> bool:
+def weekday_current(last_bar: date | None, checked_at: str | None, now: datetime) -> bool:
+    """By weekdays alone: the bars reach latest_session(now), or a check made after its
+    close (plus HOLIDAY_GRACE) found nothing newer: the API taught us a holiday."""
     expected = latest_session(now)
     if last_bar is not None and last_bar >= expected:
         return True
-    if checked_at:
-        close = datetime.combine(expected, SESSION_CLOSE, MARKET_TZ) + HOLIDAY_GRACE
-        return datetime.fromisoformat(checked_at) >= close
-    return False
+    close = datetime.combine(expected, SESSION_CLOSE, MARKET_TZ) + HOLIDAY_GRACE
+    return bool(checked_at) and datetime.fromisoformat(checked_at or "") >= close
 
 
-def _month_complete(month: str | None, checked_at: str | None) -> bool:
-    """An intraday month checked after it ended (plus the publishing grace) is final."""
-    if month is None or not checked_at:
-        return False
+def month_end(month: str) -> datetime:
+    """By weekdays alone: an intraday month is final once it has ended in New York (plus
+    HOLIDAY_GRACE)."""
     year, number = map(int, month.split("-"))
     following = date(year + number // 12, number % 12 + 1, 1)
-    ended = datetime.combine(following, dt_time(0), MARKET_TZ) + HOLIDAY_GRACE
-    return datetime.fromisoformat(checked_at) >= ended
+    return datetime.combine(following, dt_time(0), MARKET_TZ) + HOLIDAY_GRACE
+
+
+def _publishing_delay(dataset: DatasetId) -> timedelta:
+    """How long after a session's close its bars of `dataset` are all on Alpha Vantage."""
+    return PUBLISHED_AFTER_CLOSE + (EXTENDED_HOURS if dataset.month else timedelta(0))
+
+
+def expected_session(dataset: DatasetId, now: datetime) -> tuple[date, bool]:
+    """The newest session whose bar of `dataset` is published by `now`, and whether its
+    exchange's calendar says so (False: counted in weekdays, see latest_session)."""
+    calendar = calendar_for(dataset.symbol)
+    if calendar is not None:
+        extra = _publishing_delay(dataset) - PUBLISHED_AFTER_CLOSE
+        session = calendar.latest_published_session(now - extra)
+        if session is not None:
+            return session, True
+    return latest_session(now), False
+
+
+def is_current(dataset: DatasetId, last_bar: date | None, checked_at: str | None,
+               now: datetime) -> bool:
+    """Whether the stored bars of `dataset` end at the newest session published by `now`.
+    No request is needed on a weekend or holiday: the calendar knows there was no session.
+    Without a calendar, a check after the expected close that found nothing new also
+    counts (the API taught us a holiday)."""
+    expected, from_calendar = expected_session(dataset, now)
+    if not from_calendar:
+        return weekday_current(last_bar, checked_at, now)
+    return last_bar is not None and last_bar >= expected
+
+
+def month_final_at(dataset: DatasetId) -> datetime:
+    """When the bars of an intraday month are all published: after its last session's
+    extended hours, by its exchange's calendar; without one, after the month ends."""
+    year, number = map(int, (dataset.month or "").split("-"))
+    first, following = date(year, number, 1), date(year + number // 12, number % 12 + 1, 1)
+    calendar = calendar_for(dataset.symbol)
+    last_day = following - timedelta(days=1)
+    if calendar is not None and calendar.knows(first) and calendar.knows(last_day):
+        sessions = calendar.sessions_between(first, last_day)
+        if len(sessions):
+            return calendar.close_of(sessions[-1].item()) + _publishing_delay(dataset)
+    return month_end(dataset.month or "")
+
+
+def month_complete(dataset: DatasetId, checked_at: str | None) -> bool:
+    """An intraday month checked after its last session's bars were published is final."""
+    return bool(dataset.month and checked_at) and \
+        datetime.fromisoformat(checked_at or "") >= month_final_at(dataset)
+
+
+def stale_after(dataset: DatasetId, last_bar: date, checked_at: datetime) -> str | None:
+    """What the file's metadata records for `status` (which reads no calendar): the UTC
+    time its bars stop being current, when the next session's bar is published; "never"
+    for an intraday month already final; None when no calendar knows (the file is then
+    judged by weekdays)."""
+    if dataset.month and checked_at >= month_final_at(dataset):
+        return "never"
+    calendar = calendar_for(dataset.symbol)
+    if calendar is None or not calendar.knows(last_bar):
+        return None
+    following = calendar.sessions_between(last_bar + timedelta(days=1), calendar.last)
+    if not len(following):
+        return None
+    published = calendar.close_of(following[0].item()) + _publishing_delay(dataset)
+    return published.astimezone(UTC).isoformat()
+
+
+def compact_covers(dataset: DatasetId, last_bar: date | None, now: datetime) -> bool:
+    """Whether the compact window (the newest COMPACT_BARS bars) reaches back to `last_bar`."""
+    if last_bar is None:
+        return False
+    expected, from_calendar = expected_session(dataset, now)
+    if not from_calendar:
+        return weekdays_between(last_bar, expected) <= COMPACT_MAX_GAP
+    calendar = calendar_for(dataset.symbol)
+    assert calendar is not None  # from_calendar
+    missing = calendar.sessions_between(last_bar + timedelta(days=1), expected)
+    return len(missing) < COMPACT_BARS
 
 
 @dataclass
@@ -2715,6 +2796,9 @@ class DatasetResult:
             return head + f"not reached: {self.error}; the next run does it first"
         if self.outcome == "current":
             return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
+        if self.outcome == "nothing_yet" and self.mode == "none":
+            return head + (f"nothing yet: no session of {self.dataset.month} is published "
+                           "by its exchange's calendar; no request, nothing stored")
         if self.outcome == "nothing_yet":
             return head + (f"nothing yet: no bar of {self.dataset.month} in the answer (its "
                            "first session has not opened in New York); nothing stored, the "
@@ -2793,11 +2877,13 @@ class DatasetDownloader:
         started = time.monotonic()
         stored, meta = self._read(dataset)
         last_bar = None if stored is None or stored.empty else stored["timestamp"].iloc[-1].date()
-        final_month = not meta.get("partial_history") and _month_complete(dataset.month,
-                                                                           meta.get("checked_at"))
+        final_month = not meta.get("partial_history") and month_complete(dataset,
+                                                                          meta.get("checked_at"))
         if not force_full and stored is not None and (
-                is_current(last_bar, meta.get("checked_at"), now) or final_month):
+                is_current(dataset, last_bar, meta.get("checked_at"), now) or final_month):
             return [DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")]
+        if not force_full and stored is None and self._nothing_to_ask(dataset, now, trailing):
+            return [DatasetResult(dataset, "nothing_yet", mode="none")]
         request, needs_full = self._plan(dataset, last_bar, force_full, now)
         if trailing:
             request = replace(request, month=None)
@@ -2823,8 +2909,8 @@ class DatasetDownloader:
             if request.outputsize == "full":
                 stored, partial = None, False
         # The run's clock, the one `now` is read from: a check is judged against it later.
-        checked_at = self.clock().astimezone(UTC).replace(microsecond=0).isoformat()
-        meta = {"checked_at": checked_at, "partial_history": partial,
+        checked = self.clock().astimezone(UTC).replace(microsecond=0)
+        meta = {"checked_at": checked.isoformat(), "partial_history": partial,
                 "function": request.function}
         parts = {dataset: fresh}
         if trailing:  # every month the trailing window touched, each into its own file
@@ -2844,7 +2930,8 @@ class DatasetDownloader:
         for target, part in sorted(parts.items(), key=lambda item: item[0].month or ""):
             before = stored if target == dataset else self._read(target)[0]
             merged = merge_bars(before, part, target)
-            self.store.write(target, merged, meta)
+            newest = merged["timestamp"].iloc[-1].date()
+            self.store.write(target, merged, meta | {"stale_after": stale_after(target, newest, checked)})
             results.append(DatasetResult(
                 target, "updated", len(merged), len(merged) - (0 if before is None else len(before)),
                 str(merged["timestamp"].iloc[-1].date()), mode, time.monotonic() - started,
@@ -2853,6 +2940,23 @@ class DatasetDownloader:
             results.append(DatasetResult(dataset, "nothing_yet", mode=mode,
                                          seconds=time.monotonic() - started))
         return results
+
+    def _nothing_to_ask(self, dataset: DatasetId, now: datetime, trailing: bool) -> bool:
+        """An intraday month whose first session's bars are not yet published, by its
+        exchange's calendar, has nothing to ask for; a trailing request would also refresh
+        the month before, so it is still made unless that month is final."""
+        if not dataset.month:
+            return False
+        expected, from_calendar = expected_session(dataset, now)
+        if not from_calendar or expected.strftime("%Y-%m") >= dataset.month:
+            return False
+        if not trailing:
+            return True
+        year, number = map(int, dataset.month.split("-"))
+        before = replace(dataset, month=f"{year - (number == 1)}-{(number - 2) % 12 + 1:02d}")
+        stored, meta = self._read(before)
+        return stored is not None and not meta.get("partial_history") and \
+            month_complete(before, meta.get("checked_at"))
 
     def _read(self, dataset: DatasetId) -> tuple[pd.DataFrame | None, dict[str, Any]]:
         try:
@@ -2868,8 +2972,7 @@ class DatasetDownloader:
             return ApiRequest(symbol, interval, dataset.adjusted), False  # always everything
         if interval in INTRADAY:  # the whole month (or trailing 30 days) is what it needs
             return ApiRequest(symbol, interval, outputsize="full", month=dataset.month), True
-        small_gap = last_bar is not None and weekdays_between(last_bar, latest_session(now)) <= COMPACT_MAX_GAP
-        needs_full = force_full or not small_gap
+        needs_full = force_full or not compact_covers(dataset, last_bar, now)
         compact = not needs_full or self.full_refused
         return (ApiRequest(symbol, interval, dataset.adjusted, "compact" if compact else "full"),
                 needs_full)
@@ -4485,6 +4588,22 @@ def bar_time_text(stamp: date, intraday: bool) -> str:
     return (stamp.date() if isinstance(stamp, datetime) else stamp).isoformat()
 
 
+def stale_now(dataset: DatasetId, newest: date, meta: dict[str, Any], now: datetime) -> bool:
+    """Whether a stored dataset is behind, from its metadata alone: the calendar (which
+    imports pandas) was read when the file was written, and recorded when its bars stop
+    being current (stale_after). A file written before that, or for an exchange no
+    calendar knows, is judged by weekdays (is_current's rule)."""
+    limit = meta.get("stale_after")
+    if limit == "never":
+        return False
+    if isinstance(limit, str):
+        return now >= datetime.fromisoformat(limit)
+    checked_at = meta.get("checked_at")
+    if dataset.month and checked_at and datetime.fromisoformat(checked_at) >= month_end(dataset.month):
+        return False
+    return not weekday_current(newest, checked_at, now)
+
+
 def status_of(ctx: RunContext) -> dict[str, Any]:
     """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
     store = ctx.store()
@@ -4501,8 +4620,7 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
                       "first_bar": bar_time_text(summary.first_bar, intraday),
                       "last_bar": bar_time_text(summary.last_bar, intraday),
                       "age_days": (market_today() - newest).days,
-                      "stale": not (_month_complete(dataset.month, meta.get("checked_at"))
-                                    or is_current(newest, meta.get("checked_at"), now)),
+                      "stale": stale_now(dataset, newest, meta, now),
                       "updated_at": meta.get("written_at"), "key": key_fp,
                       "partial_history": bool(meta.get("partial_history"))}
         except IntegrityError as exc:

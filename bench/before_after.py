@@ -79,6 +79,10 @@ FIXES: tuple[Fix, ...] = (
         "-X importtime: pandas and pyarrow (~0.6 s, ~100 MB) imported by every command. "
         "Heavy modules are imported on first use; status and estimate read each dataset's "
         "Parquet footer instead of decoding the table."),
+    Fix(("ea2db76",), "holiday", ("requests on a holiday (every run)",),
+        "Currency was weekday arithmetic on New York time, holidays learned from the API: "
+        "one request per dataset on every holiday. It is now the newest session published by "
+        "the symbol's exchange calendar (exchange_calendars)."),
 )
 
 
@@ -115,7 +119,7 @@ def measure_before(root: Path, runs: int) -> dict[str, Any]:
                                 for c in missing}
     for base, scenarios in needed.items():
         order = [s for s in ("quota", "symbol", "read", "storage", "memory", "incremental",
-                             "rotate", "startup") if s in scenarios]
+                             "rotate", "startup", "holiday") if s in scenarios]
         log(f"== before/after: the product at {base}: {', '.join(order)}")
         try:  # a failed before-run costs its rows, never the current run's figures
             measured[base] = _run_before(base, order, root, runs)

@@ -188,14 +188,14 @@ def settle() -> None:
 
 def session_days(count: int) -> list[date]:
     """The last `count` trading days the emulator serves, ending at the product's own
-    latest_session() (the product decides currency from the real clock; the emulator's
-    default as_of is the last weekday before today, which differs after 16:30 New York).
-    Every emulator of the suite runs with skip_holidays=False: every weekday trades, so
-    latest_session() always has a bar."""
-    from secure_ohlcv_downloader import latest_session
+    newest published US session (the product decides currency from the New York Stock
+    Exchange's calendar and the real clock; the emulator's default as_of is the last
+    weekday before today). Every emulator of the suite runs with skip_holidays=False:
+    every weekday trades, so that session always has a bar."""
+    from secure_ohlcv_downloader import DatasetId, expected_session, utc_now
     from tests.alphavantage_emulator import TradingCalendar
 
-    end = latest_session()
+    end = expected_session(DatasetId("IBM"), utc_now())[0]
     calendar = TradingCalendar(skip_holidays=False)
     days = calendar.days(end - timedelta(days=count * 2 + 20), end)
     return days[-count:]

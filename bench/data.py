@@ -2,8 +2,8 @@
 
 The frame comes from the emulator's price model (in-process, no server) rendered as the
 API's CSV and parsed by the product's own parse_payload, so its dtypes and values are exactly
-what a download stores. It ends one trading day before the product's latest_session(), so a
-store built from it is "one bar behind": a download refreshes it with the compact window.
+what a download stores. It ends one trading day before the product's newest expected
+session, so a store built from it is "one bar behind": a download refreshes it with the compact window.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ HISTORY_START = "2000-01-03"   # the emulator's default: 26 years of weekdays
 
 
 def base_frame(rows: int = ROWS) -> pd.DataFrame:
-    """The newest `rows` bars of a synthetic symbol ending one bar before latest_session()."""
+    """The newest `rows` bars of a synthetic symbol ending one bar before session_days(1)."""
     from secure_ohlcv_downloader import Classified, DatasetId, Outcome, parse_payload
     from tests.alphavantage_emulator import FUNCTIONS, AlphaVantageEmulator, WireFormat
 
@@ -77,7 +77,8 @@ def backdate(app, names: list[str]) -> None:
         for symbol in names:
             dataset = DatasetId(symbol)
             frame, meta = store.read(dataset)
-            kept = {k: meta[k] for k in ("partial_history", "function") if k in meta}
+            kept = {k: meta[k] for k in ("partial_history", "function", "stale_after")
+                    if k in meta}
             store.write(dataset, frame,
                         dict(kept, checked_at=evening_of(frame["timestamp"].iloc[-1].date())))
 

@@ -6,7 +6,7 @@
     python bench/run.py --scenario quota    # the same
     python -m bench.run --list
 
-Scenarios: quota, symbol, read, storage, memory, incremental, rotate, startup. Running all of them
+Scenarios: quota, symbol, read, storage, memory, incremental, rotate, startup, holiday. Running all of them
 writes bench/RESULTS.md (use --output to write elsewhere, or to also write a partial run),
 with a before/after table: the scenarios re-run on the product as it was before each fix
 (bench/before_after.py; --no-before skips it).
@@ -51,6 +51,7 @@ TARGETS = {
     "incremental": "current: 0 requests; one bar behind: <= 3% of a full re-fetch's bytes",
     "rotate": "<= 2 x a plain read + durable rewrite of the same files",
     "startup": "--help <= 3 x `python -c pass`; status of 2,000 datasets <= 0.4 s",
+    "holiday": "0 requests for 500 current symbols on a holiday",
 }
 
 
@@ -112,8 +113,8 @@ def render(results: list[ScenarioResult], failures: dict[str, str], command: str
             "Its price model builds a symbol's 26-year series on first use (about 55 ms); where "
             "a timed run would wait on that, the scenario builds the series the run asks for "
             "before timing (`warm`). Added latency still applies to every answer. Every "
-            "emulator runs with skip_holidays=False, so the product's latest_session() always "
-            "has a bar.",
+            "emulator runs with skip_holidays=False, so the newest NYSE session the product "
+            "expects always has a bar.",
             "- Our side is the library in-process (`SecureOHLCVDownloader` from `load_settings("
             "environ=..., cwd=...)`), headless: keyring backend `fail`, keys in "
             "OHLCV_ENCRYPTION_KEY or in `.env`, data, state and log in a temporary directory, "

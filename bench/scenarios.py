@@ -1,4 +1,4 @@
-"""The eight scenarios. Each takes a Workspace and returns a ScenarioResult: every run's
+"""The nine scenarios. Each takes a Workspace and returns a ScenarioResult: every run's
 values, the ratio against its reference, the target and whether it is met. A missed timing
 target is profiled at once (py-spy, every thread) and the summary goes into the result.
 
@@ -245,7 +245,7 @@ def quota(ws: Workspace) -> ScenarioResult:
         res.notes.append(
             f"Timed runs are the second run over a store whose {count} symbols are 3 bars behind "
             f"(set-up: full histories as of {setup_day}; timed: emulator as of {target} = the "
-            "product's latest_session()), so every timed request is outputsize=compact. "
+            "newest NYSE session the product expects), so every timed request is outputsize=compact. "
             f"Results of our runs: {dict(modes)}.")
         res.notes.append(
             "Each run starts from a fresh copy of the set-up store with no rate-limiter state "
@@ -929,6 +929,60 @@ def startup(ws: Workspace) -> ScenarioResult:
     return res
 
 
+# =========================================================================================
+# 9. A refresh on a holiday
+# =========================================================================================
+
+def holiday(ws: Workspace) -> ScenarioResult:
+    """500 current symbols refreshed on Thanksgiving evening: the requests that reach the
+    server. The run's clock is set (RunContext.clock), so the figure does not depend on the
+    day the benchmark runs."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from bench.data import symbols as names
+
+    count, runs = 500, ws.runs
+    res = ScenarioResult("holiday", "9. A refresh on a holiday: 500 current symbols on "
+                         "Thanksgiving")
+    new_york = ZoneInfo("America/New_York")
+    wednesday = datetime(2026, 11, 25, 20, 0, tzinfo=new_york)
+    thanksgiving = datetime(2026, 11, 26, 20, 0, tzinfo=new_york)
+    syms = names(count, "H")
+    key = new_fernet_key()
+    with RemoteEmulator(premium_keys={API_KEY: 60_000}, as_of="2026-11-25",
+                        history_start="2024-01-02", skip_holidays=False, cache=count + 50) as av:
+        base = ws.root / "holiday-base"
+        app = make_app(base, bench_env(base, av.base_url, per_minute=60_000, key=key), init=True)
+        app.ctx.clock = lambda: wednesday
+        log(f"holiday: set-up, {count} symbols downloaded on Wednesday 2026-11-25 evening")
+        setup = app.download(syms)
+        bad = [r.line() for r in setup.results if r.outcome != "updated"]
+        if bad:
+            raise RuntimeError(f"holiday set-up failed: {bad[:3]}")
+        av.set(as_of="2026-11-26")  # the server's day moves on
+        sent, seconds = [], []
+        for i in range(runs):
+            run_dir = fresh_copy(base, ws.root / "holiday-run")
+            run_app = make_app(run_dir, bench_env(run_dir, av.base_url, per_minute=60_000,
+                                                  key=key))
+            run_app.ctx.clock = lambda: thanksgiving
+            av.reset_counters()
+            took, _ = timed(lambda run_app=run_app: run_app.download(syms))
+            sent.append(av.counters()["request_count"])
+            seconds.append(took)
+            log(f"holiday run {i + 1}: {sent[-1]} requests in {took:.1f} s")
+    res.row(f"requests for {count} current symbols on Thanksgiving", sent, "", 0)
+    res.row("wall time", seconds, "s", 2)
+    res.check("requests on a holiday (every run)", f"{max(sent)}", "0", max(sent) == 0)
+    res.notes.append(
+        f"Set-up: {count} new symbols (full histories from 2024-01-02) downloaded with the "
+        "run's clock at Wednesday 2026-11-25 20:00 New York, emulator as of that day; each "
+        "run starts from a copy of that store, clock at Thursday 2026-11-26 (Thanksgiving, "
+        "NYSE closed) 20:00, emulator as of the 26th. Requests are counted at the emulator.")
+    return res
+
+
 SCENARIOS: dict[str, Callable[[Workspace], ScenarioResult]] = {
     "quota": quota,
     "symbol": symbol,
@@ -938,4 +992,5 @@ SCENARIOS: dict[str, Callable[[Workspace], ScenarioResult]] = {
     "incremental": incremental,
     "rotate": rotate,
     "startup": startup,
+    "holiday": holiday,
 }

@@ -188,11 +188,20 @@ FUNCTIONS: dict[str, SeriesFunction] = {f.name: f for f in (
 
 class TradingCalendar:
     """Trading days: Monday to Friday, optionally minus New Year, Independence Day and
-    Christmas (with the NYSE weekend rules). Enough to produce Thursday-keyed weeks."""
+    Christmas (with the NYSE weekend rules). Enough to produce Thursday-keyed weeks.
+    `sessions`, when given, decides instead (a real exchange calendar's is_session, which a
+    test passes in: this file imports no such library)."""
 
-    def __init__(self, skip_holidays: bool = True) -> None:
+    def __init__(self, skip_holidays: bool = True,
+                 sessions: Callable[[date], bool] | None = None) -> None:
         self.skip_holidays = skip_holidays
+        self.sessions = sessions
         self._holidays: dict[int, frozenset[date]] = {}
+
+    @property
+    def rule(self) -> Any:
+        """What the trading days depend on: part of every cache key of bars built on them."""
+        return self.skip_holidays if self.sessions is None else self.sessions
 
     def holidays(self, year: int) -> frozenset[date]:
         if year not in self._holidays:
@@ -210,6 +219,8 @@ class TradingCalendar:
         return self._holidays[year]
 
     def is_trading_day(self, day: date) -> bool:
+        if self.sessions is not None:
+            return self.sessions(day)
         if day.weekday() >= 5:
             return False
         return not (self.skip_holidays and day in self.holidays(day.year))
@@ -349,7 +360,7 @@ class EconomicWalk:
     _KAPPA = 0.002          # pull toward the trend keeps 26 years of walk within sane prices
     _MAX_MOVE = 0.12        # cap on one day's log move keeps split days recognisable
     _SHARED_LIMIT = 128     # about 300 KB per walk of 26 years
-    _shared: ClassVar[OrderedDict[tuple[str, date, bool], EconomicWalk]] = OrderedDict()
+    _shared: ClassVar[OrderedDict[tuple[str, date, Any], EconomicWalk]] = OrderedDict()
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, symbol: str, profile: SymbolProfile) -> None:
@@ -366,10 +377,10 @@ class EconomicWalk:
 
     @classmethod
     def shared(cls, symbol: str, profile: SymbolProfile, history_start: date,
-               skip_holidays: bool) -> EconomicWalk:
+               rule: Any) -> EconomicWalk:
         # Generating the walk is most of the cost of a first request; tests start many
         # emulators, so one walk per (symbol, start, calendar) serves them all.
-        key = (symbol, history_start, skip_holidays)
+        key = (symbol, history_start, rule)
         with cls._shared_lock:
             walk = cls._shared.get(key)
             if walk is None:
@@ -581,7 +592,7 @@ class PriceModel:
             edits = (tuple(sorted(self._added_splits.get(key, {}).items())),
                      tuple(sorted((d, tuple(sorted(f.items())))
                                   for d, f in self._revisions.get(key, {}).items())))
-            cache_key = (key, self._history_start, self.calendar.skip_holidays, as_of, edits)
+            cache_key = (key, self._history_start, self.calendar.rule, as_of, edits)
         with PriceModel._shared_lock:
             series = PriceModel._shared_series.get(cache_key)
             if series is not None:
@@ -607,7 +618,7 @@ class PriceModel:
         n = bisect.bisect_right(self._days, as_of)
         days = self._days[:n]
         profile = self.profile(key)
-        walk = EconomicWalk.shared(key, profile, self._history_start, self.calendar.skip_holidays)
+        walk = EconomicWalk.shared(key, profile, self._history_start, self.calendar.rule)
         walk.extend(n)
         splits = self.splits(key)
         revisions = self._revisions.get(key, {})
@@ -1436,7 +1447,7 @@ class AlphaVantageEmulator:
                  demo_symbols: Iterable[str] = ("IBM",),
                  unlisted_symbols: Iterable[str] = ("INVALID", "NOSUCH"),
                  as_of: date | str | None = None, history_start: date | str = date(2000, 1, 3),
-                 skip_holidays: bool = True,
+                 skip_holidays: bool = True, sessions: Callable[[date], bool] | None = None,
                  latency: float = 0.0, fault_rate: float = 0.0,
                  fault_kinds: Sequence[str] = DEFAULT_RANDOM_FAULTS, fault_seed: int = 0,
                  tolerance: float = 0.01, gzip_enabled: bool = True) -> None:
@@ -1460,7 +1471,7 @@ class AlphaVantageEmulator:
         self._fault_rng = random.Random(fault_seed)
         self.gzip_enabled = gzip_enabled
 
-        self._calendar = TradingCalendar(skip_holidays)
+        self._calendar = TradingCalendar(skip_holidays, sessions)
         self._model = PriceModel(self._calendar, _as_date(history_start))
         self._limiter = RateLimiter(tolerance)
         self._faults = FaultQueue()

@@ -6,8 +6,9 @@ Import what a test module uses explicitly (pytest finds fixtures imported into a
 
 Everything runs against the local Alpha Vantage emulator (tests/alphavantage_emulator.py), a
 real HTTP server on 127.0.0.1: the client is never patched. The emulator is started with
-`skip_holidays=False`, so every weekday is a trading day and `latest_session()` (the
-downloader's idea of the newest published bar, from the real clock) always has a bar.
+`skip_holidays=False`, so every weekday is a trading day and the downloader's idea of the
+newest published US session (the New York Stock Exchange's calendar and the real clock:
+`session_day()`) always has a bar.
 
 A `Workspace` is one operator's working directory: its environment is built from scratch
 (PATH, HOME, the fail keyring backend, a generated OHLCV_ENCRYPTION_KEY, the emulator's URL,
@@ -37,7 +38,8 @@ from secure_ohlcv_downloader import (
     RateLimiter,
     RunStats,
     SecureOHLCVDownloader,
-    latest_session,
+    expected_session,
+    utc_now,
 )
 from tests.alphavantage_emulator import AlphaVantageEmulator
 from tests.foundation_fixtures import headless_env, new_key, run_cli, run_python
@@ -51,8 +53,8 @@ HISTORY_START = date(2019, 1, 2)   # a shorter history than the emulator's defau
 # -- dates ---------------------------------------------------------------------------------
 
 def session_day() -> date:
-    """The newest trading day whose bar the downloader expects now (real clock)."""
-    return latest_session()
+    """The newest session whose US bar the downloader expects now (real clock)."""
+    return expected_session(DatasetId("IBM"), utc_now())[0]
 
 
 def weekdays_before(day: date, count: int) -> date:
@@ -182,14 +184,15 @@ class Workspace:
         """Make the stored dataset look as if its last check ran the evening its newest bar
         was published (20:00 New York), as a nightly run would have left it.
 
-        The downloader decides currency from the real clock: a check made after the
-        expected session's close (plus a grace period) that found no newer bar means a
-        holiday, so a dataset checked "now" is current whatever the emulator serves."""
+        The downloader decides currency from the real clock and the exchange's calendar;
+        checked_at matters only for a symbol no calendar knows (a check made after
+        the expected close that found no newer bar means a holiday, so a dataset checked
+        "now" is current whatever the emulator serves) and for intraday months."""
         store = self.app().store()
         frame, meta = store.read(dataset)
         last = frame["timestamp"].iloc[-1].date()
         evening = datetime.combine(last, time(20, 0), MARKET_TZ).astimezone(UTC)
-        kept = {k: meta[k] for k in ("partial_history", "function") if k in meta}
+        kept = {k: meta[k] for k in ("partial_history", "function", "stale_after") if k in meta}
         with store.lock():
             store.write(dataset, frame, dict(kept, checked_at=evening.isoformat()))
 

@@ -5,8 +5,8 @@ adjusted data, the week in progress) and the free key's compact fallback.
 
 Set-up runs in-process (a fresh SecureOHLCVDownloader per run, as a new process builds);
 scenarios that span several runs use the real command line in subprocesses. The downloader
-decides from the real clock which session is the newest (latest_session()); the emulator's
-as_of is set relative to it, and Workspace.backdate makes a stored dataset look checked the
+decides from the real clock and the NYSE calendar which session is the newest
+(session_day()); the emulator's as_of is set relative to it, and Workspace.backdate makes a stored dataset look checked the
 evening its last bar came out, as a nightly run leaves it.
 """
 

@@ -510,6 +510,21 @@ def test_weekly_bars_are_keyed_by_the_last_trading_day_of_the_week(av, client):
     assert stamps[:2] == ["2025-07-11", "2025-07-03"]     # Friday 4 July is a holiday
 
 
+def test_sessions_given_decide_the_trading_days(client):
+    """A real exchange calendar passed in replaces the hand-written holiday list: no bar on
+    Thanksgiving or Good Friday (both missing from that list), one on the Friday after."""
+    from secure_ohlcv_downloader import calendar_for
+
+    nyse = calendar_for("IBM")
+    with AlphaVantageEmulator(premium_keys={PREMIUM: 60_000}, as_of="2026-11-27",
+                              sessions=nyse.is_session) as av:
+        stamps = set(series_of(call(client, av, function="TIME_SERIES_DAILY", symbol="IBM",
+                                    outputsize="full")))
+        days = av.trading_days("2026-04-01", "2026-04-07")
+    assert {"2026-11-25", "2026-11-27"} <= stamps and "2026-11-26" not in stamps
+    assert [d.isoformat() for d in days] == ["2026-04-01", "2026-04-02", "2026-04-06", "2026-04-07"]
+
+
 def test_current_partial_month_is_keyed_by_the_latest_trading_day(av, client):
     av.as_of = "2025-07-09"
     stamps = list(series_of(call(client, av, function="TIME_SERIES_MONTHLY", symbol="IBM")))

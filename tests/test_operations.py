@@ -589,7 +589,7 @@ def test_status_reports_the_quota_left_today(healthy):
 
 @pytest.fixture(scope="module")
 def behind(tmp_path_factory):
-    """The server's newest bar is three sessions older than latest_session(), and the
+    """The server's newest bar is three weekdays older than session_day(), and the
     dataset was last checked the evening its newest bar came out (as a nightly run that
     then stopped running would have left it)."""
     av = start_emulator(as_of=weekdays_before(session_day(), 3))
