@@ -26,7 +26,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,7 @@ from secure_ohlcv_downloader import (
     EXIT_CODES,
     GUIDE_BYTES_PER_TICKER_DAY,
     INTERVALS,
+    DatasetGaps,
     DatasetResult,
     NewKey,
     OHLCVError,
@@ -287,9 +288,10 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
             else:
                 notes = ("  STALE" if row["stale"] else "") + (
                     "  partial history" if row["partial_history"] else "")
+                gaps = "-" if row["gaps"] is None else row["gaps"]
                 out(f"{row['dataset']:<28} {row['rows']:>7} rows  {row['first_bar']} .. "
                     f"{row['last_bar']} ({row['age_days']} d old)  updated "
-                    f"{row['updated_at']}  key {row['key']}{notes}")
+                    f"{row['updated_at']}  key {row['key']}  gaps {gaps}{notes}")
         for command, run in sorted(status["runs"].items()):
             when = datetime.fromtimestamp(run["last_run"], UTC).isoformat(timespec="seconds")
             ok = run.get("last_success")
@@ -304,6 +306,47 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         if status["pending"]:
             out("pending from the last run: " + ", ".join(status["pending"]))
     return status_exit_code(status)
+
+
+# The dates a gap report line names; --json lists every one.
+GAP_DATES_SHOWN = 10
+
+
+def cmd_gaps(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    report = app.gaps(args.symbols, args.interval, args.fail_on_gaps)
+    if args.json:
+        out(json.dumps({"datasets": [d.as_json() for d in report.datasets],
+                        "gaps": report.gaps, "datasets_with_gaps": report.with_gaps}, indent=2))
+    else:
+        for entry in report.datasets:
+            out(f"{entry.dataset}: {_gap_line(entry)}")
+    unchecked = sum(1 for d in report.datasets if not d.error and not d.gaps.checked)
+    say(f"gaps: {report.gaps} in {report.with_gaps} of {len(report.datasets)} dataset(s)"
+        + (f"; {unchecked} not checked (no exchange calendar)" if unchecked else "")
+        + ("" if not report.gaps else ". Fix: `download --full SYMBOL` fetches a history "
+           "again; a gap that stays after it is the vendor's own"))
+    return report.exit_code
+
+
+def _gap_line(entry: DatasetGaps) -> str:
+    gaps = entry.gaps
+    if entry.error:
+        return f"UNREADABLE: {entry.error}"
+    if not gaps.checked:
+        return f"not checked: {gaps.unchecked}"
+    periods = entry.dataset.interval in ("weekly", "monthly")
+    found = "; ".join(f"{len(dates)} {what}: {_dates(dates)}" for what, dates in (
+        ("period(s) with no bar on their last session" if periods else "missing session(s)",
+         gaps.missing),
+        ("bar(s) on a day the exchange was closed", gaps.closed)) if dates)
+    return (found or f"no gaps in {entry.bars} bars") + (
+        f" ({gaps.unchecked})" if gaps.unchecked else "")
+
+
+def _dates(dates: tuple[date, ...]) -> str:
+    shown = ", ".join(d.isoformat() for d in dates[:GAP_DATES_SHOWN])
+    return shown + (f" and {len(dates) - GAP_DATES_SHOWN} more (--json lists all)"
+                    if len(dates) > GAP_DATES_SHOWN else "")
 
 
 def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
@@ -468,6 +511,8 @@ COMMANDS: dict[str, tuple[Handler, str, str]] = {
                "python {prog} export IBM --start 2024-01-01 -o ibm.csv"),
     "status": (cmd_status, "list stored datasets and today's API quota use",
                "python {prog} status --json"),
+    "gaps": (cmd_gaps, "sessions missing and bars on closed days, by exchange calendar",
+             "python {prog} gaps --fail-on-gaps"),
     "estimate": (cmd_estimate, "storage, requests and time for a universe of symbols",
                  "python {prog} estimate --symbols 500 --years 20"),
     "rotate-key": (cmd_rotate_key, "new primary key; re-encrypt every dataset (resumable)",
@@ -536,6 +581,15 @@ def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
     elif name == "status":
         parser.add_argument("--json", action="store_true",
                             help="machine-readable output (default: one line per dataset)")
+    elif name == "gaps":
+        parser.add_argument("symbols", nargs="*", metavar="SYMBOL",
+                            help="ticker symbols to check (default: every stored dataset)")
+        parser.add_argument("--interval", choices=INTERVALS, metavar="INTERVAL",
+                            help=f"bar size: {', '.join(INTERVALS)} (default: every one)")
+        parser.add_argument("--json", action="store_true",
+                            help="machine-readable output (default: one line per dataset)")
+        parser.add_argument("--fail-on-gaps", action="store_true",
+                            help="exit 1 when a gap is found, for cron (default: exit 0)")
     elif name == "estimate":
         parser.add_argument("--symbols", type=positive_int, required=True, metavar="N",
                             help="how many symbols to plan for (required)")

@@ -17,16 +17,19 @@ first use, so a command that touches no bar data starts without them.
     5. Rate limiting   -- DailyQuota (persisted, shared by processes), RateLimiter (per key)
     6. Client          -- classify_response, ApiRequest, AlphaVantageClient (retries, timeouts)
     7. Parsing         -- parse_payload (JSON or CSV to one typed table), validate_bars
-    8. Encrypted store -- DatasetId (symbol and path rules), table codec, EncryptedStore,
-                          load_frame / load_many, RunContext (what every command body gets)
-    9. Downloader      -- calendar_for / is_current / stale_after, merge_bars, DatasetDownloader,
-                          PendingQueue, run_download (the download command)
+    8. Encrypted store -- DatasetId (symbol and path rules), table codec, table_days,
+                          EncryptedStore, load_frame / load_many, RunContext (what every
+                          command body gets)
+    9. Downloader      -- ExchangeCalendar / calendar_for, find_gaps (a dataset's dates
+                          against its sessions), is_current / stale_after, merge_bars,
+                          DatasetDownloader, PendingQueue, run_download (the download command)
    10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, archive_ages (newest
                           by manifest), BackupArchive (hostile-archive safe, bounded memory),
                           verify_backup; the commands init_store, check_keys, remove_key,
                           recover, cleanup
    11. Monitoring      -- ResourceMonitor (psutil), RunRecord, write_metrics (Prometheus
-                          text file), estimate, status_of, finish_run
+                          text file), estimate, status_of, gap_report (the gaps command),
+                          finish_run
    12. Front door      -- SecureOHLCVDownloader: a thin delegator that records every command
 
 `python secure_ohlcv_downloader.py ARGS` runs the same command line as secure_ohlcv_cli.py.
@@ -2328,6 +2331,21 @@ def summarise_table(data: bytes) -> TableSummary:
     return TableSummary(footer.num_rows, first, last, meta)
 
 
+def table_days(data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
+    """The dates of a stored table's bars (datetime64[D], sorted; intraday bars by their
+    date in the market's time zone) and its metadata: the timestamp column alone is
+    decoded, and no pandas (the gap report reads thousands of files)."""
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        meta = _table_meta(parquet.schema_arrow)
+        column = parquet.read(columns=["timestamp"], use_threads=False)["timestamp"]
+    except (pa.ArrowException, OSError, KeyError) as exc:
+        raise ValueError(f"not a Parquet table ({exc})") from None
+    if pa.types.is_timestamp(column.type) and column.type.tz is not None:
+        column = pc.local_timestamp(column)
+    return column.cast(pa.date32()).to_numpy(), meta
+
+
 _TICKS_PER_SECOND = {"milliseconds": 10**3, "microseconds": 10**6, "nanoseconds": 10**9}
 
 
@@ -2395,6 +2413,10 @@ class EncryptedStore:
                                  "truncated, or written under a key that is not in the ring.") from None
         except ValueError as exc:
             raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
+
+    def read_days(self, dataset: DatasetId) -> tuple[np.ndarray, dict[str, Any]]:
+        """A dataset's bar dates and metadata (table_days)."""
+        return self._decrypted(self.path(dataset), table_days)
 
     def read_summary(self, dataset: DatasetId) -> tuple[TableSummary, str]:
         """A dataset's summary (status), and the fingerprint of the key that opened it."""
@@ -2646,6 +2668,71 @@ def calendar_for(symbol: str) -> ExchangeCalendar | None:
         if code not in _calendars:
             _calendars[code] = ExchangeCalendar(code)
         return _calendars[code]
+
+
+@dataclass(frozen=True)
+class Gaps:
+    """A dataset's bar dates against its exchange's sessions: sessions with no bar (weekly
+    and monthly: the last session of a period with no bar), and bars dated on days the
+    exchange was closed. `unchecked` says which dates were not judged, and why."""
+
+    missing: tuple[date, ...] = ()
+    closed: tuple[date, ...] = ()
+    unchecked: str = ""
+    checked: bool = True  # False: no calendar, nothing judged
+
+    @property
+    def count(self) -> int:
+        return len(self.missing) + len(self.closed)
+
+
+def find_gaps(days: np.ndarray, interval: str, calendar: ExchangeCalendar | None,
+              month: str | None = None) -> Gaps:
+    """The gaps of one dataset whose bars fall on `days` (datetime64[D], sorted; an
+    intraday month's repeat) between its first and last bar. An intraday month is checked
+    from its first day: a session of the month before the first bar has no bars at all.
+    Sessions after the last bar are currency (status's STALE), not gaps."""
+    if calendar is None:
+        return Gaps(unchecked="no exchange calendar for this symbol's suffix", checked=False)
+    days = np.unique(days)
+    if not len(days):
+        return Gaps()
+    first, last = days[0].item(), days[-1].item()
+    if month is not None:
+        first = min(first, date(int(month[:4]), int(month[5:]), 1))
+    lo, hi = max(first, calendar.first), min(last, calendar.last)
+    unchecked = ""
+    if (lo, hi) != (first, last):  # the calendar covers CALENDAR_START to about a year ahead
+        unchecked = (f"dates outside {calendar.first}..{calendar.last}, the {calendar.code} "
+                     "calendar's range, not checked")
+        days = days[(days >= np.datetime64(lo, "D")) & (days <= np.datetime64(hi, "D"))]
+        if lo > hi or not len(days):
+            return Gaps(unchecked=unchecked)
+    sessions = calendar.sessions_between(lo, hi)
+    closed = np.setdiff1d(days, sessions, assume_unique=True)
+    if interval in ("weekly", "monthly") and len(sessions):
+        # A period's bar is dated on its last session; the newest period's (perhaps still
+        # running) on the last session up to its bar, which sessions_between ends at.
+        if interval == "weekly":  # Monday-based weeks: day 4 since 1970 is a Monday
+            period = (sessions.astype(np.int64) - 4) // 7
+        else:
+            period = sessions.astype("datetime64[M]").astype(np.int64)
+        sessions = sessions[np.append(period[1:] != period[:-1], True)]
+    missing = np.setdiff1d(sessions, days, assume_unique=True)
+    return Gaps(tuple(d.item() for d in missing), tuple(d.item() for d in closed), unchecked)
+
+
+def gap_count(dataset: DatasetId, frame: pd.DataFrame) -> int | None:
+    """The number of gaps of a table about to be stored (its metadata's `gaps`, which
+    status shows without reading a bar); None when no calendar covers the symbol."""
+    calendar = calendar_for(dataset.symbol)
+    if calendar is None:
+        return None
+    stamps = frame["timestamp"]
+    if stamps.dt.tz is not None:  # intraday: the bar's date where it trades
+        stamps = stamps.dt.tz_localize(None)
+    days = stamps.to_numpy().astype("datetime64[D]")
+    return find_gaps(days, dataset.interval, calendar, dataset.month).count
 
 
 # For an exchange the calendar does not know (an unknown suffix, a date past what the
@@ -2931,7 +3018,9 @@ class DatasetDownloader:
             before = stored if target == dataset else self._read(target)[0]
             merged = merge_bars(before, part, target)
             newest = merged["timestamp"].iloc[-1].date()
-            self.store.write(target, merged, meta | {"stale_after": stale_after(target, newest, checked)})
+            self.store.write(target, merged, meta | {
+                "stale_after": stale_after(target, newest, checked),
+                "gaps": gap_count(target, merged)})
             results.append(DatasetResult(
                 target, "updated", len(merged), len(merged) - (0 if before is None else len(before)),
                 str(merged["timestamp"].iloc[-1].date()), mode, time.monotonic() - started,
@@ -4438,6 +4527,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ohlcv_verify_problems": ("Problems found by the last verify", ()),
     "ohlcv_backup_datasets": ("Datasets in the last backup", ()),
     "ohlcv_backup_bytes": ("Size of the last backup archive", ()),
+    "ohlcv_gaps": ("Gaps (missing sessions, bars on closed days) in the stored datasets", ()),
+    "ohlcv_datasets_with_gaps": ("Stored datasets with at least one gap", ()),
     "ohlcv_run_duration_seconds": ("Duration of the last run of each command", ("command",)),
     "ohlcv_peak_rss_bytes": ("Peak resident memory of the last run of each command", ("command",)),
     "ohlcv_last_run_timestamp_seconds": ("When each command last ran", ("command",)),
@@ -4467,7 +4558,7 @@ def run_samples(command: str, duration: float, peak_rss: int,
         if left is not None:  # unlimited plans have no figure to show
             samples.append(["ohlcv_quota_left", {"key": key_fp}, left])
     for name in ("verify_members_checked", "verify_datasets_decrypted", "verify_problems",
-                 "backup_datasets", "backup_bytes"):
+                 "backup_datasets", "backup_bytes", "gaps", "datasets_with_gaps"):
         if name in facts:
             samples.append(["ohlcv_" + name, {}, facts[name]])
     return samples
@@ -4622,7 +4713,8 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
                       "age_days": (market_today() - newest).days,
                       "stale": stale_now(dataset, newest, meta, now),
                       "updated_at": meta.get("written_at"), "key": key_fp,
-                      "partial_history": bool(meta.get("partial_history"))}
+                      "partial_history": bool(meta.get("partial_history")),
+                      "gaps": meta.get("gaps")}  # None: written before gaps were counted
         except IntegrityError as exc:
             entry["error"] = str(exc)
         datasets.append(entry)
@@ -4631,8 +4723,77 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
               "limit": ctx.settings.rate_limit_per_day or None, "left": left}
              for fp, used, left in facts]
     ctx.facts["quota"] = facts
+    counted = [row["gaps"] for row in datasets if row.get("gaps") is not None]
+    if counted:  # as recorded when each file was written; `gaps` counts afresh
+        ctx.facts.update(gaps=sum(counted), datasets_with_gaps=sum(1 for n in counted if n))
     return {"datasets": datasets, "quota": quota, "runs": RunRecord(ctx.settings).read(),
             "pending": sorted(PendingQueue(ctx.settings).load())}
+
+
+@dataclass
+class DatasetGaps:
+    """One dataset's line of the gap report."""
+
+    dataset: DatasetId
+    bars: int = 0
+    gaps: Gaps = field(default_factory=Gaps)
+    error: str = ""  # unreadable: IntegrityError's text
+
+    def as_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"dataset": str(self.dataset),
+                                 "path": str(self.dataset.relative_path())}
+        if self.error:
+            return entry | {"error": self.error}
+        return entry | {"bars": self.bars, "gaps": self.gaps.count,
+                        "missing": [d.isoformat() for d in self.gaps.missing],
+                        "closed": [d.isoformat() for d in self.gaps.closed],
+                        "checked": self.gaps.checked, "unchecked": self.gaps.unchecked}
+
+
+@dataclass
+class GapReport:
+    datasets: list[DatasetGaps]
+    fail_on_gaps: bool = False
+
+    @property
+    def gaps(self) -> int:
+        return sum(d.gaps.count for d in self.datasets)
+
+    @property
+    def with_gaps(self) -> int:
+        return sum(1 for d in self.datasets if d.gaps.count)
+
+    @property
+    def exit_code(self) -> int:
+        if any(d.error for d in self.datasets):
+            return IntegrityError.exit_code
+        return 1 if self.fail_on_gaps and self.gaps else 0
+
+
+def gap_report(ctx: RunContext, symbols: list[str], interval: str | None,
+               fail_on_gaps: bool) -> GapReport:
+    """Every stored dataset (or those of `symbols`, of `interval`) against its exchange's
+    calendar. Reads only, without the lock, as export does: files are replaced whole."""
+    store = ctx.store()
+    wanted = {validate_symbol(s) for s in symbols}
+    chosen = [d for d in store.datasets() if (not wanted or d.symbol in wanted)
+              and (interval is None or d.interval == interval)]
+    absent = sorted(wanted - {d.symbol for d in chosen})
+    if absent:
+        raise UsageError(f"nothing stored for {', '.join(absent)}"
+                         + (f" at {interval}" if interval else "")
+                         + ". Fix: download it first, or leave it out.")
+    report = GapReport([], fail_on_gaps)
+    for dataset in chosen:
+        try:
+            days, _ = store.read_days(dataset)
+        except IntegrityError as exc:
+            report.datasets.append(DatasetGaps(dataset, error=str(exc)))
+            continue
+        found = find_gaps(days, dataset.interval, calendar_for(dataset.symbol), dataset.month)
+        report.datasets.append(DatasetGaps(dataset, len(days), found))
+    ctx.facts.update(gaps=report.gaps, datasets_with_gaps=report.with_gaps)
+    return report
 
 
 def status_exit_code(status: dict[str, Any]) -> int:
@@ -4753,6 +4914,12 @@ class SecureOHLCVDownloader:
         with self.command("status", status_exit_code) as outcome:
             outcome.append(status_of(self.ctx))
         return outcome[0]
+
+    def gaps(self, symbols: list[str] | None = None, interval: str | None = None,
+             fail_on_gaps: bool = False) -> GapReport:
+        """Each stored dataset (or those named) against its exchange's calendar."""
+        return self._run("gaps", lambda: gap_report(self.ctx, symbols or [], interval,
+                                                    fail_on_gaps))
 
     def estimate(self, symbols: int, interval: str = "daily", years: float = 20.0) -> Estimate:
         def body() -> Estimate:

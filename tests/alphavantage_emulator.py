@@ -516,6 +516,9 @@ class PriceModel:
         self._splits: dict[str, dict[date, float]] = {}
         self._added_splits: dict[str, dict[date, float]] = {}
         self._revisions: dict[str, dict[date, dict[str, float]]] = {}
+        # A vendor's calendar mistakes, per symbol: days with no bar, bars on closed days.
+        self._dropped: dict[str, set[date]] = {}
+        self._extra: dict[str, set[date]] = {}
         self._versions: Counter[str] = Counter()
         self._intraday: OrderedDict[tuple[str, date, int, int], list[IntradayBar]] = OrderedDict()
         self.generation = getattr(self, "generation", 0) + 1
@@ -529,9 +532,11 @@ class PriceModel:
         # Built-in splits and the walk depend on the start; a test's own edits survive.
         with self._lock:
             revisions, added = self._revisions, self._added_splits
+            dropped, extra = self._dropped, self._extra
             self._history_start = value
             self._reset()
             self._revisions, self._added_splits = revisions, added
+            self._dropped, self._extra = dropped, extra
 
     def version(self, symbol: str) -> int:
         return self._versions[symbol.upper()]
@@ -584,6 +589,15 @@ class PriceModel:
             self._revisions.setdefault(symbol.upper(), {}).setdefault(day, {}).update(fields)
             self._versions[symbol.upper()] += 1
 
+    def misdate(self, symbol: str, drop: Iterable[date], add: Iterable[date]) -> None:
+        """Leave the trading days `drop` without a bar, and give the days `add` one
+        whatever the calendar says (weekly, monthly and intraday bars follow)."""
+        key = symbol.upper()
+        with self._lock:
+            self._dropped.setdefault(key, set()).update(drop)
+            self._extra.setdefault(key, set()).update(add)
+            self._versions[key] += 1
+
     def daily(self, symbol: str, as_of: date) -> DailySeries:
         key = symbol.upper()
         with self._lock:
@@ -591,7 +605,8 @@ class PriceModel:
             # series (tests start many), and a test's edits never leak into another emulator.
             edits = (tuple(sorted(self._added_splits.get(key, {}).items())),
                      tuple(sorted((d, tuple(sorted(f.items())))
-                                  for d, f in self._revisions.get(key, {}).items())))
+                                  for d, f in self._revisions.get(key, {}).items())),
+                     tuple(sorted(self._dropped.get(key, ()))), tuple(sorted(self._extra.get(key, ()))))
             cache_key = (key, self._history_start, self.calendar.rule, as_of, edits)
         with PriceModel._shared_lock:
             series = PriceModel._shared_series.get(cache_key)
@@ -617,6 +632,11 @@ class PriceModel:
         self._ensure_days(as_of)
         n = bisect.bisect_right(self._days, as_of)
         days = self._days[:n]
+        dropped, extra = self._dropped.get(key, set()), self._extra.get(key, set())
+        if dropped or extra:
+            days = sorted((set(days) - dropped) | {d for d in extra
+                                                   if self._history_start <= d <= as_of})
+            n = len(days)
         profile = self.profile(key)
         walk = EconomicWalk.shared(key, profile, self._history_start, self.calendar.rule)
         walk.extend(n)
@@ -1617,6 +1637,12 @@ class AlphaVantageEmulator:
     def add_split(self, symbol: str, day: date | str, ratio: float) -> None:
         """Place a split (ratio 2.0 = 2-for-1) on a trading day; ratio 1.0 removes one."""
         self._model.add_split(symbol, _as_date(day), ratio)
+
+    def misdate(self, symbol: str, drop: Iterable[date | str] = (),
+                add: Iterable[date | str] = ()) -> None:
+        """A vendor's calendar mistakes: no bar on the trading days `drop`, a bar on each
+        day of `add` even when the exchange was closed (a holiday, a weekend)."""
+        self._model.misdate(symbol, map(_as_date, drop), map(_as_date, add))
 
     def trading_days(self, start: date | str, end: date | str) -> list[date]:
         return self._calendar.days(_as_date(start), _as_date(end))

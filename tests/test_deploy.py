@@ -307,7 +307,7 @@ def test_the_tool_writes_exactly_the_listed_metrics(tmp_path):
     facts = {"stats": stats, "results": [SimpleNamespace(outcome="updated", added=3)],
              "quota": [("av-1a2b3c4d", 3, 22)], "verify_members_checked": 4,
              "verify_datasets_decrypted": 2, "verify_problems": 0, "backup_datasets": 2,
-             "backup_bytes": 4096}
+             "backup_bytes": 4096, "gaps": 3, "datasets_with_gaps": 2}
     samples = run_samples("download", 1.5, 50_000_000, facts)
     runs = {"download": {"last_run": now, "exit_code": 0, "last_success": now,
                          "samples": samples}}
