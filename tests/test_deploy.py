@@ -694,7 +694,7 @@ def test_crontab_verifies_the_backup_only_after_it_succeeds():
 
 def test_crontab_schedules_download_backup_and_cleanup():
     commands = {cli_command(args) for _, args in cron_invocations()}
-    assert {"download", "backup", "verify-backup", "cleanup"} <= commands, commands
+    assert {"download", "backup", "verify-backup", "gaps", "cleanup"} <= commands, commands
 
 
 def test_cron_and_systemd_commands_exist_in_the_cli():
