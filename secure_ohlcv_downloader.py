@@ -63,7 +63,7 @@ import time
 import traceback
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -2728,9 +2728,8 @@ def _among(values: np.ndarray, dates: np.ndarray) -> np.ndarray:
     return np.isin(values.view(np.int64), dates.view(np.int64), kind="table")
 
 
-def gap_count(dataset: DatasetId, frame: pd.DataFrame) -> int | None:
-    """The number of gaps of a table about to be stored (its metadata's `gaps`, which
-    status shows without reading a bar); None when no calendar covers the symbol."""
+def frame_gaps(dataset: DatasetId, frame: pd.DataFrame) -> Gaps | None:
+    """The gaps of a table in hand; None when no calendar covers the symbol."""
     calendar = calendar_for(dataset.symbol)
     if calendar is None:
         return None
@@ -2738,7 +2737,57 @@ def gap_count(dataset: DatasetId, frame: pd.DataFrame) -> int | None:
     if stamps.dt.tz is not None:  # intraday: the bar's date where it trades
         stamps = stamps.dt.tz_localize(None)
     days = stamps.to_numpy().astype("datetime64[D]")
-    return find_gaps(days, dataset.interval, calendar, dataset.month).count
+    return find_gaps(days, dataset.interval, calendar, dataset.month)
+
+
+def gap_count(dataset: DatasetId, frame: pd.DataFrame) -> int | None:
+    """The number of gaps of a table about to be stored (its metadata's `gaps`, which
+    status shows without reading a bar); None when no calendar covers the symbol."""
+    found = frame_gaps(dataset, frame)
+    return None if found is None else found.count
+
+
+def vendor_gaps_of(meta: dict[str, Any]) -> set[date]:
+    """The gap dates a repair found the vendor itself lacks (metadata `vendor_gaps`)."""
+    return {date.fromisoformat(d) for d in (meta.get("vendor_gaps") or {}).get("dates", ())}
+
+
+# The dates a result line names (a repair's); its counts are whole.
+DATES_SHOWN = 10
+
+
+def dates_text(dates: Iterable[date]) -> str:
+    listed = sorted(dates)
+    return ", ".join(d.isoformat() for d in listed[:DATES_SHOWN]) + (
+        f" and {len(listed) - DATES_SHOWN} more" if len(listed) > DATES_SHOWN else "")
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What `download --repair-gaps` did about one dataset's gaps."""
+
+    filled: tuple[date, ...] = ()   # sessions missing before that have a bar now
+    removed: tuple[date, ...] = ()  # bars on closed days the vendor no longer sends
+    vendor: tuple[date, ...] = ()   # gaps left after the whole history: the vendor's own
+    fetched: bool = True            # False: only recorded vendor gaps, no request
+    whole_history: bool = True      # False: the plan refused outputsize=full
+    recorded_at: str = ""           # when the vendor gaps were found (not fetched)
+
+    def text(self) -> str:
+        if not self.fetched:
+            return "no gap to repair" + (
+                f"; the vendor lacks {len(self.vendor)} (recorded {self.recorded_at}, not "
+                f"fetched again): {dates_text(self.vendor)}" if self.vendor else "")
+        done = [f"{what} {len(dates)} {noun}: {dates_text(dates)}" for what, noun, dates in (
+            ("filled", "missing session(s)", self.filled),
+            ("removed", "bar(s) on closed days", self.removed)) if dates] or ["nothing filled"]
+        if not self.whole_history:
+            return "repair: " + "; ".join(done) + (
+                "; could not see the whole history: this key's plan refuses outputsize=full, "
+                "so nothing is recorded as the vendor's. Fix: repair with a premium key")
+        left = (f"the vendor lacks {len(self.vendor)} (recorded, not fetched again): "
+                f"{dates_text(self.vendor)}" if self.vendor else "no gap left")
+        return "repair: " + "; ".join(done + [left])
 
 
 # For an exchange the calendar does not know (an unknown suffix, a date past what the
@@ -2880,8 +2929,12 @@ class DatasetResult:
     error: str = ""
     partial_history: bool = False
     changed: bool = True  # updated: whether the stored bars differ from before the request
+    repair: Repair | None = None  # download --repair-gaps: what became of the gaps
 
     def line(self) -> str:
+        return self._outcome_line() + (f"; {self.repair.text()}" if self.repair else "")
+
+    def _outcome_line(self) -> str:
         head = f"{self.dataset}: "
         if self.outcome == "failed":
             return head + f"FAILED: {self.error}"
@@ -2945,6 +2998,20 @@ def merge_bars(stored: pd.DataFrame | None, fresh: pd.DataFrame, dataset: Datase
     return combined.sort_values("timestamp", kind="stable").reset_index(drop=True)
 
 
+def without_unsent(merged: pd.DataFrame, closed: tuple[date, ...],
+                   whole: pd.DataFrame) -> pd.DataFrame:
+    """`merged` without its bars on the closed days `closed` that the vendor's whole
+    history (`whole`) no longer holds: merge_bars keeps every stored bar, but a bar on a
+    day the exchange was closed is a mistake once its own source has dropped it. Bars older
+    than the answer's first are kept: the vendor says nothing about them."""
+    if not closed or whole.empty:
+        return merged
+    first = whole["timestamp"].min().date()
+    gone = set(closed) - set(whole["timestamp"].dt.date)
+    days = merged["timestamp"].dt.date
+    return merged[~(days.isin(gone) & (days >= first))].reset_index(drop=True)
+
+
 class DatasetDownloader:
     """Brings one dataset up to date: decide the request, fetch, parse, merge, store.
 
@@ -2963,18 +3030,27 @@ class DatasetDownloader:
         self._warned = threading.Lock()
 
     def run(self, dataset: DatasetId, force_full: bool, now: datetime,
-            trailing: bool = False) -> list[DatasetResult]:
+            trailing: bool = False, repair: bool = False) -> list[DatasetResult]:
         """Bring `dataset` up to date: one result per file written, oldest month first.
         `trailing` (intraday without --month): fetch the trailing 30 days and store every
-        month they touch, so no month end is lost."""
+        month they touch, so no month end is lost. `repair`: a stored history with a gap
+        not recorded as the vendor's is fetched whole; what is left after it is."""
         started = time.monotonic()
         stored, meta = self._read(dataset)
         last_bar = None if stored is None or stored.empty else stored["timestamp"].iloc[-1].date()
         final_month = not meta.get("partial_history") and month_complete(dataset,
                                                                           meta.get("checked_at"))
+        recorded = meta.get("vendor_gaps") or {}
+        known = vendor_gaps_of(meta)
+        had = frame_gaps(dataset, stored) if repair and stored is not None else None
+        repairing = had is not None and bool(set(had.missing + had.closed) - known)
+        force_full = force_full or repairing
+        note = None if had is None or repairing else Repair(
+            vendor=tuple(sorted(known)), fetched=False, recorded_at=recorded.get("checked_at", ""))
         if not force_full and stored is not None and (
                 is_current(dataset, last_bar, meta.get("checked_at"), now) or final_month):
-            return [DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")]
+            return [DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none",
+                                  repair=note)]
         if not force_full and stored is None and self._nothing_to_ask(dataset, now, trailing):
             return [DatasetResult(dataset, "nothing_yet", mode="none")]
         request, needs_full = self._plan(dataset, last_bar, force_full, now)
@@ -3023,18 +3099,47 @@ class DatasetDownloader:
         for target, part in sorted(parts.items(), key=lambda item: item[0].month or ""):
             before = stored if target == dataset else self._read(target)[0]
             merged = merge_bars(before, part, target)
+            outcome = note if target == dataset else None
+            if repairing and target == dataset and had is not None:
+                if mode == "full":
+                    merged = without_unsent(merged, had.closed, part)
+                outcome, known, recorded = self._repaired(target, merged, had, mode == "full",
+                                                          known, recorded, checked)
             newest = merged["timestamp"].iloc[-1].date()
+            found = frame_gaps(target, merged)
+            # Recorded vendor gaps stay recorded while they are gaps (a refresh keeps them).
+            vendor = sorted(known & set(found.missing + found.closed)) \
+                if found and target == dataset else []
             self.store.write(target, merged, meta | {
                 "stale_after": stale_after(target, newest, checked),
-                "gaps": gap_count(target, merged)})
+                "gaps": None if found is None else found.count} | ({"vendor_gaps": {
+                    "dates": [d.isoformat() for d in vendor],
+                    "checked_at": recorded.get("checked_at")}} if vendor else {}))
             results.append(DatasetResult(
                 target, "updated", len(merged), len(merged) - (0 if before is None else len(before)),
                 str(merged["timestamp"].iloc[-1].date()), mode, time.monotonic() - started,
-                partial_history=partial, changed=before is None or not merged.equals(before)))
+                partial_history=partial, changed=before is None or not merged.equals(before),
+                repair=outcome))
         if waiting:  # the month asked for is the newest the answer could hold: it goes last
             results.append(DatasetResult(dataset, "nothing_yet", mode=mode,
                                          seconds=time.monotonic() - started))
         return results
+
+    @staticmethod
+    def _repaired(dataset: DatasetId, merged: pd.DataFrame, had: Gaps, whole: bool,
+                  known: set[date], recorded: dict[str, Any],
+                  checked: datetime) -> tuple[Repair, set[date], dict[str, Any]]:
+        """What a repair's fetch did to the gaps it `had`; after the whole history, the
+        gaps left are the vendor's (recorded, found at `checked`). Compact saw too little
+        to say so: the record stays as it was."""
+        found = frame_gaps(dataset, merged)
+        left = set() if found is None else set(found.missing + found.closed)
+        repair = Repair(filled=tuple(sorted(set(had.missing) - left)),
+                        removed=tuple(sorted(set(had.closed) - left)),
+                        vendor=tuple(sorted(left)) if whole else (), whole_history=whole)
+        if not whole:
+            return repair, known, recorded
+        return repair, left, {"checked_at": checked.isoformat()}
 
     def _nothing_to_ask(self, dataset: DatasetId, now: datetime, trailing: bool) -> bool:
         """An intraday month whose first session's bars are not yet published, by its
@@ -3162,8 +3267,10 @@ def quota_facts(settings: Settings) -> list[tuple[str, int, int | None]]:
 
 def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: bool,
                  full: bool, month: str | None,
-                 on_result: Callable[[DatasetResult], None] | None) -> DownloadReport:
-    """Bring each symbol's dataset up to date, within the rate limits, under the lock.
+                 on_result: Callable[[DatasetResult], None] | None,
+                 repair: bool = False) -> DownloadReport:
+    """Bring each symbol's dataset up to date, within the rate limits, under the lock;
+    `repair` also fetches whole each stored history with a gap not known to be the vendor's.
 
     Whatever goes wrong inside one dataset's work is that dataset's named failure, and the
     rest of the batch goes on. The quota running out stops the run cleanly; an error that
@@ -3173,6 +3280,14 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     now = ctx.clock()
     trailing = interval in INTRADAY and month is None
     this_month = now.astimezone(MARKET_TZ).strftime("%Y-%m")
+    if repair and full:
+        raise UsageError("--repair-gaps and --full together: --full already fetches every "
+                         "history whole. Fix: give one of them.")
+    if repair and interval in INTRADAY:
+        raise UsageError("--repair-gaps repairs daily, weekly and monthly histories; an "
+                         "intraday month is fetched whole by its own request. Fix: "
+                         "`download --full --month YYYY-MM --interval "
+                         f"{interval} SYMBOL` for the month the gap report names.")
     if trailing:
         month = this_month
     elif interval not in INTRADAY and month is not None:
@@ -3222,7 +3337,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                 memory_stop.set()  # the datasets in hand finish; no new one starts
                 return [DatasetResult(dataset, "pending", error=memory_note)]
             try:
-                return worker.run(dataset, full, now, trailing)
+                return worker.run(dataset, full, now, trailing, repair)
             except QuotaExhausted:
                 stop.set()
                 return [DatasetResult(dataset, "pending", error=quota_note)]
@@ -4902,9 +5017,10 @@ class SecureOHLCVDownloader:
 
     def download(self, symbols: list[str], interval: str = "daily", adjusted: bool = False,
                  full: bool = False, month: str | None = None,
-                 on_result: Callable[[DatasetResult], None] | None = None) -> DownloadReport:
+                 on_result: Callable[[DatasetResult], None] | None = None,
+                 repair: bool = False) -> DownloadReport:
         return self._run("download", lambda: run_download(
-            self.ctx, symbols, interval, adjusted, full, month, on_result))
+            self.ctx, symbols, interval, adjusted, full, month, on_result, repair))
 
     def load(self, symbol: str, interval: str = "daily", adjusted: bool = False,
              start: str | date | None = None, end: str | date | None = None) -> pd.DataFrame:
