@@ -2773,6 +2773,14 @@ class Repair:
     whole_history: bool = True      # False: the plan refused outputsize=full
     recorded_at: str = ""           # when the vendor gaps were found (not fetched)
 
+    @classmethod
+    def of(cls, had: Gaps, left: set[date], whole: bool) -> Repair:
+        """From the gaps a history `had` and those `left` after the fetch; only the
+        whole history (`whole`) can tell that what is left is the vendor's."""
+        return cls(filled=tuple(sorted(set(had.missing) - left)),
+                   removed=tuple(sorted(set(had.closed) - left)),
+                   vendor=tuple(sorted(left)) if whole else (), whole_history=whole)
+
     def text(self) -> str:
         if not self.fetched:
             return "no gap to repair" + (
@@ -3099,17 +3107,19 @@ class DatasetDownloader:
         for target, part in sorted(parts.items(), key=lambda item: item[0].month or ""):
             before = stored if target == dataset else self._read(target)[0]
             merged = merge_bars(before, part, target)
-            outcome = note if target == dataset else None
-            if repairing and target == dataset and had is not None:
-                if mode == "full":
-                    merged = without_unsent(merged, had.closed, part)
-                outcome, known, recorded = self._repaired(target, merged, had, mode == "full",
-                                                          known, recorded, checked)
-            newest = merged["timestamp"].iloc[-1].date()
+            fixing = had if repairing and target == dataset else None  # the gaps to repair
+            if fixing is not None and mode == "full":
+                merged = without_unsent(merged, fixing.closed, part)
             found = frame_gaps(target, merged)
+            left = set() if found is None else set(found.missing + found.closed)
+            outcome = note if target == dataset else None
+            if fixing is not None:
+                outcome = Repair.of(fixing, left, whole=mode == "full")
+                if mode == "full":  # the whole history has been seen: what is left is the vendor's
+                    known, recorded = left, {"checked_at": checked.isoformat()}
             # Recorded vendor gaps stay recorded while they are gaps (a refresh keeps them).
-            vendor = sorted(known & set(found.missing + found.closed)) \
-                if found and target == dataset else []
+            vendor = sorted(known & left) if target == dataset else []
+            newest = merged["timestamp"].iloc[-1].date()
             self.store.write(target, merged, meta | {
                 "stale_after": stale_after(target, newest, checked),
                 "gaps": None if found is None else found.count} | ({"vendor_gaps": {
@@ -3124,22 +3134,6 @@ class DatasetDownloader:
             results.append(DatasetResult(dataset, "nothing_yet", mode=mode,
                                          seconds=time.monotonic() - started))
         return results
-
-    @staticmethod
-    def _repaired(dataset: DatasetId, merged: pd.DataFrame, had: Gaps, whole: bool,
-                  known: set[date], recorded: dict[str, Any],
-                  checked: datetime) -> tuple[Repair, set[date], dict[str, Any]]:
-        """What a repair's fetch did to the gaps it `had`; after the whole history, the
-        gaps left are the vendor's (recorded, found at `checked`). Compact saw too little
-        to say so: the record stays as it was."""
-        found = frame_gaps(dataset, merged)
-        left = set() if found is None else set(found.missing + found.closed)
-        repair = Repair(filled=tuple(sorted(set(had.missing) - left)),
-                        removed=tuple(sorted(set(had.closed) - left)),
-                        vendor=tuple(sorted(left)) if whole else (), whole_history=whole)
-        if not whole:
-            return repair, known, recorded
-        return repair, left, {"checked_at": checked.isoformat()}
 
     def _nothing_to_ask(self, dataset: DatasetId, now: datetime, trailing: bool) -> bool:
         """An intraday month whose first session's bars are not yet published, by its
