@@ -347,7 +347,8 @@ def _gap_line(entry: DatasetGaps) -> str:
          gaps.missing),
         ("bar(s) on a day the exchange was closed", gaps.closed)) if dates)
     return (found or f"no gaps in {entry.bars} bars") + (
-        f" ({gaps.unchecked})" if gaps.unchecked else "")
+        f" ({gaps.unchecked})" if gaps.unchecked else "") + (
+        f"; the vendor's own, found by a repair: {_dates(entry.vendor)}" if entry.vendor else "")
 
 
 def _dates(dates: tuple[date, ...]) -> str:

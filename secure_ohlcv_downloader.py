@@ -4853,6 +4853,7 @@ class DatasetGaps:
     bars: int = 0
     gaps: Gaps = field(default_factory=Gaps)
     error: str = ""  # unreadable: IntegrityError's text
+    vendor: tuple[date, ...] = ()  # of the gaps, those a repair found the vendor lacks
 
     def as_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"dataset": str(self.dataset),
@@ -4862,7 +4863,8 @@ class DatasetGaps:
         return entry | {"bars": self.bars, "gaps": self.gaps.count,
                         "missing": [d.isoformat() for d in self.gaps.missing],
                         "closed": [d.isoformat() for d in self.gaps.closed],
-                        "checked": self.gaps.checked, "unchecked": self.gaps.unchecked}
+                        "checked": self.gaps.checked, "unchecked": self.gaps.unchecked,
+                        "vendor": [d.isoformat() for d in self.vendor]}
 
 
 @dataclass
@@ -4901,12 +4903,13 @@ def gap_report(ctx: RunContext, symbols: list[str], interval: str | None,
     report = GapReport([], fail_on_gaps)
     for dataset in chosen:
         try:
-            days, _ = store.read_days(dataset)
+            days, meta = store.read_days(dataset)
         except IntegrityError as exc:
             report.datasets.append(DatasetGaps(dataset, error=str(exc)))
             continue
         found = find_gaps(days, dataset.interval, calendar_for(dataset.symbol), dataset.month)
-        report.datasets.append(DatasetGaps(dataset, len(days), found))
+        vendor = vendor_gaps_of(meta) & set(found.missing + found.closed)
+        report.datasets.append(DatasetGaps(dataset, len(days), found, vendor=tuple(sorted(vendor))))
     ctx.facts.update(gaps=report.gaps, datasets_with_gaps=report.with_gaps)
     return report
 

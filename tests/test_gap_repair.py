@@ -12,6 +12,7 @@ The history runs from 2026-09-08 to Wednesday 2026-11-25 (no NYSE holiday inside
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
@@ -179,6 +180,18 @@ def test_the_command_line_reports_what_it_filled_and_what_the_vendor_lacks(av, t
     assert f"filled 1 missing session(s): {FILLED}" in line
     assert f"the vendor lacks 1 (recorded, not fetched again): {VENDORS}" in line
     assert "repair: 1 gap(s) filled, 0 removed, 1 the vendor's" in run.stderr
+
+
+def test_the_gap_report_tells_the_vendors_gaps_from_unknown_ones(av, tmp_path):
+    ws = stored_with_mistakes(av, tmp_path, drop=[VENDORS])
+    run_at(ws, WEDNESDAY_EVENING, ["IBM"], repair=True)
+
+    report = ws.cli("gaps", "--json", "IBM")
+    text = ws.cli("gaps", "IBM")
+
+    (row,) = json.loads(report.stdout)["datasets"]
+    assert row["missing"] == [VENDORS.isoformat()] and row["vendor"] == [VENDORS.isoformat()]
+    assert f"the vendor's own, found by a repair: {VENDORS}" in text.stdout
 
 
 def test_repair_refuses_intraday_and_full_with_the_fix(av, tmp_path):
