@@ -497,6 +497,16 @@ def test_added_split_drops_the_as_traded_price_by_the_ratio(av):
     assert 0.4 < split_day["close"] / previous["close"] < 0.6
 
 
+def test_misdate_drops_a_session_and_dates_a_bar_on_a_closed_day(av):
+    saturday, wednesday = date(2025, 6, 21), date(2025, 6, 18)
+    av.misdate("ACME", drop=[wednesday], add=[saturday])
+
+    days = [bar["date"] for bar in av.daily_bars("ACME")]
+    assert wednesday not in days and saturday in days
+    assert saturday in [bar["date"] for bar in av.weekly_bars("ACME")]  # its week ends there
+    assert wednesday in [bar["date"] for bar in av.daily_bars("MSFT")]  # ACME's alone
+
+
 def test_adjusted_close_is_continuous_across_a_split(av):
     av.add_split("ACME", AS_OF, 2.0)
     previous, split_day = av.daily_bars("ACME")[-2:]

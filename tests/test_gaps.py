@@ -3,8 +3,9 @@
 Everything runs over the Alpha Vantage emulator (a real HTTP server) and the real command
 line in subprocesses; the calendars are exchange_calendars' own. The emulator's
 `misdate` plays a vendor's calendar mistakes: a session left without a bar, a bar on a
-day the exchange was closed. Its histories are short and end on fixed past dates, so
-nothing depends on today's date.
+day the exchange was closed. Its histories are short and end on fixed dates in the past
+(no bar may be dated after the download's own clock), so what the report finds does not
+move with today's date.
 
 NYSE in these windows: 2026-09-08 to 2026-11-30 has one holiday, Thanksgiving
 (Thursday 2026-11-26); March and April 2026 have one, Good Friday (2026-04-03).
