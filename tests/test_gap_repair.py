@@ -152,6 +152,25 @@ def test_a_bar_on_a_closed_day_the_vendor_still_sends_is_the_vendors(av, tmp_pat
     assert ws.stored(IBM)[1]["vendor_gaps"]["dates"] == [SATURDAY.isoformat()]
 
 
+def test_a_weekly_history_is_repaired_by_its_one_request(av, tmp_path):
+    # A week whose Friday has no bar is dated on its Thursday: the week's last session is
+    # missing. Weekly answers always hold the whole history.
+    friday = date(2026, 10, 16)
+    av.misdate("IBM", drop=[friday])
+    ws = Workspace(tmp_path, av).init()
+    run_at(ws, WEDNESDAY_EVENING, ["IBM"], interval="weekly")
+    av.misdate("IBM", correct=[friday])
+
+    asked, report = requests_during(av, lambda: run_at(ws, WEDNESDAY_EVENING, ["IBM"],
+                                                       interval="weekly", repair=True))
+
+    assert len(asked) == 1
+    (result,) = report.results
+    assert result.repair.filled == (friday,) and result.repair.vendor == ()
+    frame, meta = ws.stored(DatasetId("IBM", "weekly"))
+    assert friday in set(frame["timestamp"].dt.date) and meta["gaps"] == 0
+
+
 def test_a_free_key_refused_the_full_history_records_nothing_as_the_vendors(av, tmp_path):
     av.misdate("IBM", drop=[VENDORS])
     ws = Workspace(tmp_path, av, ALPHA_VANTAGE_API_KEY=FREE_KEY, OHLCV_RATE_LIMIT_PER_MINUTE=None).init()
