@@ -211,7 +211,8 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
             out(line, flush=True)
 
     try:
-        report = app.download(symbols, args.interval, args.adjusted, args.full, args.month, show)
+        report = app.download(symbols, args.interval, args.adjusted, args.full, args.month, show,
+                              args.repair_gaps)
     finally:
         if bar is not None:
             bar.close()
@@ -226,6 +227,12 @@ def cmd_download(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         + f"{counts['failed']} failed, {counts['pending']} not reached; {requests_made} requests"
         + (f" (and {unconnected} attempts without a connection)" if unconnected else "")
         + f", {report.stats.retries} retries, {report.stats.bytes_downloaded} bytes")
+    repairs = [r.repair for r in report.results if r.repair and r.repair.fetched]
+    if args.repair_gaps:
+        say(f"repair: {sum(len(r.filled) for r in repairs)} gap(s) filled, "
+            f"{sum(len(r.removed) for r in repairs)} removed, "
+            f"{sum(len(r.vendor) for r in repairs)} the vendor's (recorded) in "
+            f"{len(repairs)} history(ies) fetched whole")
     if report.failed:
         say("failed: " + ", ".join(r.dataset.symbol for r in report.failed))
     if report.pending:
@@ -340,7 +347,8 @@ def _gap_line(entry: DatasetGaps) -> str:
          gaps.missing),
         ("bar(s) on a day the exchange was closed", gaps.closed)) if dates)
     return (found or f"no gaps in {entry.bars} bars") + (
-        f" ({gaps.unchecked})" if gaps.unchecked else "")
+        f" ({gaps.unchecked})" if gaps.unchecked else "") + (
+        f"; the vendor's own, found by a repair: {_dates(entry.vendor)}" if entry.vendor else "")
 
 
 def _dates(dates: tuple[date, ...]) -> str:
@@ -563,6 +571,9 @@ def add_command_options(name: str, parser: argparse.ArgumentParser) -> None:
         add_dataset_options(parser)
         parser.add_argument("--full", action="store_true",
                             help="fetch the whole history again (default: only what is missing)")
+        parser.add_argument("--repair-gaps", action="store_true",
+                            help="fetch the whole history of each stored dataset with a gap "
+                                 "(see `gaps`); record what the vendor lacks (default: off)")
         parser.add_argument("--month", metavar="YYYY-MM",
                             help="intraday only: this month, up to the current one in New York "
                                  "(default: the trailing month)")

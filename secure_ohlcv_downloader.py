@@ -63,7 +63,7 @@ import time
 import traceback
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta, timezone
@@ -2728,9 +2728,8 @@ def _among(values: np.ndarray, dates: np.ndarray) -> np.ndarray:
     return np.isin(values.view(np.int64), dates.view(np.int64), kind="table")
 
 
-def gap_count(dataset: DatasetId, frame: pd.DataFrame) -> int | None:
-    """The number of gaps of a table about to be stored (its metadata's `gaps`, which
-    status shows without reading a bar); None when no calendar covers the symbol."""
+def frame_gaps(dataset: DatasetId, frame: pd.DataFrame) -> Gaps | None:
+    """The gaps of a table in hand; None when no calendar covers the symbol."""
     calendar = calendar_for(dataset.symbol)
     if calendar is None:
         return None
@@ -2738,7 +2737,65 @@ def gap_count(dataset: DatasetId, frame: pd.DataFrame) -> int | None:
     if stamps.dt.tz is not None:  # intraday: the bar's date where it trades
         stamps = stamps.dt.tz_localize(None)
     days = stamps.to_numpy().astype("datetime64[D]")
-    return find_gaps(days, dataset.interval, calendar, dataset.month).count
+    return find_gaps(days, dataset.interval, calendar, dataset.month)
+
+
+def gap_count(dataset: DatasetId, frame: pd.DataFrame) -> int | None:
+    """The number of gaps of a table about to be stored (its metadata's `gaps`, which
+    status shows without reading a bar); None when no calendar covers the symbol."""
+    found = frame_gaps(dataset, frame)
+    return None if found is None else found.count
+
+
+def vendor_gaps_of(meta: dict[str, Any]) -> set[date]:
+    """The gap dates a repair found the vendor itself lacks (metadata `vendor_gaps`)."""
+    return {date.fromisoformat(d) for d in (meta.get("vendor_gaps") or {}).get("dates", ())}
+
+
+# The dates a result line names (a repair's); its counts are whole.
+DATES_SHOWN = 10
+
+
+def dates_text(dates: Iterable[date]) -> str:
+    listed = sorted(dates)
+    return ", ".join(d.isoformat() for d in listed[:DATES_SHOWN]) + (
+        f" and {len(listed) - DATES_SHOWN} more" if len(listed) > DATES_SHOWN else "")
+
+
+@dataclass(frozen=True)
+class Repair:
+    """What `download --repair-gaps` did about one dataset's gaps."""
+
+    filled: tuple[date, ...] = ()   # sessions missing before that have a bar now
+    removed: tuple[date, ...] = ()  # bars on closed days the vendor no longer sends
+    vendor: tuple[date, ...] = ()   # gaps left after the whole history: the vendor's own
+    fetched: bool = True            # False: only recorded vendor gaps, no request
+    whole_history: bool = True      # False: the plan refused outputsize=full
+    recorded_at: str = ""           # when the vendor gaps were found (not fetched)
+
+    @classmethod
+    def of(cls, had: Gaps, left: set[date], whole: bool) -> Repair:
+        """From the gaps a history `had` and those `left` after the fetch; only the
+        whole history (`whole`) can tell that what is left is the vendor's."""
+        return cls(filled=tuple(sorted(set(had.missing) - left)),
+                   removed=tuple(sorted(set(had.closed) - left)),
+                   vendor=tuple(sorted(left)) if whole else (), whole_history=whole)
+
+    def text(self) -> str:
+        if not self.fetched:
+            return "no gap to repair" + (
+                f"; the vendor lacks {len(self.vendor)} (recorded {self.recorded_at}, not "
+                f"fetched again): {dates_text(self.vendor)}" if self.vendor else "")
+        done = [f"{what} {len(dates)} {noun}: {dates_text(dates)}" for what, noun, dates in (
+            ("filled", "missing session(s)", self.filled),
+            ("removed", "bar(s) on closed days", self.removed)) if dates] or ["nothing filled"]
+        if not self.whole_history:
+            return "repair: " + "; ".join(done) + (
+                "; could not see the whole history: this key's plan refuses outputsize=full, "
+                "so nothing is recorded as the vendor's. Fix: repair with a premium key")
+        left = (f"the vendor lacks {len(self.vendor)} (recorded, not fetched again): "
+                f"{dates_text(self.vendor)}" if self.vendor else "no gap left")
+        return "repair: " + "; ".join(done + [left])
 
 
 # For an exchange the calendar does not know (an unknown suffix, a date past what the
@@ -2880,8 +2937,12 @@ class DatasetResult:
     error: str = ""
     partial_history: bool = False
     changed: bool = True  # updated: whether the stored bars differ from before the request
+    repair: Repair | None = None  # download --repair-gaps: what became of the gaps
 
     def line(self) -> str:
+        return self._outcome_line() + (f"; {self.repair.text()}" if self.repair else "")
+
+    def _outcome_line(self) -> str:
         head = f"{self.dataset}: "
         if self.outcome == "failed":
             return head + f"FAILED: {self.error}"
@@ -2945,6 +3006,20 @@ def merge_bars(stored: pd.DataFrame | None, fresh: pd.DataFrame, dataset: Datase
     return combined.sort_values("timestamp", kind="stable").reset_index(drop=True)
 
 
+def without_unsent(merged: pd.DataFrame, closed: tuple[date, ...],
+                   whole: pd.DataFrame) -> pd.DataFrame:
+    """`merged` without its bars on the closed days `closed` that the vendor's whole
+    history (`whole`) no longer holds: merge_bars keeps every stored bar, but a bar on a
+    day the exchange was closed is a mistake once its own source has dropped it. Bars older
+    than the answer's first are kept: the vendor says nothing about them."""
+    if not closed or whole.empty:
+        return merged
+    first = whole["timestamp"].min().date()
+    gone = set(closed) - set(whole["timestamp"].dt.date)
+    days = merged["timestamp"].dt.date
+    return merged[~(days.isin(gone) & (days >= first))].reset_index(drop=True)
+
+
 class DatasetDownloader:
     """Brings one dataset up to date: decide the request, fetch, parse, merge, store.
 
@@ -2963,18 +3038,27 @@ class DatasetDownloader:
         self._warned = threading.Lock()
 
     def run(self, dataset: DatasetId, force_full: bool, now: datetime,
-            trailing: bool = False) -> list[DatasetResult]:
+            trailing: bool = False, repair: bool = False) -> list[DatasetResult]:
         """Bring `dataset` up to date: one result per file written, oldest month first.
         `trailing` (intraday without --month): fetch the trailing 30 days and store every
-        month they touch, so no month end is lost."""
+        month they touch, so no month end is lost. `repair`: a stored history with a gap
+        not recorded as the vendor's is fetched whole; what is left after it is."""
         started = time.monotonic()
         stored, meta = self._read(dataset)
         last_bar = None if stored is None or stored.empty else stored["timestamp"].iloc[-1].date()
         final_month = not meta.get("partial_history") and month_complete(dataset,
                                                                           meta.get("checked_at"))
+        recorded = meta.get("vendor_gaps") or {}
+        known = vendor_gaps_of(meta)
+        had = frame_gaps(dataset, stored) if repair and stored is not None else None
+        repairing = had is not None and bool(set(had.missing + had.closed) - known)
+        force_full = force_full or repairing
+        note = None if had is None or repairing else Repair(
+            vendor=tuple(sorted(known)), fetched=False, recorded_at=recorded.get("checked_at", ""))
         if not force_full and stored is not None and (
                 is_current(dataset, last_bar, meta.get("checked_at"), now) or final_month):
-            return [DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none")]
+            return [DatasetResult(dataset, "current", len(stored), 0, str(last_bar), "none",
+                                  repair=note)]
         if not force_full and stored is None and self._nothing_to_ask(dataset, now, trailing):
             return [DatasetResult(dataset, "nothing_yet", mode="none")]
         request, needs_full = self._plan(dataset, last_bar, force_full, now)
@@ -3023,13 +3107,29 @@ class DatasetDownloader:
         for target, part in sorted(parts.items(), key=lambda item: item[0].month or ""):
             before = stored if target == dataset else self._read(target)[0]
             merged = merge_bars(before, part, target)
+            fixing = had if repairing and target == dataset else None  # the gaps to repair
+            if fixing is not None and mode == "full":
+                merged = without_unsent(merged, fixing.closed, part)
+            found = frame_gaps(target, merged)
+            left = set() if found is None else set(found.missing + found.closed)
+            outcome = note if target == dataset else None
+            if fixing is not None:
+                outcome = Repair.of(fixing, left, whole=mode == "full")
+                if mode == "full":  # the whole history has been seen: what is left is the vendor's
+                    known, recorded = left, {"checked_at": checked.isoformat()}
+            # Recorded vendor gaps stay recorded while they are gaps (a refresh keeps them).
+            vendor = sorted(known & left) if target == dataset else []
             newest = merged["timestamp"].iloc[-1].date()
-            self.store.write(target, merged, meta | {"stale_after": stale_after(target, newest, checked),
-                                                     "gaps": gap_count(target, merged)})
+            self.store.write(target, merged, meta | {
+                "stale_after": stale_after(target, newest, checked),
+                "gaps": None if found is None else found.count} | ({"vendor_gaps": {
+                    "dates": [d.isoformat() for d in vendor],
+                    "checked_at": recorded.get("checked_at")}} if vendor else {}))
             results.append(DatasetResult(
                 target, "updated", len(merged), len(merged) - (0 if before is None else len(before)),
                 str(merged["timestamp"].iloc[-1].date()), mode, time.monotonic() - started,
-                partial_history=partial, changed=before is None or not merged.equals(before)))
+                partial_history=partial, changed=before is None or not merged.equals(before),
+                repair=outcome))
         if waiting:  # the month asked for is the newest the answer could hold: it goes last
             results.append(DatasetResult(dataset, "nothing_yet", mode=mode,
                                          seconds=time.monotonic() - started))
@@ -3161,8 +3261,10 @@ def quota_facts(settings: Settings) -> list[tuple[str, int, int | None]]:
 
 def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: bool,
                  full: bool, month: str | None,
-                 on_result: Callable[[DatasetResult], None] | None) -> DownloadReport:
-    """Bring each symbol's dataset up to date, within the rate limits, under the lock.
+                 on_result: Callable[[DatasetResult], None] | None,
+                 repair: bool = False) -> DownloadReport:
+    """Bring each symbol's dataset up to date, within the rate limits, under the lock;
+    `repair` also fetches whole each stored history with a gap not known to be the vendor's.
 
     Whatever goes wrong inside one dataset's work is that dataset's named failure, and the
     rest of the batch goes on. The quota running out stops the run cleanly; an error that
@@ -3172,6 +3274,14 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     now = ctx.clock()
     trailing = interval in INTRADAY and month is None
     this_month = now.astimezone(MARKET_TZ).strftime("%Y-%m")
+    if repair and full:
+        raise UsageError("--repair-gaps and --full together: --full already fetches every "
+                         "history whole. Fix: give one of them.")
+    if repair and interval in INTRADAY:
+        raise UsageError("--repair-gaps repairs daily, weekly and monthly histories; an "
+                         "intraday month is fetched whole by its own request. Fix: "
+                         "`download --full --month YYYY-MM --interval "
+                         f"{interval} SYMBOL` for the month the gap report names.")
     if trailing:
         month = this_month
     elif interval not in INTRADAY and month is not None:
@@ -3221,7 +3331,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
                 memory_stop.set()  # the datasets in hand finish; no new one starts
                 return [DatasetResult(dataset, "pending", error=memory_note)]
             try:
-                return worker.run(dataset, full, now, trailing)
+                return worker.run(dataset, full, now, trailing, repair)
             except QuotaExhausted:
                 stop.set()
                 return [DatasetResult(dataset, "pending", error=quota_note)]
@@ -4743,6 +4853,7 @@ class DatasetGaps:
     bars: int = 0
     gaps: Gaps = field(default_factory=Gaps)
     error: str = ""  # unreadable: IntegrityError's text
+    vendor: tuple[date, ...] = ()  # of the gaps, those a repair found the vendor lacks
 
     def as_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {"dataset": str(self.dataset),
@@ -4752,7 +4863,8 @@ class DatasetGaps:
         return entry | {"bars": self.bars, "gaps": self.gaps.count,
                         "missing": [d.isoformat() for d in self.gaps.missing],
                         "closed": [d.isoformat() for d in self.gaps.closed],
-                        "checked": self.gaps.checked, "unchecked": self.gaps.unchecked}
+                        "checked": self.gaps.checked, "unchecked": self.gaps.unchecked,
+                        "vendor": [d.isoformat() for d in self.vendor]}
 
 
 @dataclass
@@ -4791,12 +4903,13 @@ def gap_report(ctx: RunContext, symbols: list[str], interval: str | None,
     report = GapReport([], fail_on_gaps)
     for dataset in chosen:
         try:
-            days, _ = store.read_days(dataset)
+            days, meta = store.read_days(dataset)
         except IntegrityError as exc:
             report.datasets.append(DatasetGaps(dataset, error=str(exc)))
             continue
         found = find_gaps(days, dataset.interval, calendar_for(dataset.symbol), dataset.month)
-        report.datasets.append(DatasetGaps(dataset, len(days), found))
+        vendor = vendor_gaps_of(meta) & set(found.missing + found.closed)
+        report.datasets.append(DatasetGaps(dataset, len(days), found, vendor=tuple(sorted(vendor))))
     ctx.facts.update(gaps=report.gaps, datasets_with_gaps=report.with_gaps)
     return report
 
@@ -4901,9 +5014,10 @@ class SecureOHLCVDownloader:
 
     def download(self, symbols: list[str], interval: str = "daily", adjusted: bool = False,
                  full: bool = False, month: str | None = None,
-                 on_result: Callable[[DatasetResult], None] | None = None) -> DownloadReport:
+                 on_result: Callable[[DatasetResult], None] | None = None,
+                 repair: bool = False) -> DownloadReport:
         return self._run("download", lambda: run_download(
-            self.ctx, symbols, interval, adjusted, full, month, on_result))
+            self.ctx, symbols, interval, adjusted, full, month, on_result, repair))
 
     def load(self, symbol: str, interval: str = "daily", adjusted: bool = False,
              start: str | date | None = None, end: str | date | None = None) -> pd.DataFrame:

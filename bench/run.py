@@ -6,10 +6,10 @@
     python bench/run.py --scenario quota    # the same
     python -m bench.run --list
 
-Scenarios: quota, symbol, read, storage, memory, incremental, rotate, startup, holiday, gaps. Running all of them
-writes bench/RESULTS.md (use --output to write elsewhere, or to also write a partial run),
-with a before/after table: the scenarios re-run on the product as it was before each fix
-(bench/before_after.py; --no-before skips it).
+Scenarios: quota, symbol, read, storage, memory, incremental, rotate, startup, holiday, gaps.
+Running all of them writes bench/RESULTS.md (use --output to write elsewhere, or to also
+write a partial run), with a before/after table: the scenarios re-run on the product as it
+was before each fix (bench/before_after.py; --no-before skips it).
 Exit code: 0 when every target is met, 1 when one is missed, 2 on a usage or set-up error.
 """
 

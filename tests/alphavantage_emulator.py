@@ -589,13 +589,18 @@ class PriceModel:
             self._revisions.setdefault(symbol.upper(), {}).setdefault(day, {}).update(fields)
             self._versions[symbol.upper()] += 1
 
-    def misdate(self, symbol: str, drop: Iterable[date], add: Iterable[date]) -> None:
+    def misdate(self, symbol: str, drop: Iterable[date], add: Iterable[date],
+                correct: Iterable[date] = ()) -> None:
         """Leave the trading days `drop` without a bar, and give the days `add` one
-        whatever the calendar says (weekly, monthly and intraday bars follow)."""
+        whatever the calendar says (weekly, monthly and intraday bars follow); the days
+        `correct` are served by the calendar again (the vendor fixed its mistake)."""
         key = symbol.upper()
         with self._lock:
             self._dropped.setdefault(key, set()).update(drop)
             self._extra.setdefault(key, set()).update(add)
+            for day in correct:
+                self._dropped[key].discard(day)
+                self._extra[key].discard(day)
             self._versions[key] += 1
 
     def daily(self, symbol: str, as_of: date) -> DailySeries:
@@ -1639,10 +1644,12 @@ class AlphaVantageEmulator:
         self._model.add_split(symbol, _as_date(day), ratio)
 
     def misdate(self, symbol: str, drop: Iterable[date | str] = (),
-                add: Iterable[date | str] = ()) -> None:
+                add: Iterable[date | str] = (), correct: Iterable[date | str] = ()) -> None:
         """A vendor's calendar mistakes: no bar on the trading days `drop`, a bar on each
-        day of `add` even when the exchange was closed (a holiday, a weekend)."""
-        self._model.misdate(symbol, map(_as_date, drop), map(_as_date, add))
+        day of `add` even when the exchange was closed (a holiday, a weekend); `correct`
+        undoes either for its days."""
+        self._model.misdate(symbol, map(_as_date, drop), map(_as_date, add),
+                            map(_as_date, correct))
 
     def trading_days(self, start: date | str, end: date | str) -> list[date]:
         return self._calendar.days(_as_date(start), _as_date(end))
