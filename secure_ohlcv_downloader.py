@@ -1276,7 +1276,10 @@ class RateLimiter:
         self.quotas = {k.fingerprint: DailyQuota(settings, k.fingerprint) for k in self.keys}
         self._monotonic, self._sleep = monotonic, sleep
         self._lock = threading.Lock()
+        self._written = threading.Condition(self._lock)
         self._sent: dict[str, deque[float]] = {}
+        # Requests acquired but not yet on the wire (stamps, per key): see written().
+        self._pending: dict[str, set[float]] = {k.fingerprint: set() for k in self.keys}
         # Keys the server called spent: a request waiting for a slot of one is not sent.
         self._exhausted: set[str] = set()
         # Keys whose count reached the daily budget: no new reservation, but the ones
@@ -1331,15 +1334,20 @@ class RateLimiter:
         A key the server throttled or declared spent during the wait is not used: the
         request goes behind the penalty, or to another key. A reservation that is not
         sent (that key spent, or the wait interrupted) is given back to the day's count;
-        so is one whose request never reaches the server (`unsent`)."""
+        so is one whose request never reaches the server (`unsent`).
+
+        The caller reports when the request is on the wire (`written`) or that it is done
+        with it (`done`): until then a later request of the same key waits, since the
+        server counts from when a request arrived, whatever delayed its sending."""
+        self.done()  # this thread's previous request is over, written or not
         with self._lock:
-            key, slot, now = self._reserve()
-        if slot <= now:
-            return key
+            key, slot, _ = self._reserve()
         counted = True
         try:
             while True:
-                self._sleep(max(slot - self._monotonic(), 0.0))
+                delay = slot - self._monotonic()
+                if delay > 0:
+                    self._sleep(delay)
                 with self._lock:
                     fp = key.fingerprint
                     sent = self._sent[fp]
@@ -1356,9 +1364,16 @@ class RateLimiter:
                     # when it arrived. Stamped at its slot, it put the next request that
                     # much too close to it: a free key throttled at 1 request a second.
                     now = self._monotonic()
+                    if self._pending[fp]:  # an earlier request is not on the wire yet
+                        bisect.insort(sent, now)  # our place in the queue, meanwhile
+                        self._written.wait(1.0)
+                        slot = now
+                        continue
                     slot = self._leave_at(fp, now)
                     bisect.insort(sent, slot)
                     if slot <= now:
+                        self._pending[fp].add(slot)
+                        self._reserved.pending = (fp, slot)
                         return key
                     # counted already: only the slot moves, behind the penalty or just
                     # behind a request that left late, keeping its place in the queue
@@ -1366,6 +1381,32 @@ class RateLimiter:
             if counted:
                 self.quotas[key.fingerprint].give_back(self._reserved.day)
             raise
+
+    def written(self) -> None:
+        """This thread's request is on the wire now (its bytes written): the next request
+        of its key is spaced from this moment. Stamped when acquire returned instead, a
+        request that a loaded machine then kept from the socket for longer than the slack
+        (GIL, CPU, a new connection's handshake) reached the server too close to the next
+        one: a free key throttled, one of its 25 requests of the day lost."""
+        pending = getattr(self._reserved, "pending", None)
+        if pending is not None:
+            fp, stamp = pending
+            with self._lock:
+                sent = self._sent[fp]
+                with contextlib.suppress(ValueError):
+                    sent.remove(stamp)
+                bisect.insort(sent, max(self._monotonic(), stamp))
+        self.done()
+
+    def done(self) -> None:
+        """This thread is done with its request (written, failed, or abandoned): requests
+        waiting behind it may go."""
+        pending = getattr(self._reserved, "pending", None)
+        if pending is not None:
+            self._reserved.pending = None
+            with self._lock:
+                self._pending[pending[0]].discard(pending[1])
+                self._written.notify_all()
 
     def unsent(self, key: ApiKey) -> None:
         """The request this thread's last acquire() was for never reached the server (no
@@ -1682,6 +1723,48 @@ def network_failure(exc: requests.RequestException, url: str) -> NetworkFailure:
     return NetworkFailure(f"network error ({type(exc).__name__})", False, False)
 
 
+# The moment a request's bytes are written, for RateLimiter.written: requests and urllib3
+# have no hook there, so the client's connections report it to this thread's `report`.
+_request_written = threading.local()
+
+
+def _report_written() -> None:
+    report = getattr(_request_written, "report", None)
+    if report is not None:
+        report()
+
+
+@functools.cache
+def _reporting_adapter_class() -> type[requests.adapters.HTTPAdapter]:
+    """An HTTPAdapter whose connections report each request once it is written (built on
+    first use: requests and urllib3 are imported then)."""
+    import urllib3.connection
+    import urllib3.connectionpool
+
+    class ReportingHTTPConnection(urllib3.connection.HTTPConnection):
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            super().request(*args, **kwargs)
+            _report_written()
+
+    class ReportingHTTPSConnection(urllib3.connection.HTTPSConnection):
+        def request(self, *args: Any, **kwargs: Any) -> None:
+            super().request(*args, **kwargs)
+            _report_written()
+
+    class HTTPPool(urllib3.connectionpool.HTTPConnectionPool):
+        ConnectionCls = ReportingHTTPConnection
+
+    class HTTPSPool(urllib3.connectionpool.HTTPSConnectionPool):
+        ConnectionCls = ReportingHTTPSConnection
+
+    class ReportingAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+
+    return ReportingAdapter
+
+
 class AlphaVantageClient:
     """Fetches one series: rate-limited, timed out, retried with backoff, classified.
 
@@ -1711,8 +1794,8 @@ class AlphaVantageClient:
         self.unresolved = False  # the API's host name did not resolve, even on a retry
         self.session = requests.Session()
         self.session.headers["User-Agent"] = "secure-ohlcv-downloader/1"
-        adapter = requests.adapters.HTTPAdapter(pool_connections=1,
-                                                pool_maxsize=max(settings.max_workers, 1))
+        adapter = _reporting_adapter_class()(pool_connections=1,
+                                             pool_maxsize=max(settings.max_workers, 1))
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -1798,23 +1881,34 @@ class AlphaVantageClient:
         """Status and body, streamed: a body over the cap is refused unread beyond it
         (before a byte of it when its declared length already says so)."""
         params = request.params(self.datatype) | {"apikey": key.secret}
-        with self.session.get(self.url, params=params, timeout=self.timeout, stream=True) as resp:
-            declared = resp.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > self.max_body:
-                self.stats.count("too_large")
-                raise self._too_large(f"the answer is {int(declared) / 2**20:.1f} MB (its "
-                                      f"declared length), more than {self._cap_text()}",
-                                      "refused unread", self.max_body < MAX_BODY_BYTES)
-            chunks, size = [], 0
-            for chunk in resp.iter_content(256 * 1024):
-                size += len(chunk)
-                if size > self.max_body:
-                    self.stats.count("too_large", size)
-                    raise self._too_large(f"the answer is larger than {self._cap_text()}",
-                                          "refused, unread beyond that",
-                                          self.max_body < MAX_BODY_BYTES)
-                chunks.append(chunk)
-            return resp.status_code, b"".join(chunks)
+        _request_written.report = self.limiter.written
+        try:
+            with self.session.get(self.url, params=params, timeout=self.timeout,
+                                  stream=True) as resp:
+                return self._read(resp)
+        finally:
+            _request_written.report = None
+            self.limiter.done()
+
+    def _read(self, resp: requests.Response) -> tuple[int, bytes]:
+        self.limiter.written()  # the answer has begun: the request was written (a proxy's
+        # connections do not report it themselves)
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.max_body:
+            self.stats.count("too_large")
+            raise self._too_large(f"the answer is {int(declared) / 2**20:.1f} MB (its "
+                                  f"declared length), more than {self._cap_text()}",
+                                  "refused unread", self.max_body < MAX_BODY_BYTES)
+        chunks, size = [], 0
+        for chunk in resp.iter_content(256 * 1024):
+            size += len(chunk)
+            if size > self.max_body:
+                self.stats.count("too_large", size)
+                raise self._too_large(f"the answer is larger than {self._cap_text()}",
+                                      "refused, unread beyond that",
+                                      self.max_body < MAX_BODY_BYTES)
+            chunks.append(chunk)
+        return resp.status_code, b"".join(chunks)
 
     def _cap_text(self) -> str:
         if self.max_body < MAX_BODY_BYTES:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import string
+import threading
+import time
 from datetime import date
 from itertools import pairwise
 
@@ -23,6 +25,7 @@ from hypothesis import strategies as st
 from config import load_settings
 from secure_ohlcv_downloader import (
     RATE_SLACK,
+    AlphaVantageClient,
     ApiError,
     ApiRequest,
     Classified,
@@ -32,6 +35,7 @@ from secure_ohlcv_downloader import (
     Outcome,
     QuotaExhausted,
     RateLimiter,
+    RunStats,
     api_key_fingerprint,
     classify_response,
     columns_for,
@@ -493,6 +497,78 @@ def test_a_request_that_left_late_pushes_the_next_one_back(tmp_path):
     times = send_times(tmp_path, WokenLateOnce(late=0.03), 6)
 
     assert min(b - a for a, b in pairwise(times)) >= RATE_SLACK / 20 - 1e-9
+
+
+def test_a_request_written_late_pushes_the_next_one_back(tmp_path):
+    """The server counts from when a request arrived: spaced from the moment acquire
+    returned, a request that a loaded machine kept 50 ms from the socket put the next one
+    50 ms too close to it (with 6 ms of slack at 5 a second: a free key's request lost)."""
+    clock = SimulatedClock(step=0.0)
+    limiter = simulated_limiter(tmp_path, clock)
+    limiter.acquire()
+    clock.sleep(0.05)  # GIL, CPU or a new connection's handshake before the bytes go out
+    limiter.written()
+    written_at = clock.now
+
+    limiter.acquire()
+
+    assert clock.now >= written_at + RATE_SLACK / 20 - 1e-9
+
+
+def test_a_request_not_yet_written_holds_the_next_one_of_its_key(tmp_path):
+    """Real threads, real clock: the second request waits until the first is on the wire,
+    then one spacing more, however long the first took to get there."""
+    limiter = RateLimiter(limiter_settings(tmp_path), [PREMIUM_KEY])
+    first_written: list[float] = []
+    second_left: list[float] = []
+    acquired = threading.Event()
+
+    def first() -> None:
+        limiter.acquire()
+        acquired.set()
+        time.sleep(0.3)  # the write is slow: nothing of the second may leave meanwhile
+        first_written.append(time.monotonic())
+        limiter.written()
+
+    def second() -> None:
+        acquired.wait()
+        limiter.acquire()
+        second_left.append(time.monotonic())
+        limiter.done()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert second_left and first_written
+    assert second_left[0] >= first_written[0] + RATE_SLACK / 20 - 1e-3
+
+
+class WriteRecordingLimiter(RateLimiter):
+    """The real limiter, counting the write reports it receives."""
+
+    reports = 0
+
+    def written(self) -> None:
+        self.reports += 1
+        super().written()
+
+
+def test_the_client_reports_each_request_when_its_connection_wrote_it(tmp_path, emulator):
+    settings = client_settings(tmp_path, emulator)
+    limiter = WriteRecordingLimiter(settings, [PREMIUM_KEY])
+    client = AlphaVantageClient(settings, limiter, RunStats())
+    try:
+        for _ in range(3):
+            client.fetch(ApiRequest(SYMBOL, "daily", outputsize="compact"))
+    finally:
+        client.close()
+
+    # once by the connection as it wrote, once more (a no-op) when the answer began
+    assert limiter.reports == 6
+    assert not limiter._pending[limiter.keys[0].fingerprint]
 
 
 def test_the_per_minute_cap_holds_in_every_sliding_minute(tmp_path):
