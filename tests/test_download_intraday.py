@@ -15,7 +15,6 @@ line. The dates are in the past, so the emulator's own "no bar that has not star
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from datetime import UTC, date, datetime
@@ -188,8 +187,7 @@ def test_download_summary_counts_nothing_yet_apart(tmp_path, capsys):
     try:
         app = Workspace(tmp_path, av).init().app()
         app.ctx.clock = lambda: BEFORE_THE_OPEN.astimezone(UTC)
-        args = argparse.Namespace(symbols=["IBM"], symbols_file=None, interval="15min",
-                                  adjusted=False, full=False, month=None)
+        args = secure_ohlcv_cli.build_parser().parse_args(["download", "IBM", "--interval", "15min"])
         code = secure_ohlcv_cli.cmd_download(app, args)
     finally:
         av.stop()
