@@ -2708,6 +2708,7 @@ class ExchangeCalendar:
         # Sorted session dates, and each session's close as UTC nanoseconds.
         self.sessions = calendar.sessions.values.astype("datetime64[D]")
         self.closes = calendar.closes.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64)
+        self.opens = calendar.opens.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64)
         self.first = self.sessions[0].item()
         self.last = self.sessions[-1].item()
 
@@ -2730,6 +2731,14 @@ class ExchangeCalendar:
         """When the session `day` closes (it must be a session)."""
         index = int(np.searchsorted(self.sessions, np.datetime64(day, "D")))
         return datetime.fromtimestamp(int(self.closes[index]) / 1e9, UTC)
+
+    def latest_opened_session(self, now: datetime) -> date | None:
+        """The newest session that has opened by `now` (its intraday bars have begun);
+        None when `now` is past what the calendar knows."""
+        if now.astimezone(self.zone).date() > self.last:
+            return None
+        index = int(np.searchsorted(self.opens, now.timestamp() * 1e9, side="right")) - 1
+        return self.sessions[index].item() if index >= 0 else None
 
     def latest_published_session(self, now: datetime) -> date | None:
         """The newest session whose bar Alpha Vantage has published by `now`; None when
@@ -3045,7 +3054,7 @@ class DatasetResult:
         if self.outcome == "current":
             return head + f"current, no request ({self.rows} rows, last bar {self.last_bar})"
         if self.outcome == "nothing_yet" and self.mode == "none":
-            return head + (f"nothing yet: no session of {self.dataset.month} is published "
+            return head + (f"nothing yet: no session of {self.dataset.month} has opened "
                            "by its exchange's calendar; no request, nothing stored")
         if self.outcome == "nothing_yet":
             return head + (f"nothing yet: no bar of {self.dataset.month} in the answer (its "
@@ -3230,13 +3239,13 @@ class DatasetDownloader:
         return results
 
     def _nothing_to_ask(self, dataset: DatasetId, now: datetime, trailing: bool) -> bool:
-        """An intraday month whose first session's bars are not yet published, by its
-        exchange's calendar, has nothing to ask for; a trailing request would also refresh
-        the month before, so it is still made unless that month is final."""
-        if not dataset.month:
-            return False
-        expected, from_calendar = expected_session(dataset, now)
-        if not from_calendar or expected.strftime("%Y-%m") >= dataset.month:
+        """An intraday month whose first session has not opened yet, by its exchange's
+        calendar, has no bar to ask for (once it has, the session's bars so far are served);
+        a trailing request would also refresh the month before, so it is still made unless
+        that month is final."""
+        calendar = calendar_for(dataset.symbol) if dataset.month else None
+        opened = calendar.latest_opened_session(now) if calendar is not None else None
+        if dataset.month is None or opened is None or opened.strftime("%Y-%m") >= dataset.month:
             return False
         if not trailing:
             return True

@@ -193,9 +193,9 @@ def test_an_intraday_month_checked_after_its_last_session_is_final(av, tmp_path)
     assert status == {"IBM intraday_15min 2026-09": False}
 
 
-def test_the_month_before_its_first_session_is_published_needs_no_request(av, tmp_path):
+def test_the_month_before_its_first_session_opens_needs_no_request(av, tmp_path):
     """October 2026 ends on Friday the 30th; November's first session is Monday the 2nd,
-    its bars out that evening. Checked on Friday night, October is final: a trailing run on
+    opening at 9:30. Checked on Friday night, October is final: a trailing run on
     Sunday or on Monday morning has nothing to ask for, and says November has nothing yet."""
     ws = Workspace(tmp_path, av).init()
     av.as_of = "2026-10-30"
@@ -213,3 +213,20 @@ def test_the_month_before_its_first_session_is_published_needs_no_request(av, tm
     assert asked == [] and explicit == []
     assert [r.outcome for r in handed] == ["nothing_yet"] * 3
     assert "no request" in handed[0].line()
+
+
+def test_a_new_month_is_asked_for_once_its_first_session_has_opened(av, tmp_path):
+    """Monday 2 November 2026 at 20:00 New York: November's first session has opened (and
+    its extended hours are ending), so it has bars to serve, though the currency rule counts
+    them as published only at 20:30. Waiting for that left a new month unfetched through its
+    whole first day (the emulator serves every bar of its day, so the clock is set after
+    the last one started)."""
+    ws = Workspace(tmp_path, av).init()
+    av.as_of = "2026-11-02"
+    handed: list = []
+    asked = requests_during(av, lambda: run_at(
+        ws, datetime(2026, 11, 2, 20, 0, tzinfo=NEW_YORK), ["IBM"], interval="15min",
+        month="2026-11", on_result=handed.append))
+
+    assert len(asked) == 1
+    assert [r.outcome for r in handed] == ["updated"]
