@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from config import ConfigError, load_settings
 from secure_ohlcv_downloader import (
+    DATES_SHOWN,
     EXIT_CODES,
     GUIDE_BYTES_PER_TICKER_DAY,
     INTERVALS,
@@ -43,6 +44,7 @@ from secure_ohlcv_downloader import (
     UsageError,
     atomic_write,
     configure_logging,
+    dates_text,
     exit_code_of,
     outside_text,
     redact,
@@ -315,10 +317,6 @@ def cmd_status(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     return status_exit_code(status)
 
 
-# The dates a gap report line names; --json lists every one.
-GAP_DATES_SHOWN = 10
-
-
 def cmd_gaps(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.gaps(args.symbols, args.interval, args.fail_on_gaps)
     if args.json:
@@ -330,8 +328,9 @@ def cmd_gaps(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     unchecked = sum(1 for d in report.datasets if not d.error and not d.gaps.checked)
     say(f"gaps: {report.gaps} in {report.with_gaps} of {len(report.datasets)} dataset(s)"
         + (f"; {unchecked} not checked (no exchange calendar)" if unchecked else "")
-        + ("" if not report.gaps else ". Fix: `download --full SYMBOL` fetches a history "
-           "again; a gap that stays after it is the vendor's own"))
+        + ("" if not report.gaps else ". Fix: `download --repair-gaps SYMBOL` fetches each "
+           "history with a gap whole, once; a gap that stays after it is the vendor's own, "
+           "recorded and not fetched again"))
     return report.exit_code
 
 
@@ -352,9 +351,7 @@ def _gap_line(entry: DatasetGaps) -> str:
 
 
 def _dates(dates: tuple[date, ...]) -> str:
-    shown = ", ".join(d.isoformat() for d in dates[:GAP_DATES_SHOWN])
-    return shown + (f" and {len(dates) - GAP_DATES_SHOWN} more (--json lists all)"
-                    if len(dates) > GAP_DATES_SHOWN else "")
+    return dates_text(dates) + (" (--json lists all)" if len(dates) > DATES_SHOWN else "")
 
 
 def cmd_estimate(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:

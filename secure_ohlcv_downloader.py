@@ -2855,7 +2855,7 @@ def vendor_gaps_of(meta: dict[str, Any]) -> set[date]:
     return {date.fromisoformat(d) for d in (meta.get("vendor_gaps") or {}).get("dates", ())}
 
 
-# The dates a result line names (a repair's); its counts are whole.
+# The dates a result or gap-report line names; its counts are whole (gaps --json lists all).
 DATES_SHOWN = 10
 
 

@@ -64,7 +64,7 @@ def test_the_report_names_the_missing_session_and_the_bar_on_a_holiday(store):
     assert f"1 missing session(s): {MISSING}" in line
     assert f"1 bar(s) on a day the exchange was closed: {THANKSGIVING}" in line
     assert "gaps: 2 in 1 of 2 dataset(s)" in run.stderr
-    assert "Fix: `download --full SYMBOL`" in run.stderr
+    assert "Fix: `download --repair-gaps SYMBOL`" in run.stderr
 
 
 def test_a_whole_series_reports_no_gaps(store):
