@@ -26,7 +26,7 @@ from cryptography.fernet import Fernet
 from keyring.backends import SecretService
 
 from config import KEYRING_SERVICE, Settings, load_settings
-from secure_ohlcv_downloader import KEYRING_USERNAME
+from secure_ohlcv_downloader import KEYRING_PREVIOUS_USERNAME, KEYRING_USERNAME
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "secure_ohlcv_cli.py"
@@ -120,15 +120,18 @@ def tree(root: Path) -> dict[str, bytes | None]:
 # -- the real Secret Service -------------------------------------------------------------
 
 def delete_key_ring_entry(backend) -> None:
-    with contextlib.suppress(keyring.errors.PasswordDeleteError):
-        backend.delete_password(KEYRING_SERVICE, KEYRING_USERNAME)
+    """Both entries: the product loads `fernet-key-ring.previous` when the main entry is
+    gone (a save cut short), so a copy left by one test is a key ring for the next."""
+    for username in (KEYRING_USERNAME, KEYRING_PREVIOUS_USERNAME):
+        with contextlib.suppress(keyring.errors.PasswordDeleteError):
+            backend.delete_password(KEYRING_SERVICE, username)
 
 
 @contextlib.contextmanager
 def secret_service_keyring(service) -> Iterator[SecretService.Keyring]:
     """The Secret Service `service` as this process's keyring backend, holding no key ring
-    entry before or after (the entry name is fixed: service secure-ohlcv-downloader, user
-    fernet-key-ring)."""
+    entry before or after (the entry names are fixed: service secure-ohlcv-downloader, users
+    fernet-key-ring and its save's copy fernet-key-ring.previous)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("PYTHON_KEYRING_BACKEND", raising=False)
         patch.delenv("DISPLAY", raising=False)
