@@ -216,3 +216,10 @@ def expected_daily(av: AlphaVantageEmulator, symbol: str, adjusted: bool = False
         for column in ("adjusted_close", "dividend_amount", "split_coefficient"):
             frame[column] = bars[column].astype("float64")
     return frame
+
+
+def run_at(ws: Workspace, clock: datetime, symbols: list[str], **options: Any):
+    """One download of the library in `ws` with the run's clock at `clock`: its report."""
+    app = ws.app()
+    app.ctx.clock = lambda: clock.astimezone(UTC)
+    return app.download(symbols, **options)

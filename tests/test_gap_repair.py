@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from secure_ohlcv_downloader import DatasetId, calendar_for
-from tests.download_fixtures import FREE_KEY, Workspace, start_emulator
+from tests.download_fixtures import FREE_KEY, Workspace, run_at, start_emulator
 
 NEW_YORK = ZoneInfo("America/New_York")
 NYSE = calendar_for("IBM")
@@ -41,12 +41,6 @@ def av():
         yield server
     finally:
         server.stop()
-
-
-def run_at(ws: Workspace, clock: datetime, symbols: list[str], **options):
-    app = ws.app()
-    app.ctx.clock = lambda: clock.astimezone(UTC)
-    return app.download(symbols, **options)
 
 
 def requests_during(av, call) -> tuple[list[dict], object]:

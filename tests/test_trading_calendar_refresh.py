@@ -19,7 +19,7 @@ import pytest
 
 import secure_ohlcv_downloader as product
 from secure_ohlcv_downloader import DatasetId, calendar_for
-from tests.download_fixtures import Workspace, start_emulator
+from tests.download_fixtures import Workspace, run_at, start_emulator
 
 NEW_YORK = ZoneInfo("America/New_York")
 LONDON = ZoneInfo("Europe/London")
@@ -42,13 +42,6 @@ def av():
         yield server
     finally:
         server.stop()
-
-
-def run_at(ws: Workspace, clock: datetime, symbols: list[str], **options):
-    """One download of the library at `clock`: its report."""
-    app = ws.app()
-    app.ctx.clock = lambda: clock.astimezone(UTC)
-    return app.download(symbols, **options)
 
 
 def status_at(ws: Workspace, clock: datetime) -> dict[str, bool]:
