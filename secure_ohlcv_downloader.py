@@ -2735,18 +2735,18 @@ class ExchangeCalendar:
     def latest_opened_session(self, now: datetime) -> date | None:
         """The newest session that has opened by `now` (its intraday bars have begun);
         None when `now` is past what the calendar knows."""
-        if now.astimezone(self.zone).date() > self.last:
-            return None
-        index = int(np.searchsorted(self.opens, now.timestamp() * 1e9, side="right")) - 1
-        return self.sessions[index].item() if index >= 0 else None
+        return self._newest_by(self.opens, now, now)
 
     def latest_published_session(self, now: datetime) -> date | None:
         """The newest session whose bar Alpha Vantage has published by `now`; None when
         `now` is past what the calendar knows."""
+        return self._newest_by(self.closes, now - PUBLISHED_AFTER_CLOSE, now)
+
+    def _newest_by(self, moments: np.ndarray, cutoff: datetime, now: datetime) -> date | None:
+        """The newest session whose moment (open or close, UTC ns) is at or before `cutoff`."""
         if now.astimezone(self.zone).date() > self.last:
             return None
-        cutoff = (now - PUBLISHED_AFTER_CLOSE).timestamp() * 1e9
-        index = int(np.searchsorted(self.closes, cutoff, side="right")) - 1
+        index = int(np.searchsorted(moments, cutoff.timestamp() * 1e9, side="right")) - 1
         return self.sessions[index].item() if index >= 0 else None
 
 
