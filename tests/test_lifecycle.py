@@ -392,6 +392,41 @@ class TestRotateKeyWithKeysInTheKeyringAndTheVariable:
 
 
 # =========================================================================================
+# --init and --check-keys: the naming key
+# =========================================================================================
+
+def test_init_hands_the_naming_key_over_with_the_first_key(tmp_path):
+    site = headless_site(tmp_path)
+    ring = site.ring()
+
+    assert ring.naming is not None
+    assert handed_over_keys(site.cwd) == [ring.primary.key, f"naming:{ring.naming.key}"]
+
+
+def test_check_keys_lists_the_naming_key_by_its_fingerprint(tmp_path):
+    site = headless_site(tmp_path)
+    naming = site.ring().naming
+
+    result = site.cli("--check-keys")
+
+    assert result.returncode == 0, output(result)
+    assert re.search(rf"^ok\s+naming key\s+fingerprint {naming.fingerprint}\b", result.stdout,
+                     re.M), result.stdout
+    assert naming.key not in output(result)
+
+
+def test_check_keys_without_a_naming_key_fails_naming_the_migration(tmp_path):
+    site = headless_site(tmp_path)
+    EnvFileKeyStore(site.env_file, 0o600).save(site.ring().keys)  # a store from before it
+
+    result = site.cli("--check-keys")
+
+    assert result.returncode == 3, output(result)
+    assert re.search(r"^FAIL\s+naming key\s+no naming key: run --migrate-store$", result.stdout,
+                     re.M), result.stdout
+
+
+# =========================================================================================
 # remove-key
 # =========================================================================================
 
