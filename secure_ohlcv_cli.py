@@ -457,7 +457,8 @@ def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     prompt = None
     if sys.stdin.isatty():
         import getpass
-        prompt = lambda: getpass.getpass("Encryption key (primary first; comma-separated): ")  # noqa: E731
+        prompt = lambda: getpass.getpass(  # noqa: E731
+            "Encryption key ring (primary first, comma-separated, naming:<key> last): ")
     report = app.recover(Path(args.from_backup) if args.from_backup else None,
                          Path(args.key_file) if args.key_file else None, prompt)
     out(f"keys from {report.key_source}, proven by: " + "; ".join(
@@ -467,7 +468,9 @@ def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         out(f"key ring stored in: {', '.join(report.stored_in)} (no key dropped)")
     if report.variable_disagrees:
         say("warning: OHLCV_ENCRYPTION_KEY set outside this directory differs from the key "
-            "ring now stored; set it to the ring from your offline copy, or unset it.")
+            "ring now stored; set it to " + ("the value just handed over (it holds the new "
+            "naming key)" if report.new_key else "the ring from your offline copy")
+            + ", or unset it.")
     for warning in report.warnings:
         say(f"warning: {warning}")
     out(f"{report.checked} dataset(s) checked in the store, {len(report.restored)} restored "

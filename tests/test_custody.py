@@ -1015,3 +1015,31 @@ def test_the_naming_key_never_reaches_the_log_or_the_output(tmp_path):
     texts = {"log": site.log_file.read_text(),
              **{f"{' '.join(r.args)} {i}": output(r) for i, r in enumerate(runs)}}
     assert secret_hits(texts, {"naming key": naming}) == []
+
+
+def test_the_typed_key_ring_brings_its_naming_key_into_custody(tmp_path):
+    site = installation("env", tmp_path)
+    ring = site.ring()
+    site.env_file.unlink()
+    typed = ",".join(k.item for k in ring.stored())
+
+    report = site.app().recover(prompt=lambda: typed)
+
+    assert report.key_source == "prompt" and report.new_key is None
+    assert stored_naming_key(site) == ring.naming.key
+
+
+def test_a_typed_key_alone_gets_a_naming_key_shown_on_the_terminal(tmp_path):
+    site = installation("env", tmp_path)
+    ring = older_ring(site)
+    site.env_file.unlink()
+    shown = []
+    app = site.app()
+    app.show_key = shown.append
+
+    report = app.recover(prompt=lambda: ring.primary.key)
+
+    naming = stored_naming_key(site)
+    assert naming is not None and report.new_key is not None
+    assert [new.value for new in shown] == [f"{ring.primary.key},naming:{naming}"]
+    assert new_key_files(site) == []  # shown, so no file
