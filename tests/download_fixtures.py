@@ -42,7 +42,7 @@ from secure_ohlcv_downloader import (
     utc_now,
 )
 from tests.alphavantage_emulator import AlphaVantageEmulator
-from tests.foundation_fixtures import headless_env, new_key, run_cli, run_python
+from tests.foundation_fixtures import headless_env, new_key_ring, run_cli, run_python
 
 PREMIUM_KEY = "PREMIUM-TEST-KEY"
 PREMIUM_PER_MINUTE = 6000          # 100 requests a second: plenty for a fast test
@@ -140,7 +140,7 @@ class Workspace:
         self.cwd = cwd
         self.av = av
         self.variables: dict[str, str | None] = {
-            "OHLCV_ENCRYPTION_KEY": new_key(),
+            "OHLCV_ENCRYPTION_KEY": new_key_ring(),  # a primary key and the naming key
             "ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
             "ALPHA_VANTAGE_BASE_URL": av.origin + "/query",
             "OHLCV_RATE_LIMIT_PER_MINUTE": str(PREMIUM_PER_MINUTE),

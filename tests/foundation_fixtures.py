@@ -90,6 +90,11 @@ def new_key() -> str:
     return Fernet.generate_key().decode()
 
 
+def new_key_ring() -> str:
+    """A whole key ring as OHLCV_ENCRYPTION_KEY holds it: a primary key and the naming key."""
+    return f"{new_key()},naming:{new_key()}"
+
+
 def handed_over_keys(cwd: Path) -> list[str]:
     """The key ring a run without a terminal handed over in `state/new-key-*.txt`
     (exactly one such file), primary first."""
