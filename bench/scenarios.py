@@ -1041,9 +1041,10 @@ def gaps(ws: Workspace) -> ScenarioResult:
     res.check(f"gaps over {count:,} histories", f"{wall:.2f} s", f"<= {GAPS_TARGET} s",
               wall <= GAPS_TARGET)
     res.notes.append(
-        f"The cached store: {count:,} daily datasets of 6,500 bars (2000-2026, the emulator's "
-        "weekdays, so NYSE's weekday holidays are bars on closed days: the report found "
-        f"{report.gaps:,} gaps in {report.with_gaps:,} datasets, each listed). A fresh "
+        f"The cached store: {count:,} daily datasets of 6,500 bars (2000-2026, on NYSE's real "
+        "sessions as a real store's; one history in 100 has two sessions dropped and a bar on "
+        f"Christmas Day 2025: the report found {report.gaps:,} gaps in {report.with_gaps:,} "
+        "datasets, each listed). A fresh "
         "interpreter per run (byte code cached), interleaved with the floor, a bare Python "
         "process that reads and decrypts every file and does nothing else; stdout and "
         "stderr to /dev/null. The fresh process includes importing pandas (exchange_calendars "
