@@ -2437,7 +2437,14 @@ def table_days(data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
         raise ValueError(f"not a Parquet table ({exc})") from None
     if pa.types.is_timestamp(column.type) and column.type.tz is not None:
         column = pc.local_timestamp(column)
-    return column.cast(pa.date32()).to_numpy(), meta
+    if column.null_count:
+        raise ValueError("a bar without a timestamp")
+    # Days since 1970 read from each chunk's buffer: Arrow's to_numpy imports pandas on
+    # first use (~0.3 s of a fresh gap report that needs none of it).
+    days = [np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset:chunk.offset + len(chunk)]
+            for chunk in column.cast(pa.date32()).chunks if len(chunk)]
+    return np.concatenate([*days, np.empty(0, np.int32)]).astype(np.int64).view(
+        "datetime64[D]"), meta
 
 
 _TICKS_PER_SECOND = {"milliseconds": 10**3, "microseconds": 10**6, "nanoseconds": 10**9}
