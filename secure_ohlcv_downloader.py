@@ -2819,6 +2819,8 @@ def find_gaps(days: np.ndarray, interval: str, calendar: ExchangeCalendar | None
         if lo > hi or not len(days):
             return Gaps(unchecked=unchecked)
     sessions = calendar.sessions_between(lo, hi)
+    if interval not in ("weekly", "monthly") and np.array_equal(days, sessions):
+        return Gaps(unchecked=unchecked)  # a whole history: a bar on every session, no other
     closed = days[~_among(days, sessions)]
     if interval in ("weekly", "monthly") and len(sessions):
         # A period's bar is dated on its last session; the newest period's (perhaps still
