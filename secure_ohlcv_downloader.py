@@ -20,7 +20,8 @@ first use, so a command that touches no bar data starts without them.
     8. Encrypted store -- DatasetId (symbol and path rules), table codec, table_days,
                           EncryptedStore, load_frame / load_many, RunContext (what every
                           command body gets)
-    9. Downloader      -- ExchangeCalendar / calendar_for, find_gaps (a dataset's dates
+    9. Downloader      -- ExchangeCalendar / calendar_for / CalendarCache (each exchange's
+                          sessions kept in the state directory), find_gaps (a dataset's dates
                           against its sessions), is_current / stale_after, merge_bars,
                           DatasetDownloader, PendingQueue, run_download (the download command)
    10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, archive_ages (newest
@@ -28,8 +29,8 @@ first use, so a command that touches no bar data starts without them.
                           verify_backup; the commands init_store, check_keys, remove_key,
                           recover, cleanup
    11. Monitoring      -- ResourceMonitor (psutil), RunRecord, write_metrics (Prometheus
-                          text file), estimate, status_of, gap_report (the gaps command),
-                          finish_run
+                          text file), estimate, status_of, gap_report (the gaps command;
+                          in_forked_workers: one process per core), finish_run
    12. Front door      -- SecureOHLCVDownloader: a thin delegator that records every command
 
 `python secure_ohlcv_downloader.py ARGS` runs the same command line as secure_ohlcv_cli.py.
