@@ -1047,9 +1047,10 @@ def gaps(ws: Workspace) -> ScenarioResult:
         "datasets, each listed). A fresh "
         "interpreter per run (byte code cached), interleaved with the floor, a bare Python "
         "process that reads and decrypts every file and does nothing else; stdout and "
-        "stderr to /dev/null. The fresh process includes importing pandas (exchange_calendars "
-        "needs it) and building the NYSE calendar from 1998; app.gaps() is the same report in "
-        "a process that has both.")
+        "stderr to /dev/null. The fresh process reads the NYSE sessions the warm-up run cached "
+        "in the state directory (neither pandas nor exchange_calendars is imported) and splits "
+        "the files between one forked worker per core; app.gaps() is the same report in a "
+        "process that has the calendar in memory already.")
     if ws.should_profile(wall > GAPS_TARGET):
         profile(res, "gaps", lambda _: app.gaps(), prepare=lambda: None, idle=False,
                 what=f"one gap report over {count:,} histories")
