@@ -5154,7 +5154,8 @@ def in_forked_workers(work: Callable[[Item], Done], items: list[Item]) -> list[D
     size = -(-len(items) // (workers * 4))  # a few chunks per worker: none waits on another
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
     for stream in (sys.stdout, sys.stderr):  # a worker's exit flushes its copy of them
-        stream.flush()
+        if stream is not None:
+            stream.flush()
     _forked_work = work
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
