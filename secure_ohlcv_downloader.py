@@ -20,7 +20,8 @@ first use, so a command that touches no bar data starts without them.
     8. Encrypted store -- DatasetId (symbol and path rules), table codec, table_days,
                           EncryptedStore, load_frame / load_many, RunContext (what every
                           command body gets)
-    9. Downloader      -- ExchangeCalendar / calendar_for, find_gaps (a dataset's dates
+    9. Downloader      -- ExchangeCalendar / calendar_for / CalendarCache (each exchange's
+                          sessions kept in the state directory), find_gaps (a dataset's dates
                           against its sessions), is_current / stale_after, merge_bars,
                           DatasetDownloader, PendingQueue, run_download (the download command)
    10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, archive_ages (newest
@@ -28,8 +29,8 @@ first use, so a command that touches no bar data starts without them.
                           verify_backup; the commands init_store, check_keys, remove_key,
                           recover, cleanup
    11. Monitoring      -- ResourceMonitor (psutil), RunRecord, write_metrics (Prometheus
-                          text file), estimate, status_of, gap_report (the gaps command),
-                          finish_run
+                          text file), estimate, status_of, gap_report (the gaps command;
+                          in_forked_workers: one process per core), finish_run
    12. Front door      -- SecureOHLCVDownloader: a thin delegator that records every command
 
 `python secure_ohlcv_downloader.py ARGS` runs the same command line as secure_ohlcv_cli.py.
@@ -49,6 +50,7 @@ import json
 import logging
 import logging.handlers
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -57,6 +59,7 @@ import resource
 import secrets
 import stat
 import struct
+import sys
 import tarfile
 import threading
 import time
@@ -64,7 +67,7 @@ import traceback
 import warnings
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta, timezone
 from datetime import time as dt_time
@@ -2529,7 +2532,14 @@ def table_days(data: bytes) -> tuple[np.ndarray, dict[str, Any]]:
         raise ValueError(f"not a Parquet table ({exc})") from None
     if pa.types.is_timestamp(column.type) and column.type.tz is not None:
         column = pc.local_timestamp(column)
-    return column.cast(pa.date32()).to_numpy(), meta
+    if column.null_count:
+        raise ValueError("a bar without a timestamp")
+    # Days since 1970 read from each chunk's buffer: Arrow's to_numpy imports pandas on
+    # first use (~0.3 s of a fresh gap report that needs none of it).
+    days = [np.frombuffer(chunk.buffers()[1], np.int32)[chunk.offset:chunk.offset + len(chunk)]
+            for chunk in column.cast(pa.date32()).chunks if len(chunk)]
+    return np.concatenate([*days, np.empty(0, np.int32)]).astype(np.int64).view(
+        "datetime64[D]"), meta
 
 
 _TICKS_PER_SECOND = {"milliseconds": 10**3, "microseconds": 10**6, "nanoseconds": 10**9}
@@ -2785,24 +2795,36 @@ PUBLISHED_AFTER_CLOSE = timedelta(minutes=30)
 
 class ExchangeCalendar:
     """One exchange's sessions and closes (early closes included), from exchange_calendars.
-    It knows the dates from CALENDAR_START to `last` (about a year ahead of the library's
-    release, less for some exchanges); past `last` it answers None and callers fall back
-    to counting weekdays."""
+    It knows the dates from CALENDAR_START to `last` (the end of next year, less for
+    exchanges whose holidays the library lists only so far); past `last` it answers None
+    and callers fall back to counting weekdays."""
 
-    def __init__(self, code: str) -> None:
+    def __init__(self, code: str, zone: str, sessions: np.ndarray, opens: np.ndarray,
+                 closes: np.ndarray) -> None:
+        self.code = code
+        self.zone = ZoneInfo(zone)
+        # Sorted session dates (datetime64[D]), each session's open and close as UTC ns.
+        self.sessions = sessions
+        self.opens = opens
+        self.closes = closes
+        self.first = self.sessions[0].item()
+        self.last = self.sessions[-1].item()
+
+    @classmethod
+    def build(cls, code: str, until: date) -> ExchangeCalendar:
+        """The calendar from exchange_calendars (pandas imported, ~0.4 s in all): up to
+        `until`, or as far as the library knows this exchange's holidays."""
         with warnings.catch_warnings():
             # exchange_calendars 4.13 uses pandas APIs pandas 3.1 deprecates (its warning,
             # not ours: nothing an operator or a test of ours could act on).
             warnings.simplefilter("ignore", DeprecationWarning)
-            calendar = xcals.get_calendar(code, start=CALENDAR_START)
-        self.code = code
-        self.zone = ZoneInfo(str(calendar.tz))
-        # Sorted session dates, and each session's close as UTC nanoseconds.
-        self.sessions = calendar.sessions.values.astype("datetime64[D]")
-        self.closes = calendar.closes.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64)
-        self.opens = calendar.opens.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64)
-        self.first = self.sessions[0].item()
-        self.last = self.sessions[-1].item()
+            try:
+                calendar = xcals.get_calendar(code, start=CALENDAR_START, end=until.isoformat())
+            except ValueError:  # past the exchange's bound_max: the library's own end
+                calendar = xcals.get_calendar(code, start=CALENDAR_START)
+        return cls(code, str(calendar.tz), calendar.sessions.values.astype("datetime64[D]"),
+                   calendar.opens.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64),
+                   calendar.closes.dt.tz_convert(None).to_numpy("datetime64[ns]").astype(np.int64))
 
     def knows(self, day: date) -> bool:
         return self.first <= day <= self.last
@@ -2847,9 +2869,11 @@ _unknown_suffixes: set[str] = set()
 _calendars_lock = threading.Lock()
 
 
-def calendar_for(symbol: str) -> ExchangeCalendar | None:
-    """The calendar of the exchange `symbol` trades on, built once per process; None for
-    a suffix no calendar is known for (said once in the log: weekdays are used)."""
+def calendar_for(symbol: str, settings: Settings | None = None) -> ExchangeCalendar | None:
+    """The calendar of the exchange `symbol` trades on, made once per process; None for
+    a suffix no calendar is known for (said once in the log: weekdays are used). With
+    `settings`, made from the copy cached in the state directory when it is sound (the
+    gap report then imports neither pandas nor exchange_calendars), else built and cached."""
     _, dot, suffix = symbol.rpartition(".")
     code = EXCHANGE_OF_SUFFIX.get(suffix if dot else "")
     with _calendars_lock:
@@ -2861,8 +2885,96 @@ def calendar_for(symbol: str) -> ExchangeCalendar | None:
                          outside_text(suffix), outside_text(symbol))
             return None
         if code not in _calendars:
-            _calendars[code] = ExchangeCalendar(code)
+            until = date(utc_now().year + 1, 12, 31)
+            if settings is None:
+                _calendars[code] = ExchangeCalendar.build(code, until)
+            else:
+                _calendars[code] = CalendarCache(settings.state_dir,
+                                                 settings.file_mode).calendar(code, until)
         return _calendars[code]
+
+
+class CalendarCache:
+    """Each exchange's sessions, opens and closes as a small JSON file in the state
+    directory (`calendar-XNYS.json`, 0600), so that a fresh process reads ~100 KB instead
+    of importing pandas and exchange_calendars and building the calendar (~0.4 s of a
+    gap report's 2 s). The file is a copy, never an authority: it is used only when it was
+    made by the installed exchange_calendars version, from CALENDAR_START, up to the same
+    end of year (a calendar is built to the end of next year, so a copy serves a year and
+    a fresh build would give exactly the same sessions), and when it is sound (a regular
+    private file of ours, not a link, sessions and times in order). Anything else is
+    rebuilt and replaced; a cache that cannot be written costs only the time."""
+
+    MAX_BYTES = 4 * 2**20  # a calendar from 1998 is ~0.4 MB; anything larger is not ours
+
+    def __init__(self, directory: Path, file_mode: int) -> None:
+        self.directory = directory
+        self.file_mode = file_mode
+
+    def calendar(self, code: str, until: date) -> ExchangeCalendar:
+        key = {"exchange": code, "library": _calendar_library_version(),
+               "start": CALENDAR_START, "until": until.isoformat()}
+        path = self.directory / f"calendar-{code}.json"
+        cached = self._read(path, key)
+        if cached is not None:
+            return cached
+        calendar = ExchangeCalendar.build(code, until)
+        document = dict(key, zone=str(calendar.zone),
+                        sessions=calendar.sessions.astype(np.int64).tolist(),
+                        opens=(calendar.opens // 10**9).tolist(),
+                        closes=(calendar.closes // 10**9).tolist())
+        try:
+            atomic_write(path, json.dumps(document, separators=(",", ":")).encode(),
+                         self.file_mode, durable=False)
+        except OSError as exc:
+            log.info("could not cache the %s calendar in %s: %s", code, path, exc.strerror)
+        return calendar
+
+    def _read(self, path: Path, key: dict[str, str]) -> ExchangeCalendar | None:
+        """The cached calendar, or None when the file is absent, unsafe or not the one
+        `key` describes (logged, except absent)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                log.info("calendar cache %s not used (%s): rebuilding it", path, exc.strerror)
+            return None
+        with open(fd, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid()
+                    or stat.S_IMODE(info.st_mode) & 0o077 or info.st_size > self.MAX_BYTES):
+                log.info("calendar cache %s is not a private file of ours: rebuilding it", path)
+                return None
+            data = handle.read(self.MAX_BYTES + 1)
+        try:
+            return self._calendar_of(json.loads(data), key)
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            log.info("calendar cache %s not used (%s): rebuilding it", path, outside_text(exc))
+            return None
+
+    @staticmethod
+    def _calendar_of(document: dict[str, Any], key: dict[str, str]) -> ExchangeCalendar | None:
+        if {k: document.get(k) for k in key} != key:
+            return None  # another library version or range: silently replaced
+        columns = [document[name] for name in ("sessions", "opens", "closes")]
+        if (not columns[0] or len({len(c) for c in columns}) != 1
+                or not all(type(v) is int for column in columns for v in column)):
+            raise ValueError("sessions, opens and closes must be lists of whole numbers "
+                             "of one length")
+        sessions, opens, closes = (np.array(c, dtype=np.int64) for c in columns)
+        if not (np.all(np.diff(sessions) > 0) and np.all(opens < closes)
+                and np.all(closes[:-1] < opens[1:])
+                and sessions[0] >= np.datetime64(CALENDAR_START, "D").astype(np.int64)):
+            raise ValueError("sessions or times out of order")
+        return ExchangeCalendar(key["exchange"], str(document["zone"]),
+                                sessions.astype("datetime64[D]"), opens * 10**9, closes * 10**9)
+
+
+def _calendar_library_version() -> str:
+    """exchange_calendars' installed version, read without importing it (or pandas)."""
+    import importlib.metadata
+
+    return importlib.metadata.version("exchange-calendars")
 
 
 @dataclass(frozen=True)
@@ -2904,6 +3016,8 @@ def find_gaps(days: np.ndarray, interval: str, calendar: ExchangeCalendar | None
         if lo > hi or not len(days):
             return Gaps(unchecked=unchecked)
     sessions = calendar.sessions_between(lo, hi)
+    if interval not in ("weekly", "monthly") and np.array_equal(days, sessions):
+        return Gaps(unchecked=unchecked)  # a whole history: a bar on every session, no other
     closed = days[~_among(days, sessions)]
     if interval in ("weekly", "monthly") and len(sessions):
         # A period's bar is dated on its last session; the newest period's (perhaps still
@@ -5148,21 +5262,55 @@ def gap_report(ctx: RunContext, symbols: list[str], interval: str | None,
                          + (f" at {interval}" if interval else "")
                          + ". Fix: download it first, or leave it out.")
 
+    # Every calendar before any worker starts: a worker only reads files and compares.
+    calendars = {d.symbol: calendar_for(d.symbol, ctx.settings) for d in chosen}
+
     def examine(dataset: DatasetId) -> DatasetGaps:
         try:
             days, meta = store.read_days(dataset)
         except IntegrityError as exc:
             return DatasetGaps(dataset, error=str(exc))
-        found = find_gaps(days, dataset.interval, calendar_for(dataset.symbol), dataset.month)
+        found = find_gaps(days, dataset.interval, calendars[dataset.symbol], dataset.month)
         vendor = vendor_gaps_of(meta) & set(found.missing + found.closed)
         return DatasetGaps(dataset, len(days), found, vendor=tuple(sorted(vendor)))
 
-    # Decryption (most of the time) releases the GIL: one thread per core reads and
-    # checks the files side by side; only the small findings are kept.
-    with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="gaps") as pool:
-        report = GapReport(list(pool.map(examine, chosen)), fail_on_gaps)
+    report = GapReport(in_forked_workers(examine, chosen), fail_on_gaps)
     ctx.facts.update(gaps=report.gaps, datasets_with_gaps=report.with_gaps)
     return report
+
+
+# Below this many items a second process costs more than it saves.
+FORK_MIN_ITEMS = 100
+Item = TypeVar("Item")
+Done = TypeVar("Done")
+_forked_work: Callable[[Any], Any] | None = None  # what a forked worker runs (its parent's)
+
+
+def in_forked_workers(work: Callable[[Item], Done], items: list[Item]) -> list[Done]:
+    """`work` of each of `items`, in order, spread over one forked process per core.
+    Decrypting holds the GIL (base64 decoding is ~70% of Fernet's time): threads gained
+    nothing (bench: gaps). Forked workers inherit the key ring and the calendars in
+    memory, so no key is ever serialised; only the items and the results cross a pipe."""
+    global _forked_work
+    workers = min(os.cpu_count() or 1, len(items) // FORK_MIN_ITEMS)
+    if workers < 2:
+        return [work(item) for item in items]
+    size = -(-len(items) // (workers * 4))  # a few chunks per worker: none waits on another
+    chunks = [items[i:i + size] for i in range(0, len(items), size)]
+    for stream in (sys.stdout, sys.stderr):  # a worker's exit flushes its copy of them
+        if stream is not None:
+            stream.flush()
+    _forked_work = work
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return [result for chunk in pool.map(_work_chunk, chunks) for result in chunk]
+    finally:
+        _forked_work = None
+
+
+def _work_chunk(chunk: list[Any]) -> list[Any]:
+    assert _forked_work is not None  # set by in_forked_workers before the fork
+    return [_forked_work(item) for item in chunk]
 
 
 def status_exit_code(status: dict[str, Any]) -> int:

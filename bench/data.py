@@ -2,8 +2,11 @@
 
 The frame comes from the emulator's price model (in-process, no server) rendered as the
 API's CSV and parsed by the product's own parse_payload, so its dtypes and values are exactly
-what a download stores. It ends one trading day before the product's newest expected
-session, so a store built from it is "one bar behind": a download refreshes it with the compact window.
+what a download stores. Its bars fall on the New York Stock Exchange's real sessions (the
+product's own calendar passed to the emulator), as a real store's do, so the gap report finds
+nothing in it but the gaps planted on purpose (`varied`). It ends one trading day before the
+product's newest expected session, so a store built from it is "one bar behind": a download
+refreshes it with the compact window.
 """
 
 from __future__ import annotations
@@ -27,16 +30,27 @@ from bench.common import (
 )
 
 ROWS = 6_500
-HISTORY_START = "2000-01-03"   # the emulator's default: 26 years of weekdays
+HISTORY_START = "2000-01-03"   # the emulator's default: 26 years of sessions
+# One history in PLANTED_EVERY has gaps planted (two sessions dropped, one bar on a holiday),
+# so the gap report's listing path runs too: 20 of the 2,000 cached histories.
+PLANTED_EVERY = 100
+PLANTED_HOLIDAY = "2025-12-25"   # Christmas, NYSE closed
 
 
 def base_frame(rows: int = ROWS) -> pd.DataFrame:
     """The newest `rows` bars of a synthetic symbol ending one bar before session_days(1)."""
-    from secure_ohlcv_downloader import Classified, DatasetId, Outcome, parse_payload
+    from secure_ohlcv_downloader import (
+        Classified,
+        DatasetId,
+        Outcome,
+        calendar_for,
+        parse_payload,
+    )
     from tests.alphavantage_emulator import FUNCTIONS, AlphaVantageEmulator, WireFormat
 
     end = session_days(2)[0]
-    emu = AlphaVantageEmulator(as_of=end, skip_holidays=False, history_start=HISTORY_START)
+    emu = AlphaVantageEmulator(as_of=end, sessions=calendar_for("IBM").is_session,
+                               history_start=HISTORY_START)
     function = FUNCTIONS["TIME_SERIES_DAILY"]
     wire = emu._model.daily("SYNTH", end).wire_rows(function, None)[:rows]
     body = WireFormat.csv(function.csv_header, wire)
@@ -47,11 +61,18 @@ def base_frame(rows: int = ROWS) -> pd.DataFrame:
 
 def varied(frame: pd.DataFrame, i: int) -> pd.DataFrame:
     """The frame for symbol number `i`: prices shifted by i cents, volume by i (relations
-    between open, high, low and close are kept; values stay 4-decimal prices)."""
+    between open, high, low and close are kept; values stay 4-decimal prices). One in
+    PLANTED_EVERY also misses its 100th and 101st sessions from the end and has the bar
+    before Christmas 2025 repeated on Christmas Day: three gaps, as the report finds them."""
     out = frame.copy()
     for column in ("open", "high", "low", "close"):
         out[column] = np.round(out[column].to_numpy() + 0.01 * i, 4)
     out["volume"] = out["volume"] + i
+    if i % PLANTED_EVERY == PLANTED_EVERY // 2:
+        holiday = pd.Timestamp(PLANTED_HOLIDAY)
+        on_holiday = out[out["timestamp"] < holiday].tail(1).assign(timestamp=holiday)
+        out = pd.concat([out.drop(out.index[-101:-99]), on_holiday])
+        out = out.sort_values("timestamp", ignore_index=True)
     return out
 
 

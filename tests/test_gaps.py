@@ -164,3 +164,42 @@ def test_a_weekly_bar_on_a_holiday_is_a_gap_and_its_week_lacks_its_bar(weekly):
     assert weekly["ORCL weekly"]["closed"] == [GOOD_FRIDAY]
     assert weekly["ORCL weekly"]["missing"] == ["2026-04-02"]  # the week's last session
     assert weekly["ORCL monthly"]["gaps"] == 0  # April's bar is on its last day, the 30th
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory):
+    """More histories than one process takes on (FORK_MIN_ITEMS per worker): one whole
+    IBM series stored under 2 * FORK_MIN_ITEMS + 7 names, every 10th without one session."""
+    from secure_ohlcv_downloader import FORK_MIN_ITEMS, DatasetId
+
+    av = start_emulator(history_start="2026-09-08", as_of="2026-11-30")
+    try:
+        av.misdate("IBM", drop=[THANKSGIVING])
+        ws = Workspace(tmp_path_factory.mktemp("many"), av).init()
+        assert ws.download(["IBM"]).exit_code == 0
+        frame, meta = ws.stored(DatasetId("IBM"))
+        store = ws.app().store()
+        names = [f"H{i:03d}" for i in range(2 * FORK_MIN_ITEMS + 7)]
+        with store.lock():
+            for i, name in enumerate(names):
+                holed = frame[frame["timestamp"] != MISSING] if i % 10 == 3 else frame
+                store.write(DatasetId(name), holed.reset_index(drop=True), meta)
+        yield SimpleNamespace(names=names, run=ws.cli("gaps", "--json"))
+    finally:
+        av.stop()
+
+
+def test_a_report_spread_over_processes_lists_each_history_once_in_order(many):
+    """The histories are split among forked workers: each comes back exactly once, in
+    the store's order, with its own findings; the report is printed once."""
+    assert many.run.returncode == 0, many.run.stderr
+    report = json.loads(many.run.stdout)  # one JSON document: no worker printed a copy
+    rows = report["datasets"]
+    expected = sorted(["IBM daily"] + [f"{name} daily" for name in many.names])
+
+    assert [row["dataset"] for row in rows] == expected
+    holed = {f"{name} daily" for i, name in enumerate(many.names) if i % 10 == 3}
+    for row in rows:
+        assert row["missing"] == ([MISSING] if row["dataset"] in holed else []), row
+    assert (report["gaps"], report["datasets_with_gaps"]) == (len(holed), len(holed))
+    assert many.run.stderr.count("gaps: ") == 1

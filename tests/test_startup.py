@@ -20,7 +20,7 @@ from tests.download_fixtures import PREMIUM_KEY, start_emulator
 from tests.foundation_fixtures import CLI, MODULE, REPO, SUBPROCESS_TIMEOUT
 from tests.operations_fixtures import OpsWorkspace
 
-HEAVY = ("pandas", "pyarrow", "numpy")
+HEAVY = ("pandas", "pyarrow", "numpy", "exchange_calendars")
 
 # Runs the CLI exactly as `python secure_ohlcv_cli.py ARGS` does, then reports the
 # heavy modules imported (whatever the exit code) to the file named in argv[1].
@@ -99,6 +99,19 @@ def test_status_and_estimate_read_footers_without_building_a_dataframe(store, ar
         assert "measured in this store" in run.stdout
     else:
         assert "IBM intraday_5min" in run.stdout and "IBM daily_adjusted" in run.stdout
+
+
+def test_a_gap_report_reads_the_cached_calendar_without_pandas(store):
+    """The first report builds each exchange's calendar (exchange_calendars, on pandas) and
+    caches its sessions in the state directory; the next fresh process reads that copy,
+    and the bar dates from Arrow's buffers: pandas is never imported (~0.4 s saved)."""
+    first, _ = heavy_imports(store, "gaps")
+    again, imported = heavy_imports(store, "gaps")
+
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout and "IBM intraday_5min" in again.stdout
+    assert (store.cwd / "state" / "calendar-XNYS.json").is_file()
+    assert "pandas" not in imported and "exchange_calendars" not in imported
 
 
 def export_form(stamp, intraday: bool) -> str:
