@@ -709,8 +709,9 @@ class KeyRing:
             problem = fernet_key_problem(stored.key)
             if problem:
                 raise KeyStoreError(f"a stored key {problem} (the value is not shown).")
-        self.keys = list(keys)
-        self._singles = [Fernet(k.key) for k in keys]
+        self.naming = next((k for k in keys if k.status == "naming"), None)
+        self.keys = [k for k in keys if k.status != "naming"]
+        self._singles = [Fernet(k.key) for k in self.keys]
         self._fernet = MultiFernet(self._singles)
 
     @property
@@ -748,7 +749,8 @@ class KeyRing:
 
     @classmethod
     def generate(cls) -> KeyRing:
-        return cls([StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso())])
+        return cls([StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso()),
+                    StoredKey(Fernet.generate_key().decode(), "naming", utc_now_iso())])
 
 
 def signed_by(fernet: Fernet, token: bytes) -> bool:
