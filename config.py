@@ -249,6 +249,9 @@ def _secrets(name: str, raw: str, check: Callable[[str], str | None]) -> tuple[S
     return tuple(Secret(v) for v in values)
 
 
+NAMING_PREFIX = "naming:"  # the naming key's item in a key list
+
+
 def parse_key_list(text: str, source: str = "OHLCV_ENCRYPTION_KEY") -> tuple[Secret, ...]:
     """Fernet keys, primary first, as the variable, `.env`, a key file or a prompt give
     them: separated by commas, spaces or new lines, '#' comments, an optional
@@ -258,7 +261,7 @@ def parse_key_list(text: str, source: str = "OHLCV_ENCRYPTION_KEY") -> tuple[Sec
     text = re.sub(r"(?m)^\s*(export\s+)?OHLCV_ENCRYPTION_KEY\s*=", "", text)
     values = [v.strip().strip("'\"") for v in re.split(r"[,\s]+", text) if v.strip()]
     for position, value in enumerate(values, 1):
-        problem = fernet_key_problem(value)
+        problem = fernet_key_problem(value.removeprefix(NAMING_PREFIX))
         if problem:
             where = f"item {position} of {source}" if len(values) > 1 else source
             raise ConfigError(f"{where} {problem} (the value is not shown).")

@@ -78,6 +78,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from config import (
     KEYRING_SERVICE,
+    NAMING_PREFIX,
     ConfigError,
     OHLCVError,
     Secret,
@@ -693,9 +694,14 @@ class StoredKey:
 
 
 def ring_of(secrets_: tuple[Secret, ...] | list[Secret]) -> list[StoredKey]:
-    """Parsed keys as a ring: the first is primary, the others retired."""
-    return [StoredKey(s.reveal(), "primary" if i == 0 else "retired")
-            for i, s in enumerate(secrets_)]
+    """Parsed keys as a ring: the first is primary, the others retired; the item written
+    `naming:<key>` is the naming key."""
+    values = [s.reveal() for s in secrets_]
+    fernet = [v for v in values if not v.startswith(NAMING_PREFIX)]
+    naming = [StoredKey(v.removeprefix(NAMING_PREFIX), "naming")
+              for v in values if v.startswith(NAMING_PREFIX)]
+    return [StoredKey(v, "primary" if i == 0 else "retired")
+            for i, v in enumerate(fernet)] + naming[:1]
 
 
 class KeyRing:
