@@ -38,11 +38,12 @@ from secure_ohlcv_downloader import (
     RateLimiter,
     RunStats,
     SecureOHLCVDownloader,
+    dataset_files,
     expected_session,
     utc_now,
 )
 from tests.alphavantage_emulator import AlphaVantageEmulator
-from tests.foundation_fixtures import headless_env, new_key, run_cli, run_python
+from tests.foundation_fixtures import headless_env, new_key_ring, run_cli, run_python
 
 PREMIUM_KEY = "PREMIUM-TEST-KEY"
 PREMIUM_PER_MINUTE = 6000          # 100 requests a second: plenty for a fast test
@@ -140,7 +141,7 @@ class Workspace:
         self.cwd = cwd
         self.av = av
         self.variables: dict[str, str | None] = {
-            "OHLCV_ENCRYPTION_KEY": new_key(),
+            "OHLCV_ENCRYPTION_KEY": new_key_ring(),
             "ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
             "ALPHA_VANTAGE_BASE_URL": av.origin + "/query",
             "OHLCV_RATE_LIMIT_PER_MINUTE": str(PREMIUM_PER_MINUTE),
@@ -201,8 +202,7 @@ class Workspace:
         return path.read_text() if path.exists() else ""
 
     def dataset_files(self) -> list[Path]:
-        data = self.cwd / "data"
-        return sorted(data.rglob("*.fernet")) if data.exists() else []
+        return dataset_files(self.cwd / "data")
 
 
 def expected_daily(av: AlphaVantageEmulator, symbol: str, adjusted: bool = False) -> pd.DataFrame:

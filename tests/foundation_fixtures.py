@@ -90,6 +90,12 @@ def new_key() -> str:
     return Fernet.generate_key().decode()
 
 
+def new_key_ring() -> str:
+    """An OHLCV_ENCRYPTION_KEY value of a store in the opaque layout: a Fernet key, then
+    the naming key as its `naming:` item."""
+    return f"{new_key()},naming:{new_key()}"
+
+
 def handed_over_keys(cwd: Path) -> list[str]:
     """The key ring a run without a terminal handed over in `state/new-key-*.txt`
     (exactly one such file), primary first."""
