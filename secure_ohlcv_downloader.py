@@ -2657,30 +2657,32 @@ class EncryptedStore:
 
     def read(self, dataset: DatasetId) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Decrypt a dataset. FileNotFoundError when absent, IntegrityError when unreadable."""
-        return self.read_file(self.path(dataset))
+        return self._decrypted(self.path(dataset), decode_table, dataset)
 
     def read_file(self, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         return self._decrypted(path, decode_table)
 
     def rows(self, dataset: DatasetId) -> int:
         """A dataset's row count, from its Parquet footer (no bars decoded)."""
-        return self._decrypted(self.path(dataset), summarise_table).rows
+        return self._decrypted(self.path(dataset), summarise_table, dataset).rows
 
-    def _decrypted(self, path: Path, decode: Callable[[bytes], Decoded]) -> Decoded:
+    def _decrypted(self, path: Path, decode: Callable[[bytes], Decoded],
+                   dataset: DatasetId | None = None) -> Decoded:
         token = path.read_bytes()
         EncryptedStore.decrypted += 1
+        shown = f"{path} ({dataset})" if dataset else str(path)  # the name alone says nothing
         try:
             return decode(self.key_ring.decrypt(token))
         except InvalidToken:
-            raise IntegrityError(f"{path} does not decrypt with the key ring "
+            raise IntegrityError(f"{shown} does not decrypt with the key ring "
                                  f"({', '.join(self.key_ring.fingerprints())}): altered, "
                                  "truncated, or written under a key that is not in the ring.") from None
         except ValueError as exc:
-            raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
+            raise IntegrityError(f"{shown} decrypts but is not a dataset: {exc}.") from None
 
     def read_days(self, dataset: DatasetId) -> tuple[np.ndarray, dict[str, Any]]:
         """A dataset's bar dates and metadata (table_days)."""
-        return self._decrypted(self.path(dataset), table_days)
+        return self._decrypted(self.path(dataset), table_days, dataset)
 
     def catalogue(self) -> Catalogue:
         return Catalogue.load(self.root, self.key_ring, self.naming_fp)
@@ -2809,7 +2811,7 @@ def _plaintext(store: EncryptedStore, dataset: DatasetId) -> bytes:
     except FileNotFoundError:
         raise UsageError(f"nothing stored for {dataset}: download it first.") from None
     except InvalidToken:
-        raise IntegrityError(f"{path} does not decrypt with the key ring.") from None
+        raise IntegrityError(f"{path} ({dataset}) does not decrypt with the key ring.") from None
 
 
 def _bound(value: str | date, stamps: pd.Series) -> pd.Timestamp:
@@ -4699,6 +4701,8 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
         keys = [replace(k, status="primary" if i == 0 else "retired") for i, k in enumerate(kept)]
         keys += [replace(k, status="retired") for k in held if k.key not in kept_values]
         keys = _canary_opener_first(custody, keys)
+        # The naming key, offered or held, goes along: without it no dataset is found.
+        keys += [k for k in offered + held if k.status == "naming"][:1]
         report.stored_in, report.variable_disagrees = custody.store(keys)
         report.relinked = bool(report.stored_in)
         ring = custody.ring()

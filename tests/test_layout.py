@@ -1,0 +1,299 @@
+"""The opaque layout and the encrypted catalogue (docs/FORMAT.md), over real files.
+
+A listing of the data directory or of a backup archive's members tells nothing of what is
+held; the catalogue lets status answer without decrypting a dataset, and a catalogue that
+is stale or damaged costs speed, never a wrong answer. Datasets come from real downloads
+against the local Alpha Vantage emulator.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import tarfile
+from datetime import UTC, datetime
+
+import pytest
+
+from secure_ohlcv_downloader import (
+    CATALOGUE_NAME,
+    DatasetId,
+    EncryptedStore,
+    dataset_file,
+    status_of,
+)
+from tests.download_fixtures import start_emulator
+from tests.foundation_fixtures import new_key
+from tests.operations_fixtures import OpsWorkspace
+
+OPAQUE = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{32}\.fernet$")
+SYMBOLS = ["IBM", "MSFT", "BRK.B"]
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory):
+    """A store holding daily, daily adjusted, weekly and intraday months of several symbols."""
+    av = start_emulator()
+    try:
+        ws = OpsWorkspace(tmp_path_factory.mktemp("layout"), av).init()
+        assert ws.download(SYMBOLS).exit_code == 0
+        assert ws.download(["IBM"], adjusted=True).exit_code == 0
+        assert ws.download(["MSFT"], interval="weekly").exit_code == 0
+        assert ws.download(["IBM"], interval="5min").exit_code == 0
+        yield ws
+    finally:
+        av.stop()
+
+
+@pytest.fixture
+def small(tmp_path):
+    """A store of its own (tests here change it): three daily datasets."""
+    av = start_emulator()
+    try:
+        ws = OpsWorkspace(tmp_path, av).init()
+        assert ws.download(SYMBOLS).exit_code == 0
+        yield ws
+    finally:
+        av.stop()
+
+
+def base64_forms(text: str) -> set[str]:
+    """`text` as it shows inside any base64 (standard or url-safe) string: at each of the
+    three alignments, the characters its bytes alone determine."""
+    forms = set()
+    raw = text.encode()
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + raw + b"\0\0").decode()
+        whole = [i for i in range(len(encoded))
+                 if shift * 8 <= 6 * i and 6 * i + 5 < (shift + len(raw)) * 8]
+        if whole:
+            inner = encoded[whole[0]:whole[-1] + 1]
+            forms |= {inner, inner.replace("+", "-").replace("/", "_")}
+    return forms
+
+
+def revealing_forms(held_texts: set[str]) -> set[str]:
+    """Each text as is, hex-encoded and in base64, lower case (names are compared so)."""
+    forms = set()
+    for text in held_texts:
+        forms |= {text, text.encode().hex()} | base64_forms(text)
+    return {f.lower() for f in forms if len(f) >= 3}
+
+
+def held_texts(ws: OpsWorkspace) -> set[str]:
+    store = ws.app().store()
+    texts = set()
+    for dataset in store.datasets():
+        texts |= {dataset.symbol, dataset.interval, dataset.name, dataset.identity}
+        texts |= {dataset.month, dataset.month.replace("-", "")} if dataset.month else set()
+    return texts | {"adjusted", "intraday"}
+
+
+def names_revealing(names: list[str], forms: set[str]) -> list[tuple[str, str]]:
+    return [(name, form) for name in names for form in forms if form in name.lower()]
+
+
+def test_no_name_under_the_data_directory_reveals_a_symbol_interval_or_month(held):
+    data = held.cwd / "data"
+    names = [p.relative_to(data).as_posix() for p in data.rglob("*")]
+    datasets = list(held.app().store().datasets())
+    intervals = {(d.interval, d.adjusted) for d in datasets}
+
+    assert {("daily", False), ("daily", True), ("weekly", False), ("5min", False)} <= intervals
+    assert sum(1 for d in datasets if d.month) >= 1
+    files = [n for n in names if (data / n).is_file() and n not in (".lock", CATALOGUE_NAME)]
+    assert len(files) == len(datasets)
+    assert [n for n in files if not OPAQUE.match(n)] == []
+    assert [n for n in names if (data / n).is_dir() and not re.fullmatch(r"[0-9a-f]{2}", n)] == []
+    assert names_revealing(names, revealing_forms(held_texts(held))) == []
+
+
+def test_no_member_name_of_a_backup_reveals_what_is_held_and_it_restores(held, tmp_path):
+    """Members are the opaque paths; the manifest (encrypted) names each dataset, and
+    restoring into an empty data directory puts every one back at its opaque path."""
+    report = held.app().backup(tmp_path / "archives")
+    with tarfile.open(report.path) as tar:
+        members = tar.getnames()
+    data = [m.removeprefix("data/") for m in members if m.startswith("data/")]
+
+    assert sorted(set(members) - {f"data/{d}" for d in data}) == ["manifest.fernet",
+                                                                   "state/canary.fernet"]
+    assert [d for d in data if not OPAQUE.match(d)] == []
+    assert len(data) == report.datasets == len(list(held.app().store().datasets()))
+    assert names_revealing(members, revealing_forms(held_texts(held))) == []
+    assert held.app().verify_backup(report.path, sample=None).sound
+
+
+def test_recover_restores_a_backup_into_the_opaque_layout_and_rebuilds_the_catalogue(small):
+    before = small.stored_rows()
+    names = sorted(p.relative_to(small.cwd / "data").as_posix() for p in small.dataset_files())
+    archive = small.app().backup().path
+    for path in small.dataset_files():
+        path.unlink()
+    (small.cwd / "data" / CATALOGUE_NAME).unlink()
+
+    report = small.app().recover(from_backup=archive)
+
+    assert sorted(report.restored) == sorted(before)
+    assert any("catalogue" in w and "rebuilt" in w for w in report.warnings), report.warnings
+    assert sorted(p.relative_to(small.cwd / "data").as_posix()
+                  for p in small.dataset_files()) == names
+    assert small.stored_rows() == before
+    assert small.app().store().catalogue().problem == ""
+
+
+def test_intraday_files_record_their_month(held):
+    store = held.app().store()
+    months = [d for d in store.datasets() if d.month]
+
+    assert months
+    assert [store.read(d)[1].get("month") for d in months] == [d.month for d in months]
+
+
+def test_a_file_without_its_month_is_of_the_month_of_its_first_bar_in_new_york():
+    """Files written before `month` was recorded: 00:30 UTC on 1 February is still
+    January in New York."""
+    first_bar = datetime(2024, 2, 1, 0, 30, tzinfo=UTC)
+    meta = {"dataset": "intraday_5min", "symbol": "IBM"}
+
+    assert DatasetId.from_meta(meta, first_bar) == DatasetId("IBM", "5min", month="2024-01")
+    assert DatasetId.from_meta({"dataset": "daily_adjusted", "symbol": "IBM"},
+                               datetime(2024, 2, 1)) == DatasetId("IBM", adjusted=True)
+
+
+def test_a_name_is_a_keyed_hash_of_the_identity():
+    """The same dataset under two naming keys gets unrelated names; two datasets under
+    one key, different names."""
+    one, other = new_key(), new_key()
+    ibm, ibm_5min = DatasetId("IBM"), DatasetId("IBM", "5min", month="2024-01")
+
+    assert ibm.identity == "daily/IBM" and ibm_5min.identity == "intraday_5min/IBM/2024-01"
+    assert dataset_file(one, ibm) != dataset_file(other, ibm)
+    assert dataset_file(one, ibm) != dataset_file(one, ibm_5min)
+    assert OPAQUE.match(dataset_file(one, ibm).as_posix())
+
+
+# -- the catalogue ---------------------------------------------------------------------------
+
+def status_rows(ws: OpsWorkspace) -> dict[str, dict]:
+    app = ws.app()
+    return {row["dataset"]: row for row in status_of(app.ctx)["datasets"]}
+
+
+def full_read_rows(ws: OpsWorkspace) -> dict[str, int]:
+    """Rows of every dataset file, each decrypted whole, found by listing the files alone."""
+    store = ws.app().store()
+    return {str(item.dataset): len(store.read_file(store.root / item.file)[0])
+            for item in store.listing(catalogue=_empty(store))}
+
+
+def _empty(store: EncryptedStore):
+    return type(store.catalogue())({})
+
+
+def test_status_from_a_fresh_catalogue_decrypts_no_dataset(held):
+    EncryptedStore.decrypted = 0
+    rows = status_rows(held)
+
+    assert EncryptedStore.decrypted == 0
+    assert {name: row["rows"] for name, row in rows.items()} == held.stored_rows()
+    assert all(OPAQUE.match(row["path"]) for row in rows.values())
+
+
+def test_a_stale_catalogue_never_makes_status_wrong(small):
+    """After the catalogue was written: one dataset rewritten, one file deleted, one
+    added. Status reads those three from the files, and trusts the rest."""
+    store = small.app().store()
+    ibm, msft, extra = DatasetId("IBM"), DatasetId("MSFT"), DatasetId("NEWCO")
+    frame, meta = store.read(ibm)
+    with store.lock():
+        store.write(ibm, frame.iloc[:5], meta)
+        store.write(extra, frame.iloc[:7], meta)
+        store.path(msft).unlink()
+    EncryptedStore.decrypted = 0
+
+    rows = {name: row["rows"] for name, row in status_rows(small).items()}
+    decrypted = EncryptedStore.decrypted
+
+    assert decrypted == 2  # the rewritten and the added file, no other
+    assert rows == full_read_rows(small)
+    assert rows["IBM daily"] == 5 and rows["NEWCO daily"] == 7 and "MSFT daily" not in rows
+
+
+def test_a_file_replaced_by_one_of_the_same_size_is_read_again(small):
+    """Same size, same rows: the catalogue's stat (inode, mtime) still tells it apart."""
+    store = small.app().store()
+    ibm = DatasetId("IBM")
+    frame, meta = store.read(ibm)
+    with store.lock():
+        store.write(ibm, frame, dict(meta, checked_at="2020-01-02T00:00:00+00:00"))
+
+    row = status_rows(small)["IBM daily"]
+
+    assert row["updated_at"] == store.read(ibm)[1]["written_at"]
+
+
+@pytest.mark.parametrize("damage", [b"not a token", b"", None])
+def test_a_damaged_catalogue_leaves_status_right_and_the_next_writer_rewrites_it(small, damage):
+    catalogue = small.cwd / "data" / CATALOGUE_NAME
+    expected = status_rows(small)
+    if damage is None:  # a sound token of JSON that is not a catalogue
+        catalogue.write_bytes(small.app().store().key_ring.encrypt(json.dumps([1]).encode()))
+    else:
+        catalogue.write_bytes(damage)
+
+    assert status_rows(small) == expected
+    assert small.app().store().catalogue().problem == "damaged"
+    assert small.download(["IBM"]).exit_code == 0  # nothing new to fetch: still a writer
+    assert small.app().store().catalogue().problem == ""
+    assert {name: row["rows"] for name, row in status_rows(small).items()} == \
+        {name: row["rows"] for name, row in expected.items()}
+
+
+def test_a_file_renamed_by_hand_is_reported_not_taken_for_another_dataset(small):
+    store = small.app().store()
+    ibm_path, msft_path = store.path(DatasetId("IBM")), store.path(DatasetId("MSFT"))
+    msft_path.unlink()
+    ibm_path.rename(msft_path)
+
+    rows = status_of(small.app().ctx)["datasets"]
+    unreadable = [row for row in rows if "error" in row]
+
+    assert [row["path"] for row in unreadable] == [store.relative(msft_path)]
+    assert "renamed by hand" in unreadable[0]["error"]
+    assert "IBM daily" not in {row["dataset"] for row in rows}
+
+
+# -- what stops -----------------------------------------------------------------------------
+
+def test_without_a_naming_key_a_command_stops_with_the_migration_fix(small):
+    fernet_only = str(small.variables["OHLCV_ENCRYPTION_KEY"]).split(",")[0]
+
+    result = small.run("status", OHLCV_ENCRYPTION_KEY=fernet_only)
+
+    assert result.returncode == 3, result.stderr
+    assert "--migrate-store" in result.stderr and "earlier layout" in result.stderr
+
+
+def test_a_store_still_in_the_earlier_layout_stops_with_the_migration_fix(small):
+    earlier = small.cwd / "data" / "daily"
+    earlier.mkdir(mode=0o700)
+    (earlier / "IBM.fernet").write_bytes(b"")
+
+    for args in (["status"], ["download", "IBM"], ["backup"]):
+        result = small.run(*args)
+        assert result.returncode == 3, (args, result.stderr)
+        assert "--migrate-store" in result.stderr, args
+
+
+def test_the_catalogue_is_a_single_fernet_token_that_names_no_dataset(held):
+    token = (held.cwd / "data" / CATALOGUE_NAME).read_bytes()
+    plain = json.loads(held.app().store().key_ring.decrypt(token))
+
+    assert base64.urlsafe_b64decode(token)[:1] == b"\x80"  # Fernet version byte
+    assert names_revealing([token.decode()], {t.lower() for t in SYMBOLS}) == []
+    assert plain["format"] == 1 and set(plain["datasets"]) == \
+        {d.identity for d in held.app().store().datasets()}
+    assert all(OPAQUE.match(e["file"]) and "scales" not in e["meta"]
+               for e in plain["datasets"].values())
