@@ -2356,7 +2356,7 @@ def dataset_files(root: Path) -> list[Path]:
     found = []
     try:
         tops = [e for e in os.scandir(root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not made yet: nothing stored
         return []
     for top in tops:
         for entry in os.scandir(top.path):
@@ -2370,7 +2370,7 @@ def uses_earlier_layout(root: Path) -> bool:
     """Whether `root` still holds the earlier layout's directories (daily/, intraday_5min/)."""
     try:
         names = os.listdir(root)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     return any(n in EARLIER_LAYOUT_DIRS or n.startswith("intraday_") for n in names)
 
@@ -2735,8 +2735,10 @@ class EncryptedStore:
         footers); once, at the end of a run that changed files, under the data lock.
         Returns the catalogue as it was found (its `problem` says if it was rebuilt)."""
         found = self.catalogue()
-        Catalogue.save(self.root, self.key_ring, self.naming_fp,
-                       self.listing(found) if listed is None else listed, self.file_mode)
+        listed = self.listing(found) if listed is None else listed
+        entries = {x.dataset.identity: x.entry for x in listed if x.dataset}
+        if found.problem or entries != found.entries:  # a run that changed nothing leaves it
+            Catalogue.save(self.root, self.key_ring, self.naming_fp, listed, self.file_mode)
         return found
 
 
