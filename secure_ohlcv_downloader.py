@@ -2548,8 +2548,9 @@ def stat_of(st: os.stat_result) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class Listed:
-    """A dataset file as the store lists it: its path relative to the data directory,
-    its dataset and catalogue entry, or (unreadable) the error instead."""
+    """A dataset file as the store lists it: its path relative to the data directory, its
+    dataset and catalogue entry; unreadable, the error, and the dataset and entry the
+    catalogue had for that name if any (a name is the dataset's: it still says which)."""
 
     file: str
     dataset: DatasetId | None = None
@@ -2589,6 +2590,10 @@ class Catalogue:
                  and all(isinstance(e.get(k), int) for k in (*_STAT_FIELDS, "rows"))}
         return cls(sound, "" if len(sound) == len(entries) else "damaged")
 
+    def named(self, file: str) -> tuple[str, dict[str, Any]] | None:
+        """The identity and entry recorded for `file`, proven or not."""
+        return self._by_file.get(file)
+
     def proven(self, file: str, st: os.stat_result) -> tuple[str, dict[str, Any]] | None:
         """The identity and entry of `file` when its stat still matches the entry's."""
         known = self._by_file.get(file)
@@ -2602,7 +2607,8 @@ class Catalogue:
         """Write the catalogue of `listed` under the primary key (hold the data lock)."""
         document = {"format": CATALOGUE_FORMAT, "written_at": utc_now_iso(),
                     "naming_key": naming_fp,
-                    "datasets": {x.dataset.identity: x.entry for x in listed if x.dataset}}
+                    "datasets": {x.dataset.identity: x.entry for x in listed
+                                 if x.dataset and x.entry}}
         atomic_write(root / CATALOGUE_NAME, ring.encrypt(json.dumps(document).encode()),
                      file_mode)
 
@@ -2701,7 +2707,9 @@ class EncryptedStore:
             except FileNotFoundError:
                 continue  # removed by a writer since the directory was read
             except IntegrityError as exc:
-                listed.append(Listed(file, error=str(exc)))
+                known = catalogue.named(file)
+                listed.append(Listed(file, DatasetId.from_identity(known[0]), known[1], str(exc))
+                              if known else Listed(file, error=str(exc)))
         return sorted(listed, key=lambda x: (x.dataset is None, x.dataset.identity if x.dataset else x.file))
 
     def _summarised(self, path: Path, file: str) -> Listed:
@@ -2736,7 +2744,7 @@ class EncryptedStore:
         Returns the catalogue as it was found (its `problem` says if it was rebuilt)."""
         found = self.catalogue()
         listed = self.listing(found) if listed is None else listed
-        entries = {x.dataset.identity: x.entry for x in listed if x.dataset}
+        entries = {x.dataset.identity: x.entry for x in listed if x.dataset and x.entry}
         if found.problem or entries != found.entries:  # a run that changed nothing leaves it
             Catalogue.save(self.root, self.key_ring, self.naming_fp, listed, self.file_mode)
         return found
@@ -3932,7 +3940,7 @@ class BackupWriter:
                     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
                         for item in listed:
                             path = s.data_dir / item.file
-                            if item.dataset is None:
+                            if item.error or item.dataset is None:
                                 raise IntegrityError(item.error)
                             token = path.read_bytes()
                             plaintext, key_fp = ring.decrypt_with_fingerprint(token, path)
@@ -4839,7 +4847,7 @@ def cleanup(ctx: RunContext, dry_run: bool) -> CleanupReport:
 def _apply_retention(store: EncryptedStore, cutoff: date, report: CleanupReport) -> None:
     for item in store.listing():
         path, dataset = store.root / item.file, item.dataset
-        if dataset is None:
+        if item.error or dataset is None:
             raise IntegrityError(item.error)
         if dataset.month is not None:
             year, number = map(int, dataset.month.split("-"))
@@ -5115,7 +5123,8 @@ def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tupl
         return None, False
     size = rows = 0
     for item in store.listing():
-        if item.dataset and item.dataset.interval == interval and not item.dataset.adjusted:
+        if (item.dataset and not item.error and item.dataset.interval == interval
+                and not item.dataset.adjusted):
             rows += item.entry["rows"]
             size += item.entry["size"]
             if rows > 200_000:
@@ -5154,8 +5163,9 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
     now = ctx.clock()
     datasets: list[dict[str, Any]] = []
     for item in store.listing():  # from the catalogue; a file it cannot vouch for, its footer
-        if item.dataset is None:
-            datasets.append({"dataset": item.file, "path": item.file, "error": item.error})
+        if item.error or item.dataset is None:
+            datasets.append({"dataset": str(item.dataset or item.file), "path": item.file,
+                             "error": item.error})
             continue
         dataset, summary, meta = item.dataset, item.entry, item.entry["meta"]
         first, last = (datetime.fromisoformat(summary[k]) for k in ("first_bar", "last_bar"))

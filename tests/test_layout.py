@@ -298,3 +298,19 @@ def test_the_catalogue_is_a_single_fernet_token_that_names_no_dataset(held):
         {d.identity for d in held.app().store().datasets()}
     assert all(OPAQUE.match(e["file"]) and "scales" not in e["meta"]
                for e in plain["datasets"].values())
+
+
+def test_a_damaged_file_is_named_by_the_dataset_the_catalogue_knew_it_as(small):
+    """Its opaque name is all the disk says; the catalogue still knows whose name it is,
+    so status and gaps name the dataset (gaps exits 5, as for any unreadable file)."""
+    path = small.app().store().path(DatasetId("MSFT"))
+    token = bytearray(path.read_bytes())
+    token[len(token) // 2] ^= 1
+    path.write_bytes(bytes(token))
+
+    rows = {row["dataset"]: row for row in status_of(small.app().ctx)["datasets"]}
+    gaps = small.run("gaps")
+
+    assert "does not decrypt" in rows["MSFT daily"]["error"]
+    assert gaps.returncode == 5, gaps.stderr
+    assert "MSFT daily" in gaps.stdout
