@@ -3761,6 +3761,7 @@ class KeyRotation:
     def run(self) -> RotationReport:
         started = time.monotonic()
         with self.ctx.exclusive() as ring:
+            EncryptedStore(self.settings, ring)  # the earlier layout stops it before any key changes
             canary_fp = ring.decrypt_with_fingerprint(self.canary_path.read_bytes(),
                                                       self.canary_path)[1]
             if canary_fp == ring.primary.fingerprint:  # no rotation under way: start one
@@ -4467,6 +4468,8 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
     a second run changes nothing."""
     s, custody = ctx.settings, ctx.custody
     created = [d for d in (s.data_dir, s.backup_dir, s.state_dir) if not os.path.lexists(d)]
+    if uses_earlier_layout(s.data_dir):  # its datasets would go unseen, a new key made
+        raise ConfigError(EARLIER_LAYOUT)
     ensure_private_dirs((s.data_dir, s.backup_dir, s.state_dir), s.dir_mode)
     sources = custody.sources()
     ctx.warnings += sources.warnings
@@ -4622,6 +4625,7 @@ def remove_key(ctx: RunContext, key_fp: str, confirm: bool) -> RemoveKeyReport:
     Nothing is removed without `confirm`, nor while a destination cannot be checked."""
     custody = ctx.custody
     with ctx.exclusive() as ring:
+        EncryptedStore(ctx.settings, ring)  # the earlier layout's files would go unseen below
         target = [k for k in ring.keys if k.fingerprint == key_fp]
         if not target:
             raise UsageError(f"no key with fingerprint {key_fp} in the ring "
@@ -4677,6 +4681,8 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
     s, custody = ctx.settings, ctx.custody
     if from_backup is not None and not from_backup.is_file():
         raise UsageError(f"--from-backup {from_backup}: no such archive file.")
+    if uses_earlier_layout(s.data_dir):  # before any key is taken into custody
+        raise ConfigError(EARLIER_LAYOUT)
     ensure_private_dirs((s.data_dir, s.backup_dir, s.state_dir), s.dir_mode)
     offered, source = recovery_keys(ctx, key_file, prompt)
     sources = custody.sources()

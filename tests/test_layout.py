@@ -282,10 +282,18 @@ def test_a_store_still_in_the_earlier_layout_stops_with_the_migration_fix(small)
     earlier.mkdir(mode=0o700)
     (earlier / "IBM.fernet").write_bytes(b"")
 
-    for args in (["status"], ["download", "IBM"], ["backup"]):
+    before = {p: p.read_bytes() for p in sorted(small.cwd.rglob("*"))
+              if p.is_file() and "logs" not in p.parts and p.suffix not in (".log", ".json")}
+
+    for args in (["status"], ["download", "IBM"], ["backup"], ["--rotate-key"], ["--cleanup"],
+                 ["--init"], ["--recover"], ["gaps"], ["export", "IBM"],
+                 ["remove-key", "0123456789ab", "--yes"]):
         result = small.run(*args)
         assert result.returncode == 3, (args, result.stderr)
         assert "--migrate-store" in result.stderr, args
+    after = {p: p.read_bytes() for p in before}
+    assert [p for p in before if before[p] != after[p]] == []
+    assert sorted(small.cwd.glob("state/new-key-*")) == []  # no key was made or handed over
 
 
 def test_the_catalogue_is_a_single_fernet_token_that_names_no_dataset(held):
