@@ -2597,9 +2597,12 @@ class Catalogue:
     def proven(self, file: str, st: os.stat_result) -> tuple[str, dict[str, Any]] | None:
         """The identity and entry of `file` when its stat still matches the entry's."""
         known = self._by_file.get(file)
-        if known is None or any(known[1][k] != v for k, v in stat_of(st).items()):
-            return None
-        return known
+        return known if known is not None and self.proves(known[1], st) else None
+
+    @staticmethod
+    def proves(entry: dict[str, Any], st: os.stat_result) -> bool:
+        """Whether `entry` was made of the very file `st` describes."""
+        return all(entry[k] == v for k, v in stat_of(st).items())
 
     @staticmethod
     def save(root: Path, ring: KeyRing, naming_fp: str, listed: list[Listed],
@@ -2637,6 +2640,7 @@ class EncryptedStore:
             raise ConfigError(EARLIER_LAYOUT)
         self.naming_key = key_ring.naming.key
         self.naming_fp = naming_fingerprint(self.naming_key)
+        self._written: dict[str, Listed] = {}  # this store's writes: catalogue entries at hand
 
     def path(self, dataset: DatasetId) -> Path:
         return self.root / dataset_file(self.naming_key, dataset)
@@ -2659,6 +2663,14 @@ class EncryptedStore:
         token = self.key_ring.encrypt(encode_table(frame, meta))
         require_free_disk(path.parent, self.disk_floor, len(token))
         atomic_write(path, token, self.file_mode)
+        if len(frame):  # what its footer would say, so the catalogue need not decrypt it again
+            stamps = frame["timestamp"]
+            file = self.relative(path)
+            self._written[file] = Listed(file, dataset, stat_of(path.lstat()) | {
+                "file": file, "key": self.key_ring.primary.fingerprint, "rows": len(frame),
+                "first_bar": stamps.min().to_pydatetime().isoformat(),
+                "last_bar": stamps.max().to_pydatetime().isoformat(),
+                "meta": json.loads(json.dumps(dict(meta, schema_version=SCHEMA_VERSION)))})
         return len(token)
 
     def read(self, dataset: DatasetId) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -2701,7 +2713,12 @@ class EncryptedStore:
         for path in dataset_files(self.root):
             file = self.relative(path)
             try:
-                known = catalogue.proven(file, path.lstat())
+                st = path.lstat()
+                known = catalogue.proven(file, st)
+                written = self._written.get(file)
+                if known is None and written and Catalogue.proves(written.entry, st):
+                    listed.append(written)
+                    continue
                 listed.append(Listed(file, DatasetId.from_identity(known[0]), known[1])
                               if known else self._summarised(path, file))
             except FileNotFoundError:

@@ -322,3 +322,23 @@ def test_a_damaged_file_is_named_by_the_dataset_the_catalogue_knew_it_as(small):
     assert "does not decrypt" in rows["MSFT daily"]["error"]
     assert gaps.returncode == 5, gaps.stderr
     assert "MSFT daily" in gaps.stdout
+
+
+def test_the_catalogue_a_download_leaves_says_what_the_files_footers_say(held):
+    """Writers record each entry as they write (no second decryption); it must be exactly
+    what reading the file's footer gives, daily and intraday (time zone kept) alike."""
+    store = held.app().store()
+    from_catalogue = {x.dataset.identity: x.entry for x in store.listing()}
+    from_footers = {x.dataset.identity: x.entry for x in store.listing(catalogue=_empty(store))}
+
+    assert from_catalogue == from_footers
+
+
+def test_a_download_of_new_symbols_decrypts_no_file_to_write_the_catalogue(small):
+    EncryptedStore.decrypted = 0
+    assert small.download(["AAPL", "NVDA"]).exit_code == 0
+    decrypted = EncryptedStore.decrypted
+
+    assert decrypted == 0
+    assert {"AAPL daily", "NVDA daily"} <= set(status_rows(small))
+    assert EncryptedStore.decrypted == 0  # and status found them in the catalogue
