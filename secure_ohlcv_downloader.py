@@ -2666,12 +2666,16 @@ class EncryptedStore:
         if len(frame):  # what its footer would say, so the catalogue need not decrypt it again
             stamps = frame["timestamp"]
             file = self.relative(path)
-            self._written[file] = Listed(file, dataset, stat_of(path.lstat()) | {
+            self.record(Listed(file, dataset, stat_of(path.lstat()) | {
                 "file": file, "key": self.key_ring.primary.fingerprint, "rows": len(frame),
                 "first_bar": stamps.min().to_pydatetime().isoformat(),
                 "last_bar": stamps.max().to_pydatetime().isoformat(),
-                "meta": json.loads(json.dumps(dict(meta, schema_version=SCHEMA_VERSION)))})
+                "meta": json.loads(json.dumps(dict(meta, schema_version=SCHEMA_VERSION)))}))
         return len(token)
+
+    def record(self, listed: Listed) -> None:
+        """A writer's catalogue entry for a file it just wrote, trusted while its stat holds."""
+        self._written[listed.file] = listed
 
     def read(self, dataset: DatasetId) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Decrypt a dataset. FileNotFoundError when absent, IntegrityError when unreadable."""
@@ -3790,7 +3794,10 @@ class KeyRotation:
                 old = next(k for k in ring.keys if k.fingerprint == canary_fp)
                 report = RotationReport(old.fingerprint, ring.primary.fingerprint)
                 log.info("resuming the rotation to key %s", ring.primary.fingerprint)
-            store = EncryptedStore(self.settings, ring)  # refuses the earlier layout
+            store = EncryptedStore(self.settings, ring)
+            # What each file held before (from the catalogue, proven by stat): rotation
+            # changes the key and the stat alone, so the new catalogue needs no decryption.
+            before = {x.file: x for x in store.listing() if not x.error}
             rotate_one = functools.partial(self._rotate_file, ring, report.old_fingerprint)
             datasets = dataset_files(self.settings.data_dir)
             written: dict[Path, bytes] = {}  # SHA-256 of each token this run wrote
@@ -3816,6 +3823,11 @@ class KeyRotation:
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # files already replaced stay valid
                     raise
+            for path in written.keys() - {self.canary_path}:
+                file = store.relative(path)
+                if file in before:
+                    entry = before[file].entry | stat_of(path.lstat()) | {"key": ring.primary.fingerprint}
+                    store.record(Listed(file, before[file].dataset, entry))
             store.save_catalogue()  # after the canary: under the new primary, new keys named
         report.seconds = time.monotonic() - started
         log.info("rotation done: %d files re-encrypted, %d already done, %s -> %s in %.1f s",

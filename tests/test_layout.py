@@ -342,3 +342,27 @@ def test_a_download_of_new_symbols_decrypts_no_file_to_write_the_catalogue(small
     assert decrypted == 0
     assert {"AAPL daily", "NVDA daily"} <= set(status_rows(small))
     assert EncryptedStore.decrypted == 0  # and status found them in the catalogue
+
+
+def test_rotation_rewrites_the_catalogue_under_the_new_key_without_decrypting_it_again(small):
+    """Keys in a variable: the first run hands the new ring over, the second (variable set)
+    re-encrypts. The catalogue then names the new key for every dataset, is sealed under
+    it, and says what the footers say; building it decrypted no dataset a second time."""
+    first = small.app().rotate_key()
+    assert first.awaiting_env_update and first.new_key is not None
+    value = first.new_key.value
+    naming = str(small.variables["OHLCV_ENCRYPTION_KEY"]).split(",")[-1]
+    small.variables["OHLCV_ENCRYPTION_KEY"] = value if "naming:" in value else f"{value},{naming}"
+    EncryptedStore.decrypted = 0
+
+    report = small.app().rotate_key()
+    decrypted = EncryptedStore.decrypted
+
+    store = small.app().store()
+    new_fp = store.key_ring.primary.fingerprint
+    catalogue = (small.cwd / "data" / CATALOGUE_NAME).read_bytes()
+    assert report.rotated == len(SYMBOLS) and decrypted == 0
+    assert store.key_ring.signed_by_primary(catalogue)
+    entries = {x.dataset.identity: x.entry for x in store.listing()}
+    assert {e["key"] for e in entries.values()} == {new_fp}
+    assert entries == {x.dataset.identity: x.entry for x in store.listing(catalogue=_empty(store))}
