@@ -2539,11 +2539,24 @@ def _stored_time(raw: int, logical: dict[str, Any], tz: str | None) -> datetime:
 
 CATALOGUE_NAME = "catalogue.fernet"
 CATALOGUE_FORMAT = 1
-_STAT_FIELDS = ("size", "mtime_ns", "ino")
+_ENTRY_FIELDS = {"file": str, "size": int, "mtime_ns": int, "ino": int, "key": str, "rows": int,
+                 "first_bar": str, "last_bar": str, "meta": dict}
 
 
 def stat_of(st: os.stat_result) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _entry_sound(identity: str, entry: Any, naming_key: str) -> bool:
+    """A catalogue entry with every field, for a dataset whose file it names (invariant 1:
+    a file is only ever the dataset its name is derived from)."""
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), t)
+                                              for k, t in _ENTRY_FIELDS.items()):
+        return False
+    try:
+        return dataset_file(naming_key, DatasetId.from_identity(identity)).as_posix() == entry["file"]
+    except (UsageError, TypeError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -2572,7 +2585,7 @@ class Catalogue:
         self._by_file = {e["file"]: (identity, e) for identity, e in entries.items()}
 
     @classmethod
-    def load(cls, root: Path, ring: KeyRing, naming_fp: str) -> Catalogue:
+    def load(cls, root: Path, ring: KeyRing, naming_key: str) -> Catalogue:
         try:
             token = (root / CATALOGUE_NAME).read_bytes()
         except FileNotFoundError:
@@ -2583,11 +2596,10 @@ class Catalogue:
             return cls({}, "damaged")
         entries = document.get("datasets") if isinstance(document, dict) else None
         if (not isinstance(entries, dict) or document.get("format") != CATALOGUE_FORMAT
-                or document.get("naming_key") != naming_fp):
+                or document.get("naming_key") != naming_fingerprint(naming_key)):
             return cls({}, "damaged")
-        sound = {identity: e for identity, e in entries.items() if isinstance(e, dict)
-                 and isinstance(e.get("file"), str) and isinstance(e.get("meta"), dict)
-                 and all(isinstance(e.get(k), int) for k in (*_STAT_FIELDS, "rows"))}
+        sound = {identity: e for identity, e in entries.items()
+                 if _entry_sound(identity, e, naming_key)}
         return cls(sound, "" if len(sound) == len(entries) else "damaged")
 
     def named(self, file: str) -> tuple[str, dict[str, Any]] | None:
@@ -2707,7 +2719,7 @@ class EncryptedStore:
         return self._decrypted(self.path(dataset), table_days, dataset)
 
     def catalogue(self) -> Catalogue:
-        return Catalogue.load(self.root, self.key_ring, self.naming_fp)
+        return Catalogue.load(self.root, self.key_ring, self.naming_key)
 
     def listing(self, catalogue: Catalogue | None = None) -> list[Listed]:
         """Every dataset file, in identity order (unreadable ones last), with its entry:

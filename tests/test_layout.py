@@ -235,14 +235,37 @@ def test_a_file_rewritten_with_the_same_rows_is_read_again(small):
     assert row["partial_history"] is True and row["rows"] == len(frame)
 
 
-@pytest.mark.parametrize("damage", [b"not a token", b"", None])
+def sealed(ws: OpsWorkspace, document) -> bytes:
+    return ws.app().store().key_ring.encrypt(json.dumps(document).encode())
+
+
+def swapped_entries(ws: OpsWorkspace) -> bytes:
+    """The catalogue, sealed as it should be, but IBM's entry filed under MSFT and back."""
+    ring = ws.app().store().key_ring
+    document = json.loads(ring.decrypt((ws.cwd / "data" / CATALOGUE_NAME).read_bytes()))
+    entries = document["datasets"]
+    entries["daily/IBM"], entries["daily/MSFT"] = entries["daily/MSFT"], entries["daily/IBM"]
+    return sealed(ws, document)
+
+
+def without_a_field(ws: OpsWorkspace) -> bytes:
+    ring = ws.app().store().key_ring
+    document = json.loads(ring.decrypt((ws.cwd / "data" / CATALOGUE_NAME).read_bytes()))
+    del document["datasets"]["daily/IBM"]["last_bar"]
+    return sealed(ws, document)
+
+
+DAMAGE = {"not a token": lambda ws: b"not a token", "empty": lambda ws: b"",
+          "JSON that is not a catalogue": lambda ws: sealed(ws, [1]),
+          "entries filed under each other's dataset": swapped_entries,
+          "an entry without a field": without_a_field}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_catalogue_leaves_status_right_and_the_next_writer_rewrites_it(small, damage):
     catalogue = small.cwd / "data" / CATALOGUE_NAME
     expected = status_rows(small)
-    if damage is None:  # a sound token of JSON that is not a catalogue
-        catalogue.write_bytes(small.app().store().key_ring.encrypt(json.dumps([1]).encode()))
-    else:
-        catalogue.write_bytes(damage)
+    catalogue.write_bytes(DAMAGE[damage](small))
 
     assert status_rows(small) == expected
     assert small.app().store().catalogue().problem == "damaged"
