@@ -17,9 +17,10 @@ first use, so a command that touches no bar data starts without them.
     5. Rate limiting   -- DailyQuota (persisted, shared by processes), RateLimiter (per key)
     6. Client          -- classify_response, ApiRequest, AlphaVantageClient (retries, timeouts)
     7. Parsing         -- parse_payload (JSON or CSV to one typed table), validate_bars
-    8. Encrypted store -- DatasetId (symbol and path rules), table codec, table_days,
-                          EncryptedStore, load_frame / load_many, RunContext (what every
-                          command body gets)
+    8. Encrypted store -- DatasetId (symbol rules, identity), dataset_file (opaque names
+                          by keyed hash), table codec, table_days, Catalogue (encrypted
+                          index proven by stat), EncryptedStore, load_frame / load_many,
+                          RunContext (what every command body gets)
     9. Downloader      -- ExchangeCalendar / calendar_for, find_gaps (a dataset's dates
                           against its sessions), is_current / stale_after, merge_bars,
                           DatasetDownloader, PendingQueue, run_download (the download command)
