@@ -7,7 +7,8 @@ Map of this file:
                       table and .env.example are checked against it by the tests)
     Secret         -- a string that never shows itself in repr(), str() or logs; every
                       secret value is registered for log redaction when it is wrapped
-    parse_key_list -- the one parser of key-list text (variable, `.env`, key file, prompt)
+    parse_key_list -- the one parser of key-list text (variable, `.env`, key file, prompt):
+                      Fernet keys, then the naming key as `naming:<key>`
     open_private_file -- a `.env` or key file: never through a link, never another user's
     Settings       -- the frozen, validated settings of one run
     load_settings  -- reads the environment and `.env` (a real variable wins), validates
@@ -73,8 +74,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ALPHA_VANTAGE_BASE_URL", DEFAULT_BASE_URL,
              "The `/query` endpoint: the real API, a proxy, a mirror or the local emulator."),
     Variable("OHLCV_ENCRYPTION_KEY", "",
-             "Fernet keys, comma-separated, primary first. Fallback when no OS keyring "
-             "backend works (headless server, cron) and the recovery path.", secret=True),
+             "Fernet keys, comma-separated, primary first, then `naming:<key>` (the naming "
+             "key of the data files). Fallback when no OS keyring backend works (headless "
+             "server, cron) and the recovery path.", secret=True),
     Variable("OHLCV_DATA_DIR", "data", "Encrypted datasets (mode OHLCV_DIR_MODE)."),
     Variable("OHLCV_BACKUP_DIR", "backups", "Encrypted backup archives."),
     Variable("OHLCV_STATE_DIR", "state",
@@ -249,22 +251,38 @@ def _secrets(name: str, raw: str, check: Callable[[str], str | None]) -> tuple[S
     return tuple(Secret(v) for v in values)
 
 
-NAMING_PREFIX = "naming:"  # the naming key's item in a key list
+NAMING_PREFIX = "naming:"  # marks the naming key among the Fernet keys of a key list
 
 
 def parse_key_list(text: str, source: str = "OHLCV_ENCRYPTION_KEY") -> tuple[Secret, ...]:
-    """Fernet keys, primary first, as the variable, `.env`, a key file or a prompt give
-    them: separated by commas, spaces or new lines, '#' comments, an optional
-    `OHLCV_ENCRYPTION_KEY=` (or `export ...=`) in front, quotes around. ConfigError naming
-    `source` and the item when one is not a key; the value is never shown."""
+    """Fernet keys, primary first, then at most one naming key written `naming:<key>`, as
+    the variable, `.env`, a key file or a prompt give them: separated by commas, spaces or
+    new lines, '#' comments, an optional `OHLCV_ENCRYPTION_KEY=` (or `export ...=`) in
+    front, quotes around. Each item comes back as written (the naming key keeps its
+    prefix; its bare value is registered for redaction too). ConfigError naming `source`
+    and the item when one is not a key; the value is never shown."""
     text = re.sub(r"#.*", "", text)
     text = re.sub(r"(?m)^\s*(export\s+)?OHLCV_ENCRYPTION_KEY\s*=", "", text)
     values = [v.strip().strip("'\"") for v in re.split(r"[,\s]+", text) if v.strip()]
     for position, value in enumerate(values, 1):
-        problem = fernet_key_problem(value.removeprefix(NAMING_PREFIX))
+        bare = value.removeprefix(NAMING_PREFIX)
+        Secret(bare)  # a naming key is a secret even before it is known to be a sound one
+        problem = fernet_key_problem(bare)
         if problem:
             where = f"item {position} of {source}" if len(values) > 1 else source
             raise ConfigError(f"{where} {problem} (the value is not shown).")
+    naming = [v for v in values if v.startswith(NAMING_PREFIX)]
+    if len(naming) > 1:
+        raise ConfigError(f"{source} holds {len(naming)} naming keys (items written "
+                          f"{NAMING_PREFIX}...); a key ring has one. Fix: keep the one your "
+                          "offline copy holds (the values are not shown).")
+    if naming and len(values) == 1:
+        raise ConfigError(f"{source} holds a naming key but no Fernet key. Fix: give the "
+                          "whole value your offline copy holds, primary key first.")
+    if naming and not values[-1].startswith(NAMING_PREFIX):
+        raise ConfigError(f"{source}: the naming key (written {NAMING_PREFIX}...) must be "
+                          "the last item. Fix: give the value as it was handed over, "
+                          "Fernet keys first (the values are not shown).")
     return tuple(Secret(v) for v in values)
 
 

@@ -132,7 +132,7 @@ def note(message: str) -> None:
 def show_new_key(new: NewKey) -> None:
     """On a terminal: the only time a key is ever shown in full."""
     out(f"\nNEW ENCRYPTION KEY RING, primary key {new.fingerprint} (shown once, never again;"
-        " this is OHLCV_ENCRYPTION_KEY's value, new key first):\n")
+        " this is OHLCV_ENCRYPTION_KEY's value, primary key first, naming key last):\n")
     out(f"    {new.value}\n")
     out("Store it offline now (password manager or paper in a safe): without it the data "
         "and every backup are unreadable if this machine or its keyring is lost.\n",
@@ -155,7 +155,9 @@ def cmd_init(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
         out(f"Already initialised; nothing changed. Key ring from {report.key_source}, "
             f"fingerprints {', '.join(report.fingerprints)}.")
         return 0
-    out(f"Key ring from {report.key_source}; primary key fingerprint {report.fingerprints[0]}.")
+    out(f"Key ring from {report.key_source}; primary key fingerprint {report.fingerprints[0]}"
+        + (f", naming key fingerprint {report.naming_fingerprint}." if report.naming_fingerprint
+           else "."))
     if report.stored_in:
         out(f"Stored in: {', '.join(report.stored_in)}.")
     tell_new_key_file(report.new_key)
@@ -455,16 +457,20 @@ def cmd_recover(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     prompt = None
     if sys.stdin.isatty():
         import getpass
-        prompt = lambda: getpass.getpass("Encryption key (primary first; comma-separated): ")  # noqa: E731
+        prompt = lambda: getpass.getpass(  # noqa: E731
+            "Encryption key ring (primary first, comma-separated, naming:<key> last): ")
     report = app.recover(Path(args.from_backup) if args.from_backup else None,
                          Path(args.key_file) if args.key_file else None, prompt)
     out(f"keys from {report.key_source}, proven by: " + "; ".join(
         f"{fp} opens {what}" for fp, what in report.proven.items()))
+    tell_new_key_file(report.new_key)
     if report.stored_in:
         out(f"key ring stored in: {', '.join(report.stored_in)} (no key dropped)")
     if report.variable_disagrees:
         say("warning: OHLCV_ENCRYPTION_KEY set outside this directory differs from the key "
-            "ring now stored; set it to the ring from your offline copy, or unset it.")
+            "ring now stored; set it to " + ("the value just handed over (it holds the new "
+            "naming key)" if report.new_key else "the ring from your offline copy")
+            + ", or unset it.")
     for warning in report.warnings:
         say(f"warning: {warning}")
     out(f"{report.checked} dataset(s) checked in the store, {len(report.restored)} restored "

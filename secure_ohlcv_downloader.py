@@ -683,14 +683,16 @@ def fingerprint(key: str) -> str:
 
 
 def naming_fingerprint(key: str) -> str:
-    """fingerprint's counterpart for the naming key, in a domain of its own."""
-    return hashlib.sha256(b"secure-ohlcv naming key fingerprint\0" + key.encode()).hexdigest()[:12]
+    """A short, one-way name for the naming key, in a domain of its own: it never equals
+    a Fernet key's fingerprint, even were the same value used as both."""
+    return hashlib.sha256(b"secure-ohlcv naming key fingerprint\0"
+                          + key.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
 class StoredKey:
     key: str = field(repr=False)
-    status: str = "primary"  # primary | retired
+    status: str = "primary"  # primary | retired | naming (keys the data files' names)
     added: str = ""
 
     def __post_init__(self) -> None:
@@ -698,33 +700,60 @@ class StoredKey:
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self.key)
+        return naming_fingerprint(self.key) if self.naming else fingerprint(self.key)
+
+    @property
+    def naming(self) -> bool:
+        return self.status == "naming"
+
+    @property
+    def item(self) -> str:
+        """The key as one item of a key list (the variable, `.env`, a key file)."""
+        return NAMING_PREFIX + self.key if self.naming else self.key
+
+    @property
+    def label(self) -> str:
+        """The fingerprint as a message lists it among a ring's: the naming key marked."""
+        return NAMING_PREFIX + self.fingerprint if self.naming else self.fingerprint
 
 
 def ring_of(secrets_: tuple[Secret, ...] | list[Secret]) -> list[StoredKey]:
-    """Parsed keys as a ring: the first is primary, the others retired; the item written
+    """Parsed keys as a ring: the first is primary, the others retired; an item written
     `naming:<key>` is the naming key."""
-    values = [s.reveal() for s in secrets_]
-    fernet = [v for v in values if not v.startswith(NAMING_PREFIX)]
-    naming = [StoredKey(v.removeprefix(NAMING_PREFIX), "naming")
-              for v in values if v.startswith(NAMING_PREFIX)]
-    return [StoredKey(v, "primary" if i == 0 else "retired")
-            for i, v in enumerate(fernet)] + naming[:1]
+    items = [s.reveal() for s in secrets_]
+    fernet = [StoredKey(v, "primary" if i == 0 else "retired")
+              for i, v in enumerate(v for v in items if not v.startswith(NAMING_PREFIX))]
+    return fernet + [StoredKey(v.removeprefix(NAMING_PREFIX), "naming", "")
+                     for v in items if v.startswith(NAMING_PREFIX)]
+
+
+def new_naming_key() -> StoredKey:
+    """A new naming key: 32 random bytes, url-safe base64, like a Fernet key."""
+    return StoredKey(Fernet.generate_key().decode(), "naming", utc_now_iso())
 
 
 class KeyRing:
     """The Fernet keys of this installation, primary first. Encrypts with the primary,
-    decrypts with any (MultiFernet), so files written before a rotation stay readable."""
+    decrypts with any (MultiFernet), so files written before a rotation stay readable.
+
+    The naming key (the secret of the data files' names) travels with the ring but is
+    no Fernet key: `naming` holds it (None in a store not yet migrated), `keys` never
+    does, and `stored()` gives every key back for saving or handing over."""
 
     def __init__(self, keys: list[StoredKey]) -> None:
-        if not keys:
-            raise KeyStoreError("the key ring is empty.")
         for stored in keys:
             problem = fernet_key_problem(stored.key)
             if problem:
                 raise KeyStoreError(f"a stored key {problem} (the value is not shown).")
-        self.naming = next((k for k in keys if k.status == "naming"), None)
-        self.keys = [k for k in keys if k.status != "naming"]
+        naming = [k for k in keys if k.naming]
+        if len(naming) > 1:
+            raise KeyStoreError(f"the key ring holds {len(naming)} naming keys "
+                                f"({', '.join(k.fingerprint for k in naming)}); it has one. "
+                                "Fix: run --recover with the value of your offline copy.")
+        self.naming: StoredKey | None = naming[0] if naming else None
+        self.keys = [k for k in keys if not k.naming]
+        if not self.keys:
+            raise KeyStoreError("the key ring is empty.")
         self._singles = [Fernet(k.key) for k in self.keys]
         self._fernet = MultiFernet(self._singles)
 
@@ -734,6 +763,10 @@ class KeyRing:
 
     def fingerprints(self) -> list[str]:
         return [k.fingerprint for k in self.keys]
+
+    def stored(self) -> list[StoredKey]:
+        """Every key, as a key store keeps it: the Fernet keys, then the naming key."""
+        return self.keys + ([self.naming] if self.naming is not None else [])
 
     def encrypt(self, plaintext: bytes) -> bytes:
         return self._fernet.encrypt(plaintext)
@@ -763,8 +796,9 @@ class KeyRing:
 
     @classmethod
     def generate(cls) -> KeyRing:
+        """A new installation's ring: a primary key and the naming key."""
         return cls([StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso()),
-                    StoredKey(Fernet.generate_key().decode(), "naming", utc_now_iso())])
+                    new_naming_key()])
 
 
 def signed_by(fernet: Fernet, token: bytes) -> bool:
@@ -948,8 +982,8 @@ class EnvKeyStore:
         return list(self._keys) or None
 
     def save(self, keys: list[StoredKey]) -> None:
-        old = [k.fingerprint for k in self._keys]
-        new = [k.fingerprint for k in keys]
+        old = [k.label for k in self._keys]
+        new = [k.label for k in keys]
         raise KeyStoreError(
             f"{KEY_VARIABLE} is set outside this program (keys {', '.join(old)}) and is "
             f"read-only to it. Fix: set it where it is defined to the keys {', '.join(new)} in this "
@@ -973,11 +1007,11 @@ class EnvFileKeyStore:
         lines = open_private_file(self.path, ".env file")[0].splitlines() \
             if os.path.lexists(self.path) else []
         lines = [ln for ln in lines if not re.match(rf"\s*(export\s+)?{KEY_VARIABLE}\s*=", ln)]
-        lines.append(f"{KEY_VARIABLE}={','.join(k.key for k in keys)}")
-        wanted = [k.key for k in keys]
+        lines.append(f"{KEY_VARIABLE}={','.join(k.item for k in keys)}")
+        wanted = [k.item for k in keys]
 
         def read_back(temp: Path) -> None:
-            if [k.key for k in self._read(temp)] != wanted:
+            if [k.item for k in self._read(temp)] != wanted:
                 raise KeyStoreError(f"{self.path} did not read back as written; it was left "
                                     "as it was.")
 
@@ -986,6 +1020,10 @@ class EnvFileKeyStore:
     def _read(self, path: Path) -> list[StoredKey]:
         values, _ = read_env_file(path)
         return ring_of(parse_key_list(values.get(KEY_VARIABLE, ""), f"{KEY_VARIABLE} in {path}"))
+
+
+def naming_key_of(keys: list[StoredKey]) -> StoredKey | None:
+    return next((k for k in keys if k.naming), None)
 
 
 @dataclass
@@ -1008,6 +1046,15 @@ class KeySources:
                 f"(primary key {env[0].fingerprint}) disagree. Fix: if the keyring is right, "
                 "unset OHLCV_ENCRYPTION_KEY or set it to the value the last --rotate-key "
                 "handed over; if the variable is right, run --recover to re-link the keyring.")
+        kr_naming, env_naming = (naming_key_of(kr), naming_key_of(env)) if kr and env else (None, None)
+        if kr_naming != env_naming:
+            raise KeyStoreError(
+                f"the OS keyring (naming key {kr_naming.fingerprint if kr_naming else 'none'}) "
+                f"and {self.env_label} (naming key "
+                f"{env_naming.fingerprint if env_naming else 'none'}) disagree. Fix: if the "
+                "keyring is right, unset OHLCV_ENCRYPTION_KEY or set it to the value last "
+                "handed over (it ends with naming:...); if the variable is right, run "
+                "--recover to re-link the keyring.")
         if kr:
             return KeyRing(kr), KeyringKeyStore.label
         if env:
@@ -1034,14 +1081,27 @@ class NewKey:
     file: Path | None = None
 
 
+@dataclass
+class NamingKeyReport:
+    """A naming key given to a ring that had none (see KeyCustody.add_naming_key)."""
+
+    fingerprint: str
+    new_key: NewKey  # the whole ring, shown once or in a file to move offline
+    awaiting_env_update: bool = False  # keys only in a variable set outside: set it, re-run
+    stored_in: list[str] = field(default_factory=list)
+    variable_disagrees: bool = False  # the keyring moved on; the outside variable must follow
+
+
 class KeyCustody:
     """Owns the encryption keys: which store holds the ring (OS keyring, the variable set
     outside, the `.env` file), reading it again under the lock, storing a ring only once it
     is proven, the canary, the keys a recovery offers, and handing a new key to a person.
 
-    Invariants: a key enters custody only after it opens the canary, a backup manifest or
-    a stored dataset; custody never drops a key (remove-key aside); a store keeps its
-    previous version until the new one reads back equal."""
+    Invariants: a Fernet key enters custody only after it opens the canary, a backup
+    manifest or a stored dataset (a naming key opens nothing: it enters when made, after
+    it has been handed over, or with the keys a recovery proves); custody never drops a
+    key (remove-key aside, and never the naming key); a store keeps its previous version
+    until the new one reads back equal."""
 
     def __init__(self, settings: Settings, keyring_store: KeyringKeyStore | None = None,
                  warnings: list[str] | None = None) -> None:
@@ -1118,6 +1178,7 @@ class KeyCustody:
         that open nothing. `tokens` yields (what, token) pairs (canary, manifest,
         datasets), read lazily until every key is proven; `named` are fingerprints an
         opened manifest vouches for (the keys of its datasets)."""
+        keys = [k for k in keys if not k.naming]  # a naming key opens nothing
         proven = {fp: what for fp, what in (named or {}).items()
                   if fp in {k.fingerprint for k in keys}}
         waiting = [(k, Fernet(k.key)) for k in keys if k.fingerprint not in proven]
@@ -1151,8 +1212,8 @@ class KeyCustody:
         self._ring = KeyRing(keys)
         self.source = targets[0].label if targets else self.variable.label
         log.info("key ring stored in %s: %s", ", ".join(written) or "no store (unchanged)",
-                 ", ".join(k.fingerprint for k in keys))
-        return written, outside and [k.key for k in (sources.env_keys or [])] != [k.key for k in keys]
+                 ", ".join(k.label for k in keys))
+        return written, outside and [k.item for k in (sources.env_keys or [])] != [k.item for k in keys]
 
     # -- keys from outside --------------------------------------------------------------
 
@@ -1171,13 +1232,14 @@ class KeyCustody:
         """Give the new ring to a person before it is used: `show` it (a terminal), or,
         with no one to show it to (cron, systemd), write it to a 0600 file in the state
         directory named by its fingerprint. The value is what OHLCV_ENCRYPTION_KEY and
-        `--key-file` take: the whole ring, new primary first."""
-        new = NewKey(ring.primary.fingerprint, ",".join(k.key for k in ring.keys))
+        `--key-file` take: the whole ring, new primary first, the naming key last."""
+        new = NewKey(ring.primary.fingerprint, ",".join(k.item for k in ring.stored()))
         if show is not None:
             show(new)
             return new
         path = self.settings.state_dir / f"{NEW_KEY_PREFIX}{new.fingerprint}.txt"
-        text = (f"# Secure OHLCV Downloader: key ring, new primary key {new.fingerprint}, "
+        naming = f", naming key {ring.naming.fingerprint}" if ring.naming is not None else ""
+        text = (f"# Secure OHLCV Downloader: key ring, primary key {new.fingerprint}{naming}, "
                 f"made {utc_now_iso()}.\n"
                 "# Move it offline now (password manager, paper in a safe), then delete this "
                 f"file: shred -u {path}\n"
@@ -1188,6 +1250,23 @@ class KeyCustody:
         log.warning("new key %s written to %s: move it offline, then delete it",
                     new.fingerprint, path)
         return new
+
+    def add_naming_key(self, ring: KeyRing,
+                       show: Callable[[NewKey], None] | None) -> NamingKeyReport | None:
+        """Give a ring that has none a naming key (a store from before the naming key):
+        handed to a person first, then stored. None when `ring` has one already: a naming
+        key is never replaced. Keys held only in a variable set outside: nothing is stored
+        (`awaiting_env_update`); the operator sets it to the value handed over, re-runs."""
+        if ring.naming is not None:
+            return None
+        naming = new_naming_key()
+        added = KeyRing(ring.stored() + [naming])
+        report = NamingKeyReport(naming.fingerprint, self.hand_over(added, show))
+        if self.source == EnvKeyStore.label:
+            report.awaiting_env_update = True
+            return report
+        report.stored_in, report.variable_disagrees = self.store(added.stored())
+        return report
 
     def key_files_waiting(self) -> list[Path]:
         """New-key files not yet moved offline (and deleted)."""
@@ -3876,20 +3955,22 @@ class KeyRotation:
         return ring.signed_by_primary(token)
 
     def _new_primary(self, ring: KeyRing) -> RotationReport:
-        """A ring with a new primary (old keys retired): first handed to a person (shown,
-        or written to a file to move offline), then stored where the keys are kept."""
+        """A ring with a new primary (old keys retired, the naming key unchanged: rotation
+        renames nothing): first handed to a person (shown, or written to a file to move
+        offline), then stored where the keys are kept."""
         custody = self.ctx.custody
         new = StoredKey(Fernet.generate_key().decode(), "primary", utc_now_iso())
-        keys = [new] + [replace(k, status="retired") for k in ring.keys]
+        rotated = KeyRing([new] + [replace(k, status="retired") for k in ring.keys]
+                          + ([ring.naming] if ring.naming is not None else []))
         report = RotationReport(ring.primary.fingerprint, new.fingerprint)
-        report.new_key = custody.hand_over(KeyRing(keys), self.show_key)
+        report.new_key = custody.hand_over(rotated, self.show_key)
         if custody.source == EnvKeyStore.label:
             # The keys live in a variable set outside our reach: nothing may be encrypted
             # under a key that exists only in this process. The operator sets it, then
             # runs --rotate-key again, which finds the canary under an old key and resumes.
             report.awaiting_env_update = True
             return report
-        report.stored_in, report.variable_disagrees = custody.store(keys)
+        report.stored_in, report.variable_disagrees = custody.store(rotated.stored())
         return report
 
 
@@ -4489,6 +4570,7 @@ class RecoverReport:
     proven: dict[str, str] = field(default_factory=dict)  # fingerprint -> what it opened
     stored_in: list[str] = field(default_factory=list)
     variable_disagrees: bool = False
+    new_key: NewKey | None = None  # a naming key made now (none anywhere), shown or in a file
 
     @property
     def exit_code(self) -> int:
@@ -4503,6 +4585,7 @@ class InitReport:
     fingerprints: list[str]
     new_key: NewKey | None = None  # a key generated now, shown once or in a file
     stored_in: list[str] = field(default_factory=list)
+    naming_fingerprint: str = ""
 
 
 def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> InitReport:
@@ -4530,6 +4613,9 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
                     f"the key ring from {source} ({', '.join(ring.fingerprints())}) opens none "
                     f"of the {len(stored)} datasets in {s.data_dir}; nothing was changed. Fix: "
                     "run --recover with the key from your offline copy.")
+        if ring.naming is None:  # keys made by hand, or before the naming key existed
+            ring = KeyRing(ring.stored() + [new_naming_key()])
+            new_key = custody.hand_over(ring, show_key)
     elif sources.keyring_problem and sources.backend.usable:
         # A keyring exists but fails (locked, refusing): a key generated now could be
         # kept nowhere, so stop and let the operator fix the keyring first.
@@ -4537,8 +4623,12 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
     else:
         ring, source = KeyRing.generate(), "generated"
         new_key = custody.hand_over(ring, show_key)  # seen by a person before it is used
-    stored_in, _ = custody.store(ring.keys)
-    if new_key is not None and not sources.backend.usable:
+    stored_in, outside = custody.store(ring.stored())
+    if outside:
+        ctx.warnings.append(f"{KEY_VARIABLE} is set outside this program and lacks the "
+                            "naming key made now. Fix: set it where it is defined to the "
+                            "value just handed over (it ends with naming:...).")
+    if source == "generated" and not sources.backend.usable:
         ctx.warnings.append(f"no usable OS keyring: the new key was written to "
                             f"{s.env_file} (mode {s.file_mode:04o}) as OHLCV_ENCRYPTION_KEY. "
                             "Cron jobs must run in this directory or get the variable "
@@ -4546,7 +4636,8 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
     custody.write_canary(ring)
     log.info("initialised: key ring from %s, primary %s, stored in %s", source,
              ring.primary.fingerprint, ", ".join(stored_in) or "no store (already there)")
-    return InitReport(created, False, source, ring.fingerprints(), new_key, stored_in)
+    return InitReport(created, False, source, ring.fingerprints(), new_key, stored_in,
+                      ring.naming.fingerprint if ring.naming is not None else "")
 
 
 @dataclass
@@ -4570,6 +4661,13 @@ class KeyCheckReport:
         return 0 if self.sound else 3
 
 
+def described_keys(keys: list[StoredKey]) -> str:
+    """What a key store holds, by fingerprint: `2 key(s), primary ..., naming key ...`."""
+    fernet, naming = [k for k in keys if not k.naming], naming_key_of(keys)
+    return (f"{len(fernet)} key(s), primary {fernet[0].fingerprint if fernet else 'none'}"
+            + (f", naming key {naming.fingerprint}" if naming else ", no naming key"))
+
+
 def check_keys(ctx: RunContext) -> KeyCheckReport:
     """Prove the key store end to end; every check says what it found."""
     s, custody = ctx.settings, ctx.custody
@@ -4586,11 +4684,11 @@ def check_keys(ctx: RunContext) -> KeyCheckReport:
                                                else backend.problem)))
     kr = sources.keyring_keys
     checks.append(Check("keyring entry", not sources.keyring_problem or bool(sources.env_keys),
-                        f"{len(kr)} key(s), primary {kr[0].fingerprint}" if kr
+                        described_keys(kr) if kr
                         else "no backend" if headless else sources.keyring_problem or "empty"))
     env = sources.env_keys
     checks.append(Check(KEY_VARIABLE, True,
-                        f"{len(env)} key(s), primary {env[0].fingerprint} ({sources.env_label})"
+                        f"{described_keys(env)} ({sources.env_label})"
                         if env else "not set"))
     warnings = ctx.warnings + sources.warnings + [
         f"{path} holds a new key ring that must be moved offline: copy it to your password "
@@ -4611,6 +4709,10 @@ def check_keys(ctx: RunContext) -> KeyCheckReport:
             checks.append(Check("canary", False, str(exc)))
     else:
         checks.append(Check("canary", False, f"{custody.canary_path} is missing. Fix: run --init."))
+    checks.append(Check("naming key", ring.naming is not None,
+                        f"fingerprint {ring.naming.fingerprint} (names the data files)"
+                        if ring.naming is not None else
+                        "no naming key: run --migrate-store"))
     probe = secrets.token_bytes(32)
     checks.append(Check("round trip", ring.decrypt(ring.encrypt(probe)) == probe,
                         "fresh encrypt/decrypt with the primary key"))
@@ -4668,6 +4770,9 @@ def remove_key(ctx: RunContext, key_fp: str, confirm: bool) -> RemoveKeyReport:
     custody = ctx.custody
     with ctx.exclusive() as ring:
         EncryptedStore(ctx.settings, ring)  # the earlier layout's files would go unseen below
+        if ring.naming is not None and key_fp == ring.naming.fingerprint:
+            raise UsageError(f"{key_fp} is the naming key: every data file's name derives "
+                             "from it, so it can never be removed (rotation keeps it too).")
         target = [k for k in ring.keys if k.fingerprint == key_fp]
         if not target:
             raise UsageError(f"no key with fingerprint {key_fp} in the ring "
@@ -4680,10 +4785,10 @@ def remove_key(ctx: RunContext, key_fp: str, confirm: bool) -> RemoveKeyReport:
             if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
                 raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
                                      "the rotation (--rotate-key) first.")
-        keys = [k for k in ring.keys if k.fingerprint != key_fp]
+        keys = [k for k in ring.stored() if k.fingerprint != key_fp]
         position = ring.fingerprints().index(key_fp) + 1
         edit = (f"remove item {position} (key {key_fp}) from OHLCV_ENCRYPTION_KEY where it is "
-                f"set, keeping the others in order: {', '.join(k.fingerprint for k in keys)}.")
+                f"set, keeping the others in order: {', '.join(k.label for k in keys)}.")
         if not confirm or report.unchecked:
             return report
         if custody.source == EnvKeyStore.label:
@@ -4716,10 +4821,13 @@ def recovery_keys(ctx: RunContext, key_file: Path | None,
 
 
 def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
-            prompt: Callable[[], str] | None) -> RecoverReport:
+            prompt: Callable[[], str] | None,
+            show_key: Callable[[NewKey], None] | None = None) -> RecoverReport:
     """On a rebuilt machine: prove the offered keys, merge them into custody (dropping
     none), check every dataset, and restore from `from_backup` what is missing or
-    broken, never overwriting a sound file."""
+    broken, never overwriting a sound file. The naming key comes from the offered keys
+    or custody, never replacing one with another; with none anywhere, a new one is made
+    and handed over (`show_key`) as --init does."""
     s, custody = ctx.settings, ctx.custody
     if from_backup is not None and not from_backup.is_file():
         raise UsageError(f"--from-backup {from_backup}: no such archive file.")
@@ -4730,6 +4838,8 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
     sources = custody.sources()
     held = [k for k in (sources.keyring_keys or []) + (sources.env_keys or [])]
     held = list({k.key: k for k in reversed(held)}.values())[::-1]  # unique, order kept
+    naming = _recovered_naming_key(offered, held, source)
+    offered, held = [k for k in offered if not k.naming], [k for k in held if not k.naming]
     report = RecoverReport(source, False)
     with ctx.locked():
         offered_values = {k.key for k in offered}
@@ -4759,9 +4869,10 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
         keys = [replace(k, status="primary" if i == 0 else "retired") for i, k in enumerate(kept)]
         keys += [replace(k, status="retired") for k in held if k.key not in kept_values]
         keys = _canary_opener_first(custody, keys)
-        # The naming key, offered or held, goes along: without it no dataset is found.
-        keys += [k for k in offered + held if k.status == "naming"][:1]
-        report.stored_in, report.variable_disagrees = custody.store(keys)
+        if naming is None:  # a store from before the naming key, recovered without one
+            naming = new_naming_key()
+            report.new_key = custody.hand_over(KeyRing(keys + [naming]), show_key)
+        report.stored_in, report.variable_disagrees = custody.store(keys + [naming])
         report.relinked = bool(report.stored_in)
         ring = custody.ring()
         if archive is not None:
@@ -4777,6 +4888,24 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
     log.info("recover: %d checked, %d restored, %d failed", report.checked,
              len(report.restored), len(report.failed))
     return report
+
+
+def _recovered_naming_key(offered: list[StoredKey], held: list[StoredKey],
+                          source: str) -> StoredKey | None:
+    """The one naming key among the offered and the held, or None; KeyStoreError when
+    they hold two: data files are named by one, and a guess would lose them."""
+    naming = list({k.key: k for k in offered + held if k.naming}.values())
+    if len(naming) > 1:
+        theirs = ", ".join(k.fingerprint for k in offered if k.naming)
+        ours = ", ".join(k.fingerprint for k in held if k.naming)
+        raise KeyStoreError(
+            f"{source} offers the naming key {theirs or 'none'} but the key ring held here "
+            f"has the naming key {ours}: a store has one naming key, and its data files are "
+            "named by it. Nothing was changed. Fix: offer the value your offline copy holds "
+            "for this store; if the naming key held here is the wrong one, remove it where "
+            "it is kept (the OS keyring entry secure-ohlcv-downloader/fernet-key-ring, or "
+            "OHLCV_ENCRYPTION_KEY) and run --recover again.")
+    return naming[0] if naming else None
 
 
 def _canary_opener_first(custody: KeyCustody, keys: list[StoredKey]) -> list[StoredKey]:
@@ -5476,7 +5605,8 @@ class SecureOHLCVDownloader:
 
     def recover(self, from_backup: Path | None = None, key_file: Path | None = None,
                 prompt: Callable[[], str] | None = None) -> RecoverReport:
-        return self._run("recover", lambda: recover(self.ctx, from_backup, key_file, prompt))
+        return self._run("recover", lambda: recover(self.ctx, from_backup, key_file, prompt,
+                                                    self.show_key))
 
     def cleanup(self, dry_run: bool = False) -> CleanupReport:
         # A dry run changes nothing, not even the run record.

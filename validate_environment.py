@@ -159,9 +159,10 @@ def check_keyring_backend(info, env_keys: bool, initialised: str, env_file: Path
 
 
 def check_encryption_keys(sod, store, env_keys, initialised: str, env_file: Path) -> Check:
-    """Where the run's keys come from. The keyring read is a probe with a timeout."""
-    env = env_keys and (f"OHLCV_ENCRYPTION_KEY holds {len(env_keys)} key(s), primary "
-                        f"fingerprint {sod.fingerprint(env_keys[0].reveal())}")
+    """Where the run's keys come from, by fingerprint, the naming key's too. The keyring
+    read is a probe with a timeout."""
+    env_ring = sod.ring_of(env_keys)
+    env = env_ring and f"OHLCV_ENCRYPTION_KEY holds {sod.described_keys(env_ring)}"
     also = f"; {env}" if env else ""
     try:
         keys = store.load() if store.info.usable else None
@@ -170,10 +171,10 @@ def check_encryption_keys(sod, store, env_keys, initialised: str, env_file: Path
         return Check("encryption keys", WARN if env else FAIL,
                      f"keyring unreadable: {problem}{also}", fix)
     if keys:
-        return Check("encryption keys", OK, f"OS keyring holds {len(keys)} key(s), primary "
-                     f"fingerprint {keys[0].fingerprint}{also}")
+        return with_naming_key(sod, keys, f"OS keyring holds {sod.described_keys(keys)}{also}",
+                               initialised)
     if env:
-        return Check("encryption keys", OK, env)
+        return with_naming_key(sod, env_ring, env, initialised)
     home = "the OS keyring" if store.info.usable else str(env_file)
     if not initialised:
         return Check("encryption keys", OK, f"none yet (--init generates one and stores it "
@@ -182,6 +183,17 @@ def check_encryption_keys(sod, store, env_keys, initialised: str, env_file: Path
                  f"but this store was initialised ({initialised})",
                  "set OHLCV_ENCRYPTION_KEY to the keys from your offline copy, or run "
                  "python secure_ohlcv_downloader.py --recover --key-file FILE")
+
+
+def with_naming_key(sod, keys, detail: str, initialised: str) -> Check:
+    """The keys in use, which an initialised store needs with its naming key."""
+    if sod.naming_key_of(keys) is not None:
+        return Check("encryption keys", OK, detail)
+    if not initialised:
+        return Check("encryption keys", OK, f"{detail} (--init adds the naming key)")
+    return Check("encryption keys", FAIL, f"{detail}: no naming key, but this store was "
+                 f"initialised ({initialised})",
+                 "run python secure_ohlcv_downloader.py --migrate-store")
 
 
 def check_directory(sod, variable: str, path: Path, mode: int, initialised: str) -> Check:

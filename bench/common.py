@@ -120,13 +120,9 @@ def new_fernet_key() -> str:
     return Fernet.generate_key().decode()
 
 
-def key_ring_value(key: str) -> str:
-    """OHLCV_ENCRYPTION_KEY for a store whose Fernet key is `key`: with a naming key,
-    derived from `key` so that every run given the same key finds the same file names."""
-    import base64
-    import hashlib
-    naming = base64.urlsafe_b64encode(hashlib.sha256(b"bench naming key\0" + key.encode()).digest())
-    return f"{key},naming:{naming.decode()}"
+# The naming key every store of this bench run gets with its Fernet key: a key ring
+# without one is a store from before it, which --check-keys fails.
+NAMING_ITEM = "naming:" + new_fernet_key()
 
 
 def bench_env(root: Path, base_url: str, *, per_minute: int, workers: int = 8,
@@ -146,7 +142,7 @@ def bench_env(root: Path, base_url: str, *, per_minute: int, workers: int = 8,
         "OHLCV_MIN_FREE_DISK_MB": "100",
     }
     if key is not None:
-        env["OHLCV_ENCRYPTION_KEY"] = key_ring_value(key)
+        env["OHLCV_ENCRYPTION_KEY"] = f"{key},{NAMING_ITEM}"
     env.update(extra or {})
     return env
 
@@ -154,7 +150,7 @@ def bench_env(root: Path, base_url: str, *, per_minute: int, workers: int = 8,
 def write_env_file(root: Path, key: str) -> None:
     """Keys in `.env` (0600), the headless place that --rotate-key can rewrite."""
     path = root / ".env"
-    path.write_text(f"OHLCV_ENCRYPTION_KEY={key_ring_value(key)}\n")
+    path.write_text(f"OHLCV_ENCRYPTION_KEY={key},{NAMING_ITEM}\n")
     path.chmod(0o600)
 
 

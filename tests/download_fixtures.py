@@ -141,7 +141,7 @@ class Workspace:
         self.cwd = cwd
         self.av = av
         self.variables: dict[str, str | None] = {
-            "OHLCV_ENCRYPTION_KEY": new_key_ring(),
+            "OHLCV_ENCRYPTION_KEY": new_key_ring(),  # a primary key and the naming key
             "ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
             "ALPHA_VANTAGE_BASE_URL": av.origin + "/query",
             "OHLCV_RATE_LIMIT_PER_MINUTE": str(PREMIUM_PER_MINUTE),

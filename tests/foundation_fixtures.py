@@ -91,8 +91,7 @@ def new_key() -> str:
 
 
 def new_key_ring() -> str:
-    """An OHLCV_ENCRYPTION_KEY value of a store in the opaque layout: a Fernet key, then
-    the naming key as its `naming:` item."""
+    """A whole key ring as OHLCV_ENCRYPTION_KEY holds it: a primary key and the naming key."""
     return f"{new_key()},naming:{new_key()}"
 
 

@@ -67,7 +67,7 @@ from tests.foundation_fixtures import (
     base_env,
     headless_env,
     init_in_process,
-    new_key,
+    new_key_ring,
     run_cli,
     secret_service_env,
     settings_for,
@@ -333,7 +333,7 @@ def headless_site(root: Path, *, key_in_variable: bool = False, **variables: str
     """
     cwd, home = _site_dirs(root)
     if key_in_variable:
-        variables.setdefault("OHLCV_ENCRYPTION_KEY", new_key())
+        variables.setdefault("OHLCV_ENCRYPTION_KEY", new_key_ring())
     site = Site(cwd, home, dict(variables))
     init_in_process(cwd, site.backend, **site.variables)
     assert site.env_file.exists() != key_in_variable

@@ -19,6 +19,7 @@ from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fix
     init_in_process,
     keyring_backend,
     new_key,
+    new_key_ring,
     run_cli,
     secret_service_env,
 )
@@ -70,7 +71,7 @@ def test_init_works_through_either_entry_point_in_either_form(tmp_path, script, 
 
 @pytest.mark.parametrize("command", ["--check-keys", "check-keys"])
 def test_check_keys_works_in_either_form(tmp_path, command):
-    key = new_key()
+    key = new_key_ring()
     init_in_process(tmp_path, fail.Keyring(), OHLCV_ENCRYPTION_KEY=key)
 
     result = run_cli([command], tmp_path, headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=key))
@@ -106,13 +107,14 @@ def test_no_command_prints_usage_and_exits_2(tmp_path):
 
 # -- secrets and the log -------------------------------------------------------------------
 
-def _fragments(key: str) -> list[str]:
-    """The key and pieces long enough to identify it."""
-    return [key, key.rstrip("="), key[:16], key[-17:-1]]
+def _fragments(value: str) -> list[str]:
+    """Each key of a key list (the naming key too) and pieces long enough to identify it."""
+    keys = [item.removeprefix("naming:") for item in value.split(",")]
+    return [f for key in keys for f in (key, key.rstrip("="), key[:16], key[-17:-1])]
 
 
 def test_debug_log_never_holds_a_key_given_in_the_variable(tmp_path):
-    key = new_key()
+    key = new_key_ring()
     env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=key, OHLCV_LOG_LEVEL="DEBUG")
 
     runs = [run_cli(["--init"], tmp_path, env), run_cli(["--check-keys"], tmp_path, env)]
@@ -130,8 +132,8 @@ def test_generated_key_is_handed_over_once_and_never_logged(tmp_path):
     init = run_cli(["--init"], tmp_path, env)
 
     assert init.returncode == 0, init.stderr
-    (key,) = handed_over_keys(tmp_path)  # no terminal: handed over in a 0600 file
-    assert key not in init.stdout and key not in init.stderr
+    key = ",".join(handed_over_keys(tmp_path))  # no terminal: handed over in a 0600 file
+    assert [f for f in _fragments(key) if f in init.stdout + init.stderr] == []
     check = run_cli(["--check-keys"], tmp_path, dict(env, OHLCV_ENCRYPTION_KEY=key))
     assert check.returncode == 0, check.stdout + check.stderr
     seen = _log(tmp_path) + check.stdout + check.stderr
@@ -146,7 +148,7 @@ def test_debug_log_never_holds_a_key_from_the_secret_service(tmp_path, secret_se
     check = run_cli(["--check-keys"], tmp_path, env)
 
     assert (init.returncode, check.returncode) == (0, 0), init.stderr + check.stdout
-    (key,) = handed_over_keys(tmp_path)
+    key = ",".join(handed_over_keys(tmp_path))
     seen = _log(tmp_path) + init.stderr + check.stdout + check.stderr
     assert [f for f in _fragments(key) if f in seen] == []
 

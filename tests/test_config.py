@@ -88,6 +88,32 @@ def test_comma_separated_keys_are_read_primary_first(tmp_path):
     assert [k.reveal() for k in s.encryption_keys] == [primary, older]
 
 
+def test_a_naming_key_item_is_read_last_as_written(tmp_path):
+    primary, older, naming = new_key(), new_key(), new_key()
+
+    s = settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=f"{primary}, {older}, naming:{naming}")
+
+    assert [k.reveal() for k in s.encryption_keys] == [primary, older, f"naming:{naming}"]
+    assert naming in Secret.known()  # the bare key is redacted wherever it shows
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("{key},naming:{bad}", "item 2 of OHLCV_ENCRYPTION_KEY decodes to 31 bytes"),
+    ("{key},naming:{naming},naming:{other}", "holds 2 naming keys"),
+    ("naming:{naming},{key}", "must be the last item"),
+    ("naming:{naming}", "holds a naming key but no Fernet key"),
+])
+def test_a_wrong_naming_key_item_is_a_config_error_never_showing_it(tmp_path, value, problem):
+    keys = {"key": new_key(), "naming": new_key(), "other": new_key(),
+            "bad": _b64(b"\x5a" * 31)}
+
+    with pytest.raises(ConfigError) as caught:
+        settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=value.format(**keys))
+
+    assert problem in str(caught.value)
+    assert not [name for name, key in keys.items() if key in str(caught.value)]
+
+
 def test_world_readable_dotenv_gives_a_chmod_warning(tmp_path):
     env_file = tmp_path / ".env"
     env_file.write_text("OHLCV_LOG_LEVEL=INFO\n")

@@ -44,10 +44,13 @@ from secure_ohlcv_downloader import (
     KEYRING_PREVIOUS_USERNAME,
     KEYRING_USERNAME,
     EnvFileKeyStore,
+    KeyCustody,
+    KeyRing,
     KeyringKeyStore,
     KeyStoreError,
     StoredKey,
     fingerprint,
+    naming_fingerprint,
 )
 from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
     CLI,
@@ -57,9 +60,11 @@ from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fix
     secret_service_keyring,
 )
 from tests.lifecycle_fixtures import Site, headless_site, keyring_site, sample_datasets
+from tests.operations_fixtures import secret_hits
 from tests.test_keystore import KeyStoreContract
 
 FERNET_KEY = re.compile(r"[A-Za-z0-9_-]{43}=")
+NAMING = "naming:"  # the naming key's prefix in a key list
 KEY_LINE = re.compile(r"^OHLCV_ENCRYPTION_KEY=(\S+)$", re.M)
 STORES = ["env", "keyring"]  # keys in `.env` on a headless server, or in the OS keyring
 
@@ -85,24 +90,48 @@ def installation(kind: str, root: Path, service=None, backend=None) -> Site:
     return site
 
 
-def env_file_keys(path: Path) -> list[str]:
-    """The keys OHLCV_ENCRYPTION_KEY holds in a `.env` file, in order."""
+def env_file_items(path: Path) -> list[str]:
+    """Every item OHLCV_ENCRYPTION_KEY holds in a `.env` file, in order (`naming:...` too)."""
     values, _ = read_env_file(path)
     return [s.reveal() for s in parse_key_list(values.get("OHLCV_ENCRYPTION_KEY", ""))]
+
+
+def env_file_keys(path: Path) -> list[str]:
+    """The Fernet keys OHLCV_ENCRYPTION_KEY holds in a `.env` file, in order."""
+    return [v for v in env_file_items(path) if not v.startswith(NAMING)]
 
 
 def keyring_entry(backend) -> str | None:
     return backend.get_password(KEYRING_SERVICE, KEYRING_USERNAME)
 
 
-def keyring_keys(backend) -> list[str]:
+def keyring_items(backend) -> list[str]:
+    """Every key of the keyring entry, in order, the naming key written `naming:...`."""
     raw = keyring_entry(backend)
-    return [] if raw is None else [e["key"] for e in json.loads(raw)["keys"]]
+    return [] if raw is None else [NAMING * (e["status"] == "naming") + e["key"]
+                                   for e in json.loads(raw)["keys"]]
+
+
+def keyring_keys(backend) -> list[str]:
+    return [v for v in keyring_items(backend) if not v.startswith(NAMING)]
+
+
+def stored_items(site: Site) -> list[str]:
+    """Every key where this site keeps them (the keyring, or `.env`), as a key list
+    writes them: Fernet keys primary first, then `naming:<key>`."""
+    return keyring_items(site.backend) if site.service is not None else env_file_items(site.env_file)
 
 
 def stored_keys(site: Site) -> list[str]:
-    """The keys where this site keeps them (the keyring, or `.env`), primary first."""
-    return keyring_keys(site.backend) if site.service is not None else env_file_keys(site.env_file)
+    """The Fernet keys where this site keeps them, primary first."""
+    return [v for v in stored_items(site) if not v.startswith(NAMING)]
+
+
+def stored_naming_key(site: Site) -> str | None:
+    """The naming key where this site keeps its keys (bare), or None."""
+    naming = [v.removeprefix(NAMING) for v in stored_items(site) if v.startswith(NAMING)]
+    assert len(naming) <= 1
+    return naming[0] if naming else None
 
 
 def custody_bytes(site: Site) -> tuple[bytes | None, str | None]:
@@ -123,10 +152,15 @@ def new_key_files(site: Site) -> list[Path]:
     return sorted(site.state_dir.glob("new-key-*.txt"))
 
 
-def keys_in_new_key_file(path: Path) -> list[str]:
-    """The value of its `OHLCV_ENCRYPTION_KEY=<keys>` line, as a list."""
+def items_in_new_key_file(path: Path) -> list[str]:
+    """The value of its `OHLCV_ENCRYPTION_KEY=<keys>` line, as a list (`naming:...` too)."""
     (value,) = KEY_LINE.findall(path.read_text())
     return value.split(",")
+
+
+def keys_in_new_key_file(path: Path) -> list[str]:
+    """The Fernet keys of its `OHLCV_ENCRYPTION_KEY=<keys>` line, in order."""
+    return [v for v in items_in_new_key_file(path) if not v.startswith(NAMING)]
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -816,7 +850,9 @@ class TestEnvFileKeyStore(KeyStoreContract):
     @pytest.fixture
     def store_holding(self, tmp_path):
         def holding(keys):
-            return EnvFileKeyStore(env_file_with(tmp_path, [k.key for k in keys]), 0o600)
+            path = env_file_with(tmp_path, [])
+            EnvFileKeyStore(path, 0o600).save(keys)  # written as the program writes it
+            return EnvFileKeyStore(path, 0o600)
         return holding
 
     def test_load_of_a_missing_file_returns_none(self, tmp_path):
@@ -843,3 +879,167 @@ class TestEnvFileKeyStore(KeyStoreContract):
         env_file_with(tmp_path, replacement)  # another run rotated
 
         assert [k.key for k in store.load()] == replacement
+
+
+# =========================================================================================
+# 9. The naming key: recovered, never replaced, never removed, added to an older ring
+# =========================================================================================
+
+def older_ring(site: Site) -> KeyRing:
+    """Make `site` a store from before the naming key: its keys kept without one, no key
+    file waiting. Returns the ring it held."""
+    ring = site.ring()
+    if site.service is not None:
+        KeyringKeyStore(site.backend).save(ring.keys)
+    else:
+        EnvFileKeyStore(site.env_file, 0o600).save(ring.keys)
+    for path in new_key_files(site):
+        path.unlink()
+    return ring
+
+
+def site_of(kind: str, tmp_path: Path, request) -> Site:
+    if kind == "env":
+        return installation(kind, tmp_path)
+    return installation(kind, tmp_path, request.getfixturevalue("secret_service"),
+                        request.getfixturevalue("keyring_backend"))
+
+
+def test_recover_takes_the_naming_key_from_the_offline_copy(tmp_path):
+    site = installation("env", tmp_path)
+    ring = site.ring()
+    site.env_file.unlink()  # the keys lost; the offline copy holds the whole value
+    handed_at_init = new_key_files(site)
+    offline = write_key_file(tmp_path / "offline" / "ring.key", *(k.item for k in ring.stored()))
+
+    result = site.cli("--recover", "--key-file", str(offline))
+
+    assert result.returncode == 0, output(result)
+    assert stored_naming_key(site) == ring.naming.key
+    assert stored_keys(site) == [k.key for k in ring.keys]
+    assert new_key_files(site) == handed_at_init  # nothing new to hand over
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_recover_refuses_a_naming_key_other_than_the_one_held_naming_both(tmp_path, request,
+                                                                          kind):
+    site = site_of(kind, tmp_path, request)
+    ring, before, files = site.ring(), custody_bytes(site), site.files()
+    other = new_key()
+    offered = write_key_file(tmp_path / "offline" / "other.key", ring.primary.key,
+                             f"naming:{other}")
+
+    result = site.cli("--recover", "--key-file", str(offered))
+
+    assert result.returncode == 3, output(result)
+    assert naming_fingerprint(other) in result.stderr
+    assert ring.naming.fingerprint in result.stderr
+    assert "Nothing was changed" in result.stderr and "Fix:" in result.stderr
+    assert other not in output(result) and ring.naming.key not in output(result)
+    assert (custody_bytes(site), site.files()) == (before, files)
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_recover_with_no_naming_key_anywhere_makes_one_and_hands_it_over(tmp_path, request,
+                                                                         kind):
+    site = site_of(kind, tmp_path, request)
+    ring = older_ring(site)
+    offline = write_key_file(tmp_path / "offline" / "old.key", ring.primary.key)
+
+    result = site.cli("--recover", "--key-file", str(offline))
+
+    assert result.returncode == 0, output(result)
+    naming = stored_naming_key(site)
+    assert naming is not None
+    (handed,) = new_key_files(site)
+    assert items_in_new_key_file(handed) == [ring.primary.key, f"naming:{naming}"]
+    assert str(handed) in result.stdout and naming not in output(result)
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_remove_key_never_removes_the_naming_key(tmp_path, request, kind):
+    site = site_of(kind, tmp_path, request)
+    ring, before = site.ring(), custody_bytes(site)
+
+    result = site.cli("remove-key", ring.naming.fingerprint, "--yes")
+
+    assert result.returncode == 2, output(result)
+    assert "naming key" in result.stderr and "never be removed" in result.stderr
+    assert custody_bytes(site) == before
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_add_naming_key_hands_the_whole_ring_over_then_stores_it(tmp_path, request, kind):
+    site = site_of(kind, tmp_path, request)
+    ring = older_ring(site)
+    custody = KeyCustody(site.settings(), KeyringKeyStore(site.backend))
+
+    report = custody.add_naming_key(custody.ring(), None)
+
+    naming = stored_naming_key(site)
+    assert naming is not None and report.fingerprint == naming_fingerprint(naming)
+    assert not report.awaiting_env_update and report.stored_in
+    assert items_in_new_key_file(report.new_key.file) == [ring.primary.key, f"naming:{naming}"]
+    assert custody.ring().naming.key == naming
+    assert custody.add_naming_key(custody.ring(), None) is None  # never replaced
+    assert stored_naming_key(site) == naming
+
+
+def test_add_naming_key_with_keys_in_a_variable_set_outside_awaits_the_operator(tmp_path):
+    key = new_key()
+    site = headless_site(tmp_path, key_in_variable=True, OHLCV_ENCRYPTION_KEY=key)
+    custody = KeyCustody(site.settings(), KeyringKeyStore(site.backend))
+
+    report = custody.add_naming_key(custody.ring(), None)
+
+    assert report.awaiting_env_update and report.stored_in == []
+    assert not site.env_file.exists()  # nothing stored: the variable is outside our reach
+    value = report.new_key.value
+    assert value.startswith(f"{key},naming:") and len(value.split(",")) == 2
+    site.variables["OHLCV_ENCRYPTION_KEY"] = value
+    check = site.cli("--check-keys")
+    assert check.returncode == 0, output(check)
+    assert report.fingerprint in check.stdout
+
+
+def test_the_naming_key_never_reaches_the_log_or_the_output(tmp_path):
+    site = bare_site(tmp_path, OHLCV_LOG_LEVEL="DEBUG")
+    runs = [site.cli("--init")]
+    site.put(sample_datasets())
+    runs += [site.cli(*args) for args in (["--check-keys"], ["--rotate-key"], ["status"],
+                                          ["backup"], ["--verify-backup", "--all"])]
+    naming = stored_naming_key(site)
+
+    assert naming is not None and all(r.returncode == 0 for r in runs), \
+        [output(r) for r in runs]
+    texts = {"log": site.log_file.read_text(),
+             **{f"{' '.join(r.args)} {i}": output(r) for i, r in enumerate(runs)}}
+    assert secret_hits(texts, {"naming key": naming}) == []
+
+
+def test_the_typed_key_ring_brings_its_naming_key_into_custody(tmp_path):
+    site = installation("env", tmp_path)
+    ring = site.ring()
+    site.env_file.unlink()
+    typed = ",".join(k.item for k in ring.stored())
+
+    report = site.app().recover(prompt=lambda: typed)
+
+    assert report.key_source == "prompt" and report.new_key is None
+    assert stored_naming_key(site) == ring.naming.key
+
+
+def test_a_typed_key_alone_gets_a_naming_key_shown_on_the_terminal(tmp_path):
+    site = installation("env", tmp_path)
+    ring = older_ring(site)
+    site.env_file.unlink()
+    shown = []
+    app = site.app()
+    app.show_key = shown.append
+
+    report = app.recover(prompt=lambda: ring.primary.key)
+
+    naming = stored_naming_key(site)
+    assert naming is not None and report.new_key is not None
+    assert [new.value for new in shown] == [f"{ring.primary.key},naming:{naming}"]
+    assert new_key_files(site) == []  # shown, so no file

@@ -244,7 +244,7 @@ def test_status_json_describes_each_dataset(stored):
     datasets = {d["dataset"]: d for d in json.loads(run.stdout)["datasets"]}
     assert sorted(datasets) == ["IBM daily", "IBM daily_adjusted"]
     days = [bar["date"] for bar in stored.av.daily_bars("IBM")]
-    key_fp = fingerprint(str(stored.ws.variables["OHLCV_ENCRYPTION_KEY"]).split(",")[0])
+    key_fp = fingerprint(stored.ws.variables["OHLCV_ENCRYPTION_KEY"].split(",")[0])
     for entry in datasets.values():
         assert entry["rows"] == len(days)
         assert entry["first_bar"].startswith(str(days[0]))

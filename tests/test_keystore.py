@@ -14,19 +14,22 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography.fernet import Fernet, InvalidToken
 from keyring.backend import KeyringBackend
 from keyring.backends import fail
 
-from config import KEYRING_SERVICE
+from config import KEYRING_SERVICE, Secret
 from secure_ohlcv_downloader import (
     KEYRING_USERNAME,
     EnvKeyStore,
     KeyCustody,
+    KeyRing,
     KeyringKeyStore,
     KeyStoreError,
     StoredKey,
     describe_backend,
     fingerprint,
+    naming_fingerprint,
 )
 from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
     handed_over_keys,
@@ -46,6 +49,16 @@ def three_keys() -> list[StoredKey]:
     return [StoredKey(new_key(), "primary", "2024-03-01T00:00:00+00:00"),
             StoredKey(new_key(), "retired", "2023-03-01T00:00:00+00:00"),
             StoredKey(new_key(), "retired", "2022-03-01T00:00:00+00:00")]
+
+
+def keys_with_naming() -> list[StoredKey]:
+    """Three Fernet keys, then the naming key, as every store saves a ring."""
+    return three_keys() + [StoredKey(new_key(), "naming", "2024-03-01T00:00:00+00:00")]
+
+
+def as_item(key: StoredKey) -> str:
+    """`key` as one item of OHLCV_ENCRYPTION_KEY: the naming key is written naming:<key>."""
+    return ("naming:" if key.status == "naming" else "") + key.key
 
 
 # =========================================================================================
@@ -92,6 +105,17 @@ class KeyStoreContract:
         loaded = store_holding(three_keys()).load()
 
         assert len({k.fingerprint for k in loaded}) == 3
+
+    def test_the_naming_key_comes_back_last_marked_and_named_in_its_own_domain(
+            self, store_holding):
+        keys = keys_with_naming()
+
+        loaded = store_holding(keys).load()
+
+        assert [(k.key, k.status) for k in loaded] == [(k.key, k.status) for k in keys]
+        naming = loaded[-1]
+        assert naming.fingerprint == naming_fingerprint(naming.key) != fingerprint(naming.key)
+        assert KeyRing(loaded).naming == naming
 
     def test_loaded_keys_never_show_in_repr(self, store_holding):
         loaded = store_holding(three_keys()).load()
@@ -159,7 +183,7 @@ class TestEnvKeyStore(KeyStoreContract):
     def store_holding(self, tmp_path):
         def holding(keys):
             return EnvKeyStore(settings_for(
-                tmp_path, OHLCV_ENCRYPTION_KEY=",".join(k.key for k in keys)))
+                tmp_path, OHLCV_ENCRYPTION_KEY=",".join(as_item(k) for k in keys)))
         return holding
 
     def test_save_is_refused(self, tmp_path):
@@ -172,6 +196,56 @@ class TestEnvKeyStore(KeyStoreContract):
 def test_fingerprint_of_a_fixed_key_never_changes():
     # Fingerprints are printed, logged and written next to backups: the function is frozen.
     assert fingerprint("A" * 43 + "=") == "224938bf0fd0"
+
+
+def test_naming_fingerprint_of_a_fixed_key_never_changes():
+    # The catalogue records it: the function is frozen, and its domain is not fingerprint's.
+    assert naming_fingerprint("A" * 43 + "=") == "7dc00188ccf7"
+
+
+# =========================================================================================
+# The key ring and its naming key
+# =========================================================================================
+
+def test_the_ring_keeps_the_naming_key_apart_from_the_fernet_keys():
+    keys = keys_with_naming()
+
+    ring = KeyRing(keys)
+
+    assert ring.keys == keys[:3] and ring.primary == keys[0]
+    assert ring.naming == keys[3]
+    assert ring.fingerprints() == [k.fingerprint for k in keys[:3]]
+    assert ring.stored() == keys
+
+
+def test_the_naming_key_encrypts_and_decrypts_nothing():
+    keys = keys_with_naming()
+    ring = KeyRing(keys)
+    token = ring.encrypt(b"bars")
+
+    assert Fernet(keys[0].key).decrypt(token) == b"bars"
+    with pytest.raises(InvalidToken):
+        Fernet(keys[3].key).decrypt(token)
+    with pytest.raises(InvalidToken):  # a token under the naming key is not the ring's
+        ring.decrypt(Fernet(keys[3].key).encrypt(b"bars"))
+
+
+def test_a_generated_ring_has_a_primary_key_and_a_naming_key():
+    ring = KeyRing.generate()
+
+    assert [k.status for k in ring.stored()] == ["primary", "naming"]
+    assert ring.naming is not None and ring.naming.key != ring.primary.key
+    assert ring.naming.key in Secret.known()  # redacted from the moment it exists
+
+
+def test_a_ring_with_two_naming_keys_is_refused_naming_both_fingerprints():
+    keys = keys_with_naming() + [StoredKey(new_key(), "naming")]
+
+    with pytest.raises(KeyStoreError) as caught:
+        KeyRing(keys)
+
+    assert keys[3].fingerprint in str(caught.value) and keys[4].fingerprint in str(caught.value)
+    assert keys[3].key not in str(caught.value) and keys[4].key not in str(caught.value)
 
 
 # =========================================================================================
@@ -279,6 +353,27 @@ def test_keyring_and_variable_disagreeing_is_an_error_naming_both(tmp_path, keyr
     assert in_keyring not in message and in_variable not in message
 
 
+@pytest.mark.parametrize("variable_naming", ["another", "none"])
+def test_keyring_and_variable_disagreeing_on_the_naming_key_is_an_error_naming_both(
+        tmp_path, keyring_backend, variable_naming):
+    keys = keys_with_naming()
+    store = KeyringKeyStore(keyring_backend)
+    store.save(keys)
+    other = new_key()
+    value = ",".join(k.key for k in keys[:3]) + (f",naming:{other}"
+                                                  if variable_naming == "another" else "")
+    settings = settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=value)
+
+    with pytest.raises(KeyStoreError) as caught:
+        KeyCustody(settings, store).sources().choose()
+
+    message = str(caught.value)
+    assert keys[3].fingerprint in message
+    assert (naming_fingerprint(other) if variable_naming == "another" else "none") in message
+    assert "disagree" in message and "Fix:" in message and "--recover" in message
+    assert keys[3].key not in message and other not in message
+
+
 def test_no_key_anywhere_tells_to_run_init(tmp_path, keyring_backend):
     sources = KeyCustody(settings_for(tmp_path), KeyringKeyStore(keyring_backend)).sources()
 
@@ -315,10 +410,12 @@ def test_cli_init_stores_a_generated_key_in_the_keyring(desktop, keyring_backend
     result = desktop("--init")
 
     assert result.returncode == 0, result.stderr
-    (key,) = _stored_ring(keyring_backend)
+    key, naming = _stored_ring(keyring_backend)
     assert "Stored in: OS keyring" in result.stdout
-    assert handed_over_keys(tmp_path) == [key]  # no terminal: handed over in a file
-    assert key not in result.stdout and key not in result.stderr
+    # No terminal: handed over in a file, the naming key with it.
+    assert handed_over_keys(tmp_path) == [key, f"naming:{naming}"]
+    for secret in (key, naming):
+        assert secret not in result.stdout and secret not in result.stderr
 
 
 def test_cli_init_twice_changes_nothing(desktop, keyring_backend, tmp_path):
@@ -330,8 +427,8 @@ def test_cli_init_twice_changes_nothing(desktop, keyring_backend, tmp_path):
 
     assert again.returncode == 0, again.stderr
     assert "Already initialised; nothing changed" in again.stdout
-    (key,) = _stored_ring(keyring_backend)
-    assert key not in again.stdout + again.stderr
+    for key in _stored_ring(keyring_backend):
+        assert key not in again.stdout + again.stderr
     assert keyring_backend.get_password(KEYRING_SERVICE, KEYRING_USERNAME) == entry
     assert (tmp_path / "state" / "canary.fernet").read_bytes() == canary
 
@@ -358,13 +455,15 @@ def test_cli_check_keys_fails_when_the_variable_holds_another_key(desktop, keyri
     assert other not in result.stdout + result.stderr
 
 
-def test_cli_init_imports_the_variable_into_the_keyring(desktop, keyring_backend):
+def test_cli_init_imports_the_variable_into_the_keyring(desktop, keyring_backend, tmp_path):
     key = new_key()
 
     result = desktop("--init", OHLCV_ENCRYPTION_KEY=key)
 
     assert result.returncode == 0, result.stderr
-    assert _stored_ring(keyring_backend) == [key]
+    stored, naming = _stored_ring(keyring_backend)
+    assert stored == key  # taken as it is, and given the naming key it lacked
+    assert handed_over_keys(tmp_path) == [key, f"naming:{naming}"]
     assert key not in result.stdout + result.stderr
 
 
@@ -381,6 +480,12 @@ def test_headless_init_imports_the_variable_without_printing_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "Key ring from OHLCV_ENCRYPTION_KEY" in result.stdout
     assert key not in result.stdout + result.stderr
+    # The variable lacks the naming key made now: the operator is told to set it.
+    assert "lacks the naming key" in result.stderr
+    handed = handed_over_keys(tmp_path)
+    assert handed[0] == key and handed[1].startswith("naming:")
+    assert handed[1].removeprefix("naming:") not in result.stdout + result.stderr
+    env["OHLCV_ENCRYPTION_KEY"] = ",".join(handed)
     assert run_cli(["--check-keys"], tmp_path, env).returncode == 0
 
 
@@ -388,7 +493,8 @@ def test_headless_init_without_a_key_hands_the_new_one_over_in_a_file_with_a_war
     result = run_cli(["--init"], tmp_path, headless_env(tmp_path))
 
     assert result.returncode == 0, result.stderr
-    (key,) = handed_over_keys(tmp_path)
+    (key, naming) = handed_over_keys(tmp_path)
+    assert naming.startswith("naming:")
     assert re.findall(r"[A-Za-z0-9_-]{43}=", result.stdout + result.stderr) == []
     assert "warning:" in result.stderr and "OHLCV_ENCRYPTION_KEY" in result.stderr
     assert "new-key-" in result.stdout and "move it offline" in result.stdout

@@ -58,6 +58,7 @@ from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fix
     handed_over_keys,
     keyring_backend,
     new_key,
+    new_key_ring,
     secret_service_keyring,
 )
 from tests.lifecycle_fixtures import (
@@ -119,7 +120,8 @@ def stored_statuses(site: Site) -> list[tuple[str, str]]:
     them: the keyring entry's JSON, or the order of OHLCV_ENCRYPTION_KEY (.env)."""
     if site.service is not None:
         entry = json.loads(site.backend.get_password(KEYRING_SERVICE, KEYRING_USERNAME))
-        return [(fingerprint(k["key"]), k["status"]) for k in entry["keys"]]
+        return [(StoredKey(k["key"], k["status"]).fingerprint, k["status"])
+                for k in entry["keys"]]
     return [(k.fingerprint, k.status) for k in EnvFileKeyStore(site.env_file, 0o600).load()]
 
 
@@ -184,9 +186,18 @@ class TestRotateKey:
         for rel, frame in rotation.frames_before.items():
             pd.testing.assert_frame_equal(frames[rel], frame, obj=rel)
 
-    def test_the_old_key_stays_in_the_ring_as_retired(self, rotation):
+    def test_the_old_key_stays_in_the_ring_as_retired_and_the_naming_key_unchanged(
+            self, rotation):
+        assert rotation.old.naming is not None
         assert rotation.statuses == [(rotation.new.primary.fingerprint, "primary"),
-                                     (rotation.old.primary.fingerprint, "retired")]
+                                     (rotation.old.primary.fingerprint, "retired"),
+                                     (rotation.old.naming.fingerprint, "naming")]
+
+    def test_the_naming_key_is_handed_over_with_the_new_ring(self, rotation):
+        # Rotation renames nothing: the value to keep offline still ends with the same
+        # naming key.
+        handed = rotation.site.state_dir / f"new-key-{rotation.new.primary.fingerprint}.txt"
+        assert handed.read_text().rstrip().endswith(f",naming:{rotation.old.naming.key}")
 
     def test_the_new_key_is_never_printed(self, rotation):
         assert rotation.new.primary.key not in output(rotation.result)
@@ -296,8 +307,8 @@ class TestRotateKeyWithKeysInTheVariable:
         run = variable_rotation
 
         assert run.first.returncode == 0, output(run.first)
-        new, old = run.printed[0].split(",")
-        assert old == run.key and new != run.key and fernet_key_problem(new) is None
+        new, old, naming = run.printed[0].split(",")
+        assert f"{old},{naming}" == run.key and new != old and fernet_key_problem(new) is None
         assert output(run.first).count(new) == 0  # off a terminal: in the file it names
         assert "new-key-" in run.first.stdout
 
@@ -332,7 +343,7 @@ class TestRotateKeyWithKeysInTheVariable:
 @dataclass
 class BothRotation:
     site: Site
-    key: str                              # the key ring both held before: one key
+    key: str                              # the key ring both held before: one key and the naming key
     result: subprocess.CompletedProcess
     printed: list[str]                    # the OHLCV_ENCRYPTION_KEY values the run printed
     keyring: KeyRing                      # what the keyring holds afterwards
@@ -342,7 +353,7 @@ class BothRotation:
 @pytest.fixture(scope="class")
 def both_rotation(secret_service, tmp_path_factory):
     """`--rotate-key` where the keyring and a real OHLCV_ENCRYPTION_KEY hold the same ring."""
-    key = new_key()
+    key = new_key_ring()
     with secret_service_keyring(secret_service) as backend:
         site = keyring_site(tmp_path_factory.mktemp("rotate-both"), secret_service, backend,
                             OHLCV_ENCRYPTION_KEY=key)
@@ -361,8 +372,8 @@ class TestRotateKeyWithKeysInTheKeyringAndTheVariable:
         assert run.result.returncode == 0, output(run.result)
         assert "OHLCV_ENCRYPTION_KEY is also set outside this directory: set it to the new " \
             "value" in run.result.stdout
-        new, old = run.printed[0].split(",")
-        assert old == run.key and new == run.keyring.primary.key
+        new, old, naming = run.printed[0].split(",")
+        assert f"{old},{naming}" == run.key and new == run.keyring.primary.key
         assert output(run.result).count(new) == 0  # off a terminal: in the file it names
 
     def test_every_dataset_is_re_encrypted_under_the_keyring_s_new_key(self, both_rotation):
@@ -377,6 +388,41 @@ class TestRotateKeyWithKeysInTheKeyringAndTheVariable:
 
         assert check is not None and check.returncode == 0, output(check)
         assert "keyring and variable: agree" in check.stdout
+
+
+# =========================================================================================
+# --init and --check-keys: the naming key
+# =========================================================================================
+
+def test_init_hands_the_naming_key_over_with_the_first_key(tmp_path):
+    site = headless_site(tmp_path)
+    ring = site.ring()
+
+    assert ring.naming is not None
+    assert handed_over_keys(site.cwd) == [ring.primary.key, f"naming:{ring.naming.key}"]
+
+
+def test_check_keys_lists_the_naming_key_by_its_fingerprint(tmp_path):
+    site = headless_site(tmp_path)
+    naming = site.ring().naming
+
+    result = site.cli("--check-keys")
+
+    assert result.returncode == 0, output(result)
+    assert re.search(rf"^ok\s+naming key\s+fingerprint {naming.fingerprint}\b", result.stdout,
+                     re.M), result.stdout
+    assert naming.key not in output(result)
+
+
+def test_check_keys_without_a_naming_key_fails_naming_the_migration(tmp_path):
+    site = headless_site(tmp_path)
+    EnvFileKeyStore(site.env_file, 0o600).save(site.ring().keys)  # a store from before it
+
+    result = site.cli("--check-keys")
+
+    assert result.returncode == 3, output(result)
+    assert re.search(r"^FAIL\s+naming key\s+no naming key: run --migrate-store$", result.stdout,
+                     re.M), result.stdout
 
 
 # =========================================================================================
@@ -424,7 +470,10 @@ def test_remove_key_with_yes_removes_it_from_the_keyring(retired_key):
     result = retired_key.site.cli("remove-key", retired_key.old.fingerprint, "--yes")
 
     assert result.returncode == 0, output(result)
-    assert stored_statuses(retired_key.site) == [(retired_key.new_fp, "primary")]
+    naming = retired_key.site.ring().naming
+    assert naming is not None
+    assert stored_statuses(retired_key.site) == [(retired_key.new_fp, "primary"),
+                                                 (naming.fingerprint, "naming")]
 
 
 def test_remove_key_refuses_the_primary_key(retired_key):
@@ -935,7 +984,8 @@ def test_restore_drill_with_a_secret_service_relinks_the_key_ring_into_the_keyri
         tmp_path, secret_service, keyring_backend):
     site = keyring_site(tmp_path, secret_service, keyring_backend)
     site.put(sample_datasets())
-    key, archive, files = site.ring().primary.key, site.backup(), site.files()
+    ring, archive, files = site.ring(), site.backup(), site.files()
+    key = ",".join(k.item for k in ring.stored())  # the offline copy: the naming key too
     before = cli_all(site, EXPORTS)
     shutil.rmtree(site.data_dir)
     delete_key_ring_entry(keyring_backend)
@@ -945,7 +995,8 @@ def test_restore_drill_with_a_secret_service_relinks_the_key_ring_into_the_keyri
     assert result.returncode == 0, output(result)
     assert "key ring stored in: OS keyring" in result.stdout
     entry = json.loads(keyring_backend.get_password(KEYRING_SERVICE, KEYRING_USERNAME))
-    assert [k["key"] for k in entry["keys"]] == [key]
+    assert [(k["key"], k["status"]) for k in entry["keys"]] == [
+        (k.key, k.status) for k in ring.stored()]
     assert site.files() == files
     after = cli_all(site, EXPORTS)  # no variable now: the keys come from the keyring
     assert [e.stdout for e in after] == [e.stdout for e in before] and before[0].stdout

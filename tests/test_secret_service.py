@@ -24,6 +24,13 @@ import keyring
 import pytest
 from keyring.backends import SecretService
 
+from config import KEYRING_SERVICE
+from secure_ohlcv_downloader import KEYRING_USERNAME, KeyRing, KeyringKeyStore
+from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
+    keyring_backend,
+    run_cli,
+    secret_service_env,
+)
 from tests.secret_service import PrivateSecretService
 
 
@@ -170,3 +177,18 @@ def test_stop_leaves_no_daemons(secret_service, tmp_path):
         with pytest.raises(ProcessLookupError):
             os.kill(p.pid, 0)
     service.stop()  # idempotent
+
+
+def test_the_naming_key_made_by_init_in_a_process_is_kept_in_gnome_keyring(
+        secret_service, keyring_backend, tmp_path):
+    # The command line, a process of its own, stores the ring in the real keyring; this
+    # process reads the raw entry, and the ring it loads, back.
+    result = run_cli(["--init"], tmp_path, secret_service_env(secret_service, tmp_path))
+    assert result.returncode == 0, result.stderr
+
+    raw = json.loads(keyring_backend.get_password(KEYRING_SERVICE, KEYRING_USERNAME))
+    assert [entry["status"] for entry in raw["keys"]] == ["primary", "naming"]
+    ring = KeyRing(KeyringKeyStore(keyring_backend).load())
+    assert ring.naming is not None and ring.naming.key == raw["keys"][1]["key"]
+    assert ring.naming.key not in result.stdout + result.stderr
+    assert f"naming key fingerprint {ring.naming.fingerprint}" in result.stdout

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from secure_ohlcv_downloader import fingerprint
+from secure_ohlcv_downloader import fingerprint, naming_fingerprint
 from tests.foundation_fixtures import keyring_backend  # noqa: F401 (a fixture)
 from validate_environment import read_pins
 
@@ -378,3 +378,29 @@ def test_read_pins_understands_pip_compile_format():
     pins, not_pins = read_pins(text)
     assert pins == {"jaraco-classes": "3.4.0", "python-dotenv": "1.2.4", "requests": "2.34.2"}
     assert not_pins == ["left-open>=1.0"]
+
+
+# -- the naming key ---------------------------------------------------------------------------
+
+def test_the_naming_key_item_is_accepted_and_reported_by_its_fingerprint_alone(setup):
+    naming = Fernet.generate_key().decode()
+    setup["env"]["OHLCV_ENCRYPTION_KEY"] = f"{FERNET_KEY},naming:{naming}"
+    initialise(setup)
+
+    result = run(setup, "--json")
+
+    keys = checks_by_name(result)["encryption keys"]
+    assert keys["status"] == "OK", keys
+    assert naming_fingerprint(naming) in keys["detail"] and "naming key" in keys["detail"]
+    assert naming not in result.stdout + result.stderr
+
+
+def test_an_initialised_store_without_a_naming_key_fails_naming_the_migration(setup):
+    initialise(setup)  # OHLCV_ENCRYPTION_KEY holds a Fernet key and no naming key
+
+    result = run(setup, "--json")
+
+    assert result.returncode == 3, result.stdout
+    keys = checks_by_name(result)["encryption keys"]
+    assert keys["status"] == "FAIL" and "no naming key" in keys["detail"]
+    assert "--migrate-store" in keys["fix"]
