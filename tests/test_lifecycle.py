@@ -925,7 +925,7 @@ def test_recover_never_restores_a_member_over_the_size_limit(tmp_path, monkeypat
 @dataclass
 class Drill:
     site: Site
-    key: str
+    key: str  # the offline copy: the whole ring, the naming key last
     archive: Path
     files: dict[str, bytes]
     exports: list[str]
@@ -940,7 +940,10 @@ def drill(tmp_path_factory) -> Drill:
     exports = cli_all(site, EXPORTS)
     assert all(e.returncode == 0 and e.stdout.count("\n") > 5 for e in exports), \
         [output(e) for e in exports]
-    return Drill(site, site.ring().primary.key, archive, site.files(), [e.stdout for e in exports])
+    ring = site.ring()
+    assert ring.naming is not None
+    return Drill(site, f"{ring.primary.key},naming:{ring.naming.key}", archive, site.files(),
+                 [e.stdout for e in exports])
 
 
 def drill_copy(drill: Drill, tmp_path: Path) -> tuple[Site, Path]:
@@ -1098,7 +1101,7 @@ def test_recover_on_a_new_machine_from_an_archive_with_an_altered_canary_restore
     assert result.returncode == 0, output(result)
     assert CANARY_MEMBER in result.stderr
     assert site.files() == drill.files
-    assert Fernet(drill.key).decrypt(site.canary.read_bytes()) == CANARY_TEXT
+    assert Fernet(drill.key.split(",")[0]).decrypt(site.canary.read_bytes()) == CANARY_TEXT
 
 
 def test_recover_on_a_new_machine_with_the_wrong_key_says_so_and_initialises_nothing(
