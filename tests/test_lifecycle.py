@@ -966,6 +966,27 @@ def test_restore_drill_with_the_key_in_the_variable_brings_back_identical_data(d
     assert [e.stdout for e in exports] == drill.exports
 
 
+def test_restore_with_the_fernet_key_alone_puts_every_dataset_under_a_new_naming_key(
+        drill, tmp_path):
+    """An offline copy from before the naming key: --recover makes a new one (handed over)
+    and writes each dataset where that key names it, from the identity in the manifest."""
+    site, archive = drill_copy(drill, tmp_path)
+    shutil.rmtree(site.data_dir)
+    site.env_file.unlink()
+
+    result = site.cli_fresh("--recover", "--from-backup", str(archive),
+                            OHLCV_ENCRYPTION_KEY=drill.key.split(",")[0])
+
+    assert result.returncode == 0, output(result)
+    assert f"{DATASET_COUNT} restored from the backup, 0 could not be recovered" in result.stdout
+    files = site.files()
+    assert len(files) == DATASET_COUNT and set(files).isdisjoint(drill.files)
+    assert sorted(files.values()) == sorted(drill.files.values())  # the same tokens, renamed
+    handed_over = ",".join(handed_over_keys(site.cwd))  # the whole new ring, to keep offline
+    exports = cli_all(site, EXPORTS, OHLCV_ENCRYPTION_KEY=handed_over)
+    assert [e.stdout for e in exports] == drill.exports
+
+
 def test_restore_drill_with_a_key_file_brings_back_identical_data(drill, tmp_path):
     site, archive = drill_copy(drill, tmp_path)
     shutil.rmtree(site.data_dir)
