@@ -2682,6 +2682,17 @@ class Catalogue:
                  if _entry_sound(identity, e, naming_key)}
         return cls(sound, "" if len(sound) == len(entries) else "damaged")
 
+    @staticmethod
+    def naming_fingerprint(root: Path, ring: KeyRing) -> str | None:
+        """The fingerprint of the naming key the catalogue was written under; None when
+        there is no readable catalogue."""
+        try:
+            document = json.loads(ring.decrypt((root / CATALOGUE_NAME).read_bytes()))
+        except (OSError, InvalidToken, ValueError):
+            return None
+        written = document.get("naming_key") if isinstance(document, dict) else None
+        return written if isinstance(written, str) else None
+
     def named(self, file: str) -> tuple[str, dict[str, Any]] | None:
         """The identity and entry recorded for `file`, proven or not."""
         return self._by_file.get(file)
@@ -4713,6 +4724,13 @@ def check_keys(ctx: RunContext) -> KeyCheckReport:
                         f"fingerprint {ring.naming.fingerprint} (names the data files)"
                         if ring.naming is not None else
                         "no naming key: run --migrate-store"))
+    catalogued = Catalogue.naming_fingerprint(s.data_dir, ring)
+    if ring.naming is not None and catalogued not in (None, ring.naming.fingerprint):
+        checks.append(Check("naming key of the store", False,
+                            f"the catalogue was written under naming key {catalogued}, the ring "
+                            f"holds {ring.naming.fingerprint}: the data files are named with "
+                            "the other one. Fix: run --recover with the value of your offline "
+                            "copy of the key ring."))
     probe = secrets.token_bytes(32)
     checks.append(Check("round trip", ring.decrypt(ring.encrypt(probe)) == probe,
                         "fresh encrypt/decrypt with the primary key"))

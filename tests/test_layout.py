@@ -389,3 +389,15 @@ def test_rotation_rewrites_the_catalogue_under_the_new_key_without_decrypting_it
     entries = {x.dataset.identity: x.entry for x in store.listing()}
     assert {e["key"] for e in entries.values()} == {new_fp}
     assert entries == {x.dataset.identity: x.entry for x in store.listing(catalogue=_empty(store))}
+
+
+def test_check_keys_fails_when_the_naming_key_is_not_the_one_the_store_was_named_with(small):
+    right = small.run("--check-keys")
+    primary = str(small.variables["OHLCV_ENCRYPTION_KEY"]).split(",")[0]
+
+    wrong = small.run("--check-keys", OHLCV_ENCRYPTION_KEY=f"{primary},naming:{new_key()}")
+
+    assert right.returncode == 0, right.stdout + right.stderr
+    assert wrong.returncode != 0
+    assert "naming key of the store" in wrong.stdout + wrong.stderr
+    assert "--recover" in wrong.stdout + wrong.stderr
