@@ -99,7 +99,7 @@ class Site:
         self.cwd.mkdir(parents=True)
         self.home.mkdir(exist_ok=True)
         env_file = self.cwd / ".env"
-        env_file.write_text(f"OHLCV_ENCRYPTION_KEY={Fernet.generate_key().decode()}\n")
+        env_file.write_text(f"OHLCV_ENCRYPTION_KEY={Fernet.generate_key().decode()},naming:{Fernet.generate_key().decode()}\n")
         env_file.chmod(0o600)
         self.variables = {"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
                           "ALPHA_VANTAGE_BASE_URL": av.base_url,

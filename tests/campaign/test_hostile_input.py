@@ -76,7 +76,7 @@ from secure_ohlcv_downloader import (
 )
 from tests.campaign.figures import campaign_budget
 from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE
-from tests.foundation_fixtures import REPO, headless_env, new_key
+from tests.foundation_fixtures import REPO, headless_env, new_key_ring
 from tests.lifecycle_fixtures import (
     file_member,
     headless_site,
@@ -726,7 +726,7 @@ def test_hostile_body_fails_its_symbol_not_the_run(tmp_path, figures):
     cwd = tmp_path / "site"
     cwd.mkdir()
     with HostileServer(bodies) as server:
-        env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=new_key(), ALPHA_VANTAGE_API_KEY="K",
+        env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=new_key_ring(), ALPHA_VANTAGE_API_KEY="K",
                            ALPHA_VANTAGE_BASE_URL=server.base_url, OHLCV_MAX_RETRIES="0",
                            OHLCV_RATE_LIMIT_PER_MINUTE="6000", OHLCV_MAX_WORKERS="1")
         jobs = [{"argv": ["--init"]}] + [{"argv": ["download", symbol, "GOOD", "--full"]}
@@ -813,7 +813,7 @@ def test_symbols_never_map_outside_the_data_directory(tmp_path, figures):
 
 
 def _emulator_env(home: Path, av, **variables: str) -> dict[str, str]:
-    return headless_env(home, OHLCV_ENCRYPTION_KEY=variables.pop("OHLCV_ENCRYPTION_KEY", new_key()),
+    return headless_env(home, OHLCV_ENCRYPTION_KEY=variables.pop("OHLCV_ENCRYPTION_KEY", new_key_ring()),
                         ALPHA_VANTAGE_API_KEY=PREMIUM_KEY, ALPHA_VANTAGE_BASE_URL=av.base_url,
                         OHLCV_RATE_LIMIT_PER_MINUTE=str(PREMIUM_PER_MINUTE),
                         OHLCV_BACKOFF_SECONDS="0.01", **variables)
