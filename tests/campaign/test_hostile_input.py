@@ -991,9 +991,6 @@ class ArchiveLab:
     """One installation with five datasets and a genuine archive of them; the archive's
     members as written; a damaged baseline of the store (two files lost, one altered)."""
 
-    LOST = ("daily/IBM.fernet", "weekly/BRK.B.fernet")
-    ALTERED = "daily/MSFT.fernet"
-
     def __init__(self, root: Path) -> None:
         self.root = root
         self.site = headless_site(root, key_in_variable=True)
@@ -1003,6 +1000,12 @@ class ArchiveLab:
         self.ring = self.site.ring()
         self.members = {info.name: data for info, data in read_members(self.archive)}
         self.originals = self.site.files()
+        # Where each dataset lives (its name derives from the site's naming key).
+        self.rel_of = {str(d): self.site.file_of(d).relative_to(self.site.data_dir).as_posix()
+                       for d in sample_datasets()}
+        self.lost = (self.rel_of["IBM daily"], self.rel_of["BRK.B weekly"])
+        self.altered = self.rel_of["MSFT daily"]
+        self.ibm_member = "data/" + self.rel_of["IBM daily"]
         self.outside = root / "outside"
         self.outside.mkdir()
 
@@ -1013,11 +1016,11 @@ class ArchiveLab:
             (data / rel).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             (data / rel).write_bytes(token)
             os.chmod(data / rel, 0o600)
-        for rel in self.LOST:
+        for rel in self.lost:
             (data / rel).unlink()
-        altered = bytearray(self.originals[self.ALTERED])
+        altered = bytearray(self.originals[self.altered])
         altered[60] ^= 0x01
-        (data / self.ALTERED).write_bytes(bytes(altered))
+        (data / self.altered).write_bytes(bytes(altered))
         for path in data.rglob(".tmp-*"):
             path.unlink()
 
@@ -1040,11 +1043,12 @@ class ArchiveLab:
         if self.outside_snapshot() != before:
             return "recover changed something outside the store", archive.name
         current = self.site.files()
-        for rel in (report.restored if report else []):
+        for name in (report.restored if report else []):  # restored datasets, by name
+            rel = self.rel_of.get(name, name)
             if current.get(rel) != self.originals.get(rel):
                 return "recover restored bytes that differ from the backup", rel
         for rel, token in current.items():
-            if token == self.originals.get(rel) or rel == self.ALTERED:
+            if token == self.originals.get(rel) or rel == self.altered:
                 continue
             try:
                 validate_bars(decode_table(self.ring.decrypt(token))[0])
@@ -1245,7 +1249,7 @@ def _sparse_oversized(path: Path, genuine: list, name: str) -> Path:
 def crafted_archives(lab: ArchiveLab, where: Path) -> dict[str, tuple[Path, str]]:
     """name -> (archive, text its refusal must contain)."""
     genuine = read_members(lab.archive)
-    ibm = "data/daily/IBM.fernet"
+    ibm = lab.ibm_member
     payload = lab.members[ibm]
     absolute = f"{lab.outside}/abs.fernet"
     made: dict[str, tuple[Path, str]] = {}

@@ -537,16 +537,16 @@ def test_a_tampered_dataset_stops_the_run_after_reporting_what_was_written(tmp_p
         cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1")
         first = cli_batch([["download", *symbols]], cwd, env)[0]
         assert first["code"] == 0, first
-        data = cwd / "data"
         store = product.SecureOHLCVDownloader(load_settings(environ=env, cwd=cwd),
                                               product.KeyringKeyStore(fail.Keyring())).store()
         victim = store.path(DatasetId("BBB"))
         token = bytearray(victim.read_bytes())
         token[len(token) // 2] ^= 1
         victim.write_bytes(bytes(token))
-        before = {p: p.read_bytes() for p in data.rglob("*" + product.FILE_SUFFIX)}
+        symbol_at = {store.path(DatasetId(s)): s for s in symbols}
+        before = {p: p.read_bytes() for p in symbol_at if p.exists()}
         run = cli_batch([["download", *symbols, "--full"]], cwd, env)[0]
-    changed = sorted(p.stem for p, content in before.items()
+    changed = sorted(symbol_at[p] for p, content in before.items()
                      if p.read_bytes() != content)
     lines = result_lines(run["stdout"])
     # written: updated, or unchanged (--full brought the same bars and stored them again)
