@@ -2670,6 +2670,8 @@ class Catalogue:
             token = (root / CATALOGUE_NAME).read_bytes()
         except FileNotFoundError:
             return cls({}, "missing")
+        except OSError:  # not a file we can read: as good as damaged
+            return cls({}, "damaged")
         try:
             document = json.loads(ring.decrypt(token))
         except (InvalidToken, ValueError):
@@ -3835,7 +3837,11 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
             report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
                                     memory_exceeded=memory_stop.is_set())
             pending.save(report)
-        store.save_catalogue()  # once, for every file this run wrote
+        try:
+            store.save_catalogue()  # once, for every file this run wrote
+        except OSError as exc:  # a cache: the files are written, the next run retries it
+            ctx.notify(f"the catalogue could not be rewritten ({exc}); status reads the "
+                       "files it cannot vouch for until a later run rewrites it.")
     ctx.facts.update(stats=stats, results=results, quota=quota_facts(settings))
     if fatal:
         raise next((e for e in fatal if isinstance(e, IntegrityError)), fatal[0])

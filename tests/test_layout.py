@@ -400,3 +400,18 @@ def test_check_keys_fails_when_the_naming_key_is_not_the_one_the_store_was_named
     assert wrong.returncode != 0
     assert "naming key of the store" in wrong.stdout + wrong.stderr
     assert "--recover" in wrong.stdout + wrong.stderr
+
+
+def test_a_catalogue_that_cannot_be_written_costs_a_note_not_the_run(small):
+    """The catalogue is a cache: when it cannot be replaced (here a directory stands in its
+    place), the download still succeeds and says so, and status reads the files."""
+    catalogue = small.cwd / "data" / CATALOGUE_NAME
+    catalogue.unlink()
+    catalogue.mkdir(mode=0o700)
+    (catalogue / "keep").write_bytes(b"")  # os.replace cannot put a file over it
+
+    result = small.run("download", "AAPL")
+
+    assert result.returncode == 0, result.stderr
+    assert "catalogue could not be rewritten" in result.stderr
+    assert "AAPL daily" in status_rows(small)

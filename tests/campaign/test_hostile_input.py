@@ -1305,7 +1305,7 @@ def test_crafted_archives_are_refused_named_and_contained(tmp_path, figures):
     recovers = run_batch([{"argv": ["--recover", "--from-backup", str(archive)], "cwd": str(copies[name])}
                           for name, (archive, _) in archives.items()], site.cwd, site.env())
     after = snapshot(tmp_path, exclude=excluded + (where,))
-    intact = set(lab.originals) - set(lab.LOST) - {lab.ALTERED}
+    intact = set(lab.originals) - set(lab.lost) - {lab.altered}
     for (name, (_, needle)), result in zip(archives.items(), recovers, strict=True):
         text = result["stdout"] + result["stderr"]
         current = {p.relative_to(copies[name] / "data").as_posix(): p.read_bytes()
