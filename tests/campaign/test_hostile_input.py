@@ -1311,7 +1311,7 @@ def test_crafted_archives_are_refused_named_and_contained(tmp_path, figures):
         current = {p.relative_to(copies[name] / "data").as_posix(): p.read_bytes()
                    for p in dataset_files(copies[name] / "data")}
         genuine = {rel for rel, token in current.items() if token == lab.originals.get(rel)}
-        expected = intact | ({"daily/IBM.fernet"} - {needle.removeprefix("data/")})
+        expected = intact | ({lab.ibm_member.removeprefix("data/")} - {needle.removeprefix("data/")})
         if name in ("truncated", "not-a-tar"):
             expected = intact
         if (result["code"] not in (0, 5) or (needle and needle not in text)
