@@ -180,7 +180,7 @@ def store_problems(ws: Workspace) -> list[str]:
 
 
 def file_bytes(ws: Workspace, dataset: DatasetId) -> bytes | None:
-    path = ws.cwd / "data" / dataset.relative_path()
+    path = ws.app().store().path(dataset)
     return path.read_bytes() if path.exists() else None
 
 
