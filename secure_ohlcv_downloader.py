@@ -17,9 +17,10 @@ first use, so a command that touches no bar data starts without them.
     5. Rate limiting   -- DailyQuota (persisted, shared by processes), RateLimiter (per key)
     6. Client          -- classify_response, ApiRequest, AlphaVantageClient (retries, timeouts)
     7. Parsing         -- parse_payload (JSON or CSV to one typed table), validate_bars
-    8. Encrypted store -- DatasetId (symbol and path rules), table codec, table_days,
-                          EncryptedStore, load_frame / load_many, RunContext (what every
-                          command body gets)
+    8. Encrypted store -- DatasetId (symbol rules, identity), dataset_file (opaque names
+                          by keyed hash), table codec, table_days, Catalogue (encrypted
+                          index proven by stat), EncryptedStore, load_frame / load_many,
+                          RunContext (what every command body gets)
     9. Downloader      -- ExchangeCalendar / calendar_for / CalendarCache (each exchange's
                           sessions kept in the state directory), find_gaps (a dataset's dates
                           against its sessions), is_current / stale_after, merge_bars,
@@ -38,12 +39,14 @@ first use, so a command that touches no bar data starts without them.
 
 from __future__ import annotations
 
+import base64
 import bisect
 import contextlib
 import errno
 import fcntl
 import functools
 import hashlib
+import hmac
 import importlib
 import io
 import json
@@ -2362,10 +2365,36 @@ class DatasetId:
             return f"intraday_{self.interval}"
         return self.interval + ("_adjusted" if self.adjusted else "")
 
+    @property
+    def identity(self) -> str:
+        """What the naming key hashes into the file name, and the catalogue's key:
+        daily/IBM, daily_adjusted/IBM, weekly/IBM, intraday_5min/IBM/2024-01."""
+        return "/".join([self.name, self.symbol] + ([self.month] if self.month else []))
+
     def relative_path(self) -> Path:
-        if self.month is not None:
-            return Path(self.name, self.symbol, self.month + FILE_SUFFIX)
-        return Path(self.name, self.symbol + FILE_SUFFIX)
+        """The earlier layout's path, whose names show the symbol (daily/IBM.fernet): read
+        only to restore an archive written by it (the store itself uses dataset_file)."""
+        return Path(self.identity + FILE_SUFFIX)
+
+    @classmethod
+    def from_identity(cls, identity: str) -> DatasetId:
+        return cls.from_relative_path(Path(identity + FILE_SUFFIX))
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], first_bar: datetime) -> DatasetId:
+        """A file's dataset from its own metadata (so the catalogue can always be rebuilt
+        from the files); an intraday file written before `month` was recorded is of the
+        month of its first bar in the market's time zone. ValueError when it names none."""
+        name, symbol, month = meta.get("dataset"), meta.get("symbol"), meta.get("month")
+        if not isinstance(name, str) or not isinstance(symbol, str):
+            raise ValueError("its metadata names no dataset")
+        if name.startswith("intraday_") and not isinstance(month, str):
+            at = first_bar.astimezone(MARKET_TZ) if first_bar.tzinfo else first_bar
+            month = f"{at:%Y-%m}"
+        try:
+            return cls.from_identity("/".join([name, symbol] + ([month] if month else [])))
+        except UsageError as exc:
+            raise ValueError(f"its metadata names no valid dataset ({exc})") from None
 
     @classmethod
     def from_relative_path(cls, rel: Path) -> DatasetId:
@@ -2385,6 +2414,48 @@ class DatasetId:
 
     def __str__(self) -> str:
         return f"{self.symbol} {self.name}" + (f" {self.month}" if self.month else "")
+
+
+NAME_DOMAIN = b"secure-ohlcv dataset name\0"
+# 256 fan-out directories by the first two hex digits: 100,000 datasets is ~390 files a
+# directory, 1,000,000 is ~3,900 (docs/FORMAT.md).
+DATASET_NAME = re.compile(r"([0-9a-f]{2})/\1[0-9a-f]{30}\.fernet", re.ASCII)
+EARLIER_LAYOUT_DIRS = frozenset([i + a for i in INTERVALS[:3] for a in ("", "_adjusted")])
+EARLIER_LAYOUT = ("this store still uses the earlier layout (file names show symbols). Fix: "
+                  "run `python secure_ohlcv_downloader.py --migrate-store` once.")
+
+
+def dataset_file(naming_key: str, dataset: DatasetId) -> Path:
+    """A dataset's file, relative to the data directory: a keyed hash of its identity,
+    so a name tells nothing of symbol, interval or month to whoever lacks the key."""
+    digest = hmac.new(base64.urlsafe_b64decode(naming_key), NAME_DOMAIN + dataset.identity.encode(),
+                      hashlib.sha256).hexdigest()[:32]
+    return Path(digest[:2], digest + FILE_SUFFIX)
+
+
+def dataset_files(root: Path) -> list[Path]:
+    """Every dataset file below `root`, sorted: regular files named as dataset_file names
+    them, in their fan-out directory; temp files, links and foreign files excluded."""
+    found = []
+    try:
+        tops = [e for e in os.scandir(root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):  # not made yet: nothing stored
+        return []
+    for top in tops:
+        for entry in os.scandir(top.path):
+            if (DATASET_NAME.fullmatch(f"{top.name}/{entry.name}")
+                    and entry.is_file(follow_symlinks=False)):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def uses_earlier_layout(root: Path) -> bool:
+    """Whether `root` still holds the earlier layout's directories (daily/, intraday_5min/)."""
+    try:
+        names = os.listdir(root)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return any(n in EARLIER_LAYOUT_DIRS or n.startswith("intraday_") for n in names)
 
 
 _META_KEY = b"secure_ohlcv"
@@ -2556,11 +2627,120 @@ def _stored_time(raw: int, logical: dict[str, Any], tz: str | None) -> datetime:
     return at if tz is None else at.replace(tzinfo=UTC).astimezone(ZoneInfo(tz))
 
 
+CATALOGUE_NAME = "catalogue.fernet"
+CATALOGUE_FORMAT = 1
+_ENTRY_FIELDS = {"file": str, "size": int, "mtime_ns": int, "ino": int, "key": str, "rows": int,
+                 "first_bar": str, "last_bar": str, "meta": dict}
+
+
+def stat_of(st: os.stat_result) -> dict[str, int]:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+
+
+def _entry_sound(identity: str, entry: Any, naming_key: str) -> bool:
+    """A catalogue entry with every field, for a dataset whose file it names (invariant 1:
+    a file is only ever the dataset its name is derived from)."""
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), t)
+                                              for k, t in _ENTRY_FIELDS.items()):
+        return False
+    try:
+        return dataset_file(naming_key, DatasetId.from_identity(identity)).as_posix() == entry["file"]
+    except (UsageError, TypeError):
+        return False
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A dataset file as the store lists it: its path relative to the data directory, its
+    dataset and catalogue entry; unreadable, the error, and the dataset and entry the
+    catalogue had for that name if any (a name is the dataset's: it still says which)."""
+
+    file: str
+    dataset: DatasetId | None = None
+    entry: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+
+class Catalogue:
+    """The encrypted index of the data directory (docs/FORMAT.md): each dataset's file,
+    its (size, mtime_ns, ino) when summarised, and the summary status shows.
+
+    A cache proven by stat: an entry counts only while its file's stat still matches, so
+    a crash between a dataset write and the catalogue write costs speed, never
+    correctness. Missing, undecryptable or malformed: empty, with `problem` saying so."""
+
+    def __init__(self, entries: dict[str, dict[str, Any]], problem: str = "") -> None:
+        self.entries = entries
+        self.problem = problem  # "missing" | "damaged" | ""
+        self._by_file = {e["file"]: (identity, e) for identity, e in entries.items()}
+
+    @classmethod
+    def load(cls, root: Path, ring: KeyRing, naming_key: str) -> Catalogue:
+        try:
+            token = (root / CATALOGUE_NAME).read_bytes()
+        except FileNotFoundError:
+            return cls({}, "missing")
+        except OSError:  # not a file we can read: as good as damaged
+            return cls({}, "damaged")
+        try:
+            document = json.loads(ring.decrypt(token))
+        except (InvalidToken, ValueError):
+            return cls({}, "damaged")
+        entries = document.get("datasets") if isinstance(document, dict) else None
+        if (not isinstance(entries, dict) or document.get("format") != CATALOGUE_FORMAT
+                or document.get("naming_key") != naming_fingerprint(naming_key)):
+            return cls({}, "damaged")
+        sound = {identity: e for identity, e in entries.items()
+                 if _entry_sound(identity, e, naming_key)}
+        return cls(sound, "" if len(sound) == len(entries) else "damaged")
+
+    @staticmethod
+    def naming_fingerprint(root: Path, ring: KeyRing) -> str | None:
+        """The fingerprint of the naming key the catalogue was written under; None when
+        there is no readable catalogue."""
+        try:
+            document = json.loads(ring.decrypt((root / CATALOGUE_NAME).read_bytes()))
+        except (OSError, InvalidToken, ValueError):
+            return None
+        written = document.get("naming_key") if isinstance(document, dict) else None
+        return written if isinstance(written, str) else None
+
+    def named(self, file: str) -> tuple[str, dict[str, Any]] | None:
+        """The identity and entry recorded for `file`, proven or not."""
+        return self._by_file.get(file)
+
+    def proven(self, file: str, st: os.stat_result) -> tuple[str, dict[str, Any]] | None:
+        """The identity and entry of `file` when its stat still matches the entry's."""
+        known = self._by_file.get(file)
+        return known if known is not None and self.proves(known[1], st) else None
+
+    @staticmethod
+    def proves(entry: dict[str, Any], st: os.stat_result) -> bool:
+        """Whether `entry` was made of the very file `st` describes."""
+        return all(entry[k] == v for k, v in stat_of(st).items())
+
+    @staticmethod
+    def save(root: Path, ring: KeyRing, naming_fp: str, listed: list[Listed],
+             file_mode: int) -> None:
+        """Write the catalogue of `listed` under the primary key (hold the data lock)."""
+        document = {"format": CATALOGUE_FORMAT, "written_at": utc_now_iso(),
+                    "naming_key": naming_fp,
+                    "datasets": {x.dataset.identity: x.entry for x in listed
+                                 if x.dataset and x.entry}}
+        atomic_write(root / CATALOGUE_NAME, ring.encrypt(json.dumps(document).encode()),
+                     file_mode)
+
+
 Decoded = TypeVar("Decoded")  # what EncryptedStore makes of a decrypted table
 
 
 class EncryptedStore:
-    """Datasets on disk: one Fernet token per file, written atomically, 0600 in 0700 dirs."""
+    """Datasets on disk: one Fernet token per file, written atomically, 0600 in 0700 dirs,
+    named by dataset_file under the ring's naming key, indexed by the catalogue."""
+
+    # Dataset files this process has decrypted, all stores together: status from a fresh
+    # catalogue must decrypt none (tests count it).
+    decrypted = 0
 
     def __init__(self, settings: Settings, key_ring: KeyRing) -> None:
         self.root = settings.data_dir
@@ -2569,9 +2749,19 @@ class EncryptedStore:
         self.dir_mode = settings.dir_mode
         self.lock_timeout = settings.lock_timeout
         self.disk_floor = settings.min_free_disk_mb * 2**20
+        if key_ring.naming is None:
+            raise ConfigError("the key ring has no naming key: " + EARLIER_LAYOUT)
+        if uses_earlier_layout(self.root):
+            raise ConfigError(EARLIER_LAYOUT)
+        self.naming_key = key_ring.naming.key
+        self.naming_fp = naming_fingerprint(self.naming_key)
+        self._written: dict[str, Listed] = {}  # this store's writes: catalogue entries at hand
 
     def path(self, dataset: DatasetId) -> Path:
-        return self.root / dataset.relative_path()
+        return self.root / dataset_file(self.naming_key, dataset)
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
 
     def lock(self) -> DataDirLock:
         """The exclusive write lock of this data directory."""
@@ -2583,55 +2773,117 @@ class EncryptedStore:
         path = self.path(dataset)
         ensure_private_dir(path.parent, self.dir_mode)
         meta = dict(meta, symbol=dataset.symbol, dataset=dataset.name, written_at=utc_now_iso())
+        if dataset.month is not None:  # the file names its own identity: the catalogue's source
+            meta["month"] = dataset.month
         token = self.key_ring.encrypt(encode_table(frame, meta))
         require_free_disk(path.parent, self.disk_floor, len(token))
         atomic_write(path, token, self.file_mode)
+        if len(frame):  # what its footer would say, so the catalogue need not decrypt it again
+            stamps = frame["timestamp"]
+            file = self.relative(path)
+            self.record(Listed(file, dataset, stat_of(path.lstat()) | {
+                "file": file, "key": self.key_ring.primary.fingerprint, "rows": len(frame),
+                "first_bar": stamps.min().to_pydatetime().isoformat(),
+                "last_bar": stamps.max().to_pydatetime().isoformat(),
+                "meta": json.loads(json.dumps(dict(meta, schema_version=SCHEMA_VERSION)))}))
         return len(token)
+
+    def record(self, listed: Listed) -> None:
+        """A writer's catalogue entry for a file it just wrote, trusted while its stat holds."""
+        self._written[listed.file] = listed
 
     def read(self, dataset: DatasetId) -> tuple[pd.DataFrame, dict[str, Any]]:
         """Decrypt a dataset. FileNotFoundError when absent, IntegrityError when unreadable."""
-        return self.read_file(self.path(dataset))
+        return self._decrypted(self.path(dataset), decode_table, dataset)
 
     def read_file(self, path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         return self._decrypted(path, decode_table)
 
     def rows(self, dataset: DatasetId) -> int:
         """A dataset's row count, from its Parquet footer (no bars decoded)."""
-        return self._decrypted(self.path(dataset), summarise_table).rows
+        return self._decrypted(self.path(dataset), summarise_table, dataset).rows
 
-    def _decrypted(self, path: Path, decode: Callable[[bytes], Decoded]) -> Decoded:
+    def _decrypted(self, path: Path, decode: Callable[[bytes], Decoded],
+                   dataset: DatasetId | None = None) -> Decoded:
         token = path.read_bytes()
+        EncryptedStore.decrypted += 1
+        shown = f"{path} ({dataset})" if dataset else str(path)  # the name alone says nothing
         try:
             return decode(self.key_ring.decrypt(token))
         except InvalidToken:
-            raise IntegrityError(f"{path} does not decrypt with the key ring "
+            raise IntegrityError(f"{shown} does not decrypt with the key ring "
                                  f"({', '.join(self.key_ring.fingerprints())}): altered, "
                                  "truncated, or written under a key that is not in the ring.") from None
         except ValueError as exc:
-            raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
+            raise IntegrityError(f"{shown} decrypts but is not a dataset: {exc}.") from None
 
     def read_days(self, dataset: DatasetId) -> tuple[np.ndarray, dict[str, Any]]:
         """A dataset's bar dates and metadata (table_days)."""
-        return self._decrypted(self.path(dataset), table_days)
+        return self._decrypted(self.path(dataset), table_days, dataset)
 
-    def read_summary(self, dataset: DatasetId) -> tuple[TableSummary, str]:
-        """A dataset's summary (status), and the fingerprint of the key that opened it."""
-        path = self.path(dataset)
-        plaintext, key_fp = self.key_ring.decrypt_with_fingerprint(path.read_bytes(), path)
+    def catalogue(self) -> Catalogue:
+        return Catalogue.load(self.root, self.key_ring, self.naming_key)
+
+    def listing(self, catalogue: Catalogue | None = None) -> list[Listed]:
+        """Every dataset file, in identity order (unreadable ones last), with its entry:
+        the catalogue's where the file's stat proves it, else one read from its footer."""
+        catalogue = catalogue or self.catalogue()
+        listed = []
+        for path in dataset_files(self.root):
+            file = self.relative(path)
+            try:
+                st = path.lstat()
+                known = catalogue.proven(file, st)
+                written = self._written.get(file)
+                if known is None and written and Catalogue.proves(written.entry, st):
+                    listed.append(written)
+                    continue
+                listed.append(Listed(file, DatasetId.from_identity(known[0]), known[1])
+                              if known else self._summarised(path, file))
+            except FileNotFoundError:
+                continue  # removed by a writer since the directory was read
+            except IntegrityError as exc:
+                known = catalogue.named(file)
+                listed.append(Listed(file, DatasetId.from_identity(known[0]), known[1], str(exc))
+                              if known else Listed(file, error=str(exc)))
+        return sorted(listed, key=lambda x: (x.dataset is None, x.dataset.identity if x.dataset else x.file))
+
+    def _summarised(self, path: Path, file: str) -> Listed:
+        """A file's catalogue entry from its own footer (the stat is of the bytes read)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as handle:
+            st, token = os.fstat(fd), handle.read()
+        EncryptedStore.decrypted += 1
+        plaintext, key_fp = self.key_ring.decrypt_with_fingerprint(token, path)
         try:
-            return summarise_table(plaintext), key_fp
+            summary = summarise_table(plaintext)
+            dataset = DatasetId.from_meta(summary.meta, summary.first_bar)
         except ValueError as exc:
             raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
+        if self.path(dataset) != path:
+            raise IntegrityError(f"{path} holds {dataset}, whose file under this naming key is "
+                                 f"{self.relative(self.path(dataset))}: copied or renamed by "
+                                 "hand. Fix: run --recover to put it back in its place.")
+        meta = {k: v for k, v in summary.meta.items() if k != "scales"}
+        return Listed(file, dataset, stat_of(st) | {
+            "file": file, "key": key_fp, "rows": summary.rows,
+            "first_bar": summary.first_bar.isoformat(), "last_bar": summary.last_bar.isoformat(),
+            "meta": meta})
 
     def datasets(self) -> Iterator[DatasetId]:
-        """Every dataset file in the store, in path order; temp files are never listed."""
-        if not self.root.exists():
-            return
-        for path in sorted(self.root.rglob(f"*{FILE_SUFFIX}")):
-            if path.name.startswith(".") or not path.is_file():
-                continue
-            with contextlib.suppress(UsageError):
-                yield DatasetId.from_relative_path(path.relative_to(self.root))
+        """Every readable dataset in the store, in identity order."""
+        return iter([x.dataset for x in self.listing() if x.dataset is not None])
+
+    def save_catalogue(self, listed: list[Listed] | None = None) -> Catalogue:
+        """Rewrite the catalogue from the previous one and the files changed since (their
+        footers); once, at the end of a run that changed files, under the data lock.
+        Returns the catalogue as it was found (its `problem` says if it was rebuilt)."""
+        found = self.catalogue()
+        listed = self.listing(found) if listed is None else listed
+        entries = {x.dataset.identity: x.entry for x in listed if x.dataset and x.entry}
+        if found.problem or entries != found.entries:  # a run that changed nothing leaves it
+            Catalogue.save(self.root, self.key_ring, self.naming_fp, listed, self.file_mode)
+        return found
 
 
 def stored_frame(store: EncryptedStore, symbol: str, interval: str,
@@ -2705,7 +2957,7 @@ def _plaintext(store: EncryptedStore, dataset: DatasetId) -> bytes:
     except FileNotFoundError:
         raise UsageError(f"nothing stored for {dataset}: download it first.") from None
     except InvalidToken:
-        raise IntegrityError(f"{path} does not decrypt with the key ring.") from None
+        raise IntegrityError(f"{path} ({dataset}) does not decrypt with the key ring.") from None
 
 
 def _bound(value: str | date, stamps: pd.Series) -> pd.Timestamp:
@@ -3699,6 +3951,11 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
             report = DownloadReport(results, stats, quota_exhausted=stop.is_set() and not fatal,
                                     memory_exceeded=memory_stop.is_set())
             pending.save(report)
+        try:
+            store.save_catalogue()  # once, for every file this run wrote
+        except OSError as exc:  # a cache: the files are written, the next run retries it
+            ctx.notify(f"the catalogue could not be rewritten ({exc}); status reads the "
+                       "files it cannot vouch for until a later run rewrites it.")
     ctx.facts.update(stats=stats, results=results, quota=quota_facts(settings))
     if fatal:
         raise next((e for e in fatal if isinstance(e, IntegrityError)), fatal[0])
@@ -3708,17 +3965,6 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
 # =========================================================================================
 # 10. Lifecycle: rotate keys, back up, verify, recover, clean up
 # =========================================================================================
-
-def dataset_files(root: Path) -> list[Path]:
-    """Every dataset file below `root`, sorted; temp files and foreign files excluded."""
-    found = []
-    for path in sorted(root.rglob(f"*{FILE_SUFFIX}")) if root.exists() else []:
-        if path.is_file() and not path.is_symlink() and not path.name.startswith("."):
-            with contextlib.suppress(UsageError):
-                DatasetId.from_relative_path(path.relative_to(root))
-                found.append(path)
-    return found
-
 
 @dataclass
 class RotationReport:
@@ -3759,6 +4005,7 @@ class KeyRotation:
     def run(self) -> RotationReport:
         started = time.monotonic()
         with self.ctx.exclusive() as ring:
+            EncryptedStore(self.settings, ring)  # the earlier layout stops it before any key changes
             canary_fp = ring.decrypt_with_fingerprint(self.canary_path.read_bytes(),
                                                       self.canary_path)[1]
             if canary_fp == ring.primary.fingerprint:  # no rotation under way: start one
@@ -3770,6 +4017,10 @@ class KeyRotation:
                 old = next(k for k in ring.keys if k.fingerprint == canary_fp)
                 report = RotationReport(old.fingerprint, ring.primary.fingerprint)
                 log.info("resuming the rotation to key %s", ring.primary.fingerprint)
+            store = EncryptedStore(self.settings, ring)
+            # What each file held before (from the catalogue, proven by stat): rotation
+            # changes the key and the stat alone, so the new catalogue needs no decryption.
+            before = {x.file: x for x in store.listing() if not x.error}
             rotate_one = functools.partial(self._rotate_file, ring, report.old_fingerprint)
             datasets = dataset_files(self.settings.data_dir)
             written: dict[Path, bytes] = {}  # SHA-256 of each token this run wrote
@@ -3795,6 +4046,12 @@ class KeyRotation:
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # files already replaced stay valid
                     raise
+            for path in written.keys() - {self.canary_path}:
+                file = store.relative(path)
+                if file in before:
+                    entry = before[file].entry | stat_of(path.lstat()) | {"key": ring.primary.fingerprint}
+                    store.record(Listed(file, before[file].dataset, entry))
+            store.save_catalogue()  # after the canary: under the new primary, new keys named
         report.seconds = time.monotonic() - started
         log.info("rotation done: %d files re-encrypted, %d already done, %s -> %s in %.1f s",
                  report.rotated, report.already_done, report.old_fingerprint,
@@ -3930,17 +4187,22 @@ class BackupWriter:
         tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
         entries = []
         with self.ctx.exclusive() as ring:
+            listed = EncryptedStore(s, ring).listing()
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, s.file_mode)
             try:
                 os.fchmod(fd, s.file_mode)
                 with os.fdopen(fd, "wb") as raw:
                     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                        for path in dataset_files(s.data_dir):
+                        for item in listed:
+                            path = s.data_dir / item.file
+                            if item.error or item.dataset is None:
+                                raise IntegrityError(item.error)
                             token = path.read_bytes()
                             plaintext, key_fp = ring.decrypt_with_fingerprint(token, path)
                             frame, _ = decode_table(plaintext)
-                            rel = path.relative_to(s.data_dir).as_posix()
-                            entries.append({"path": rel, "size": len(token),
+                            rel = item.file
+                            entries.append({"path": rel, "dataset": item.dataset.identity,
+                                            "size": len(token),
                                             "sha256": hashlib.sha256(token).hexdigest(), "key": key_fp,
                                             "rows": len(frame),
                                             "first_bar": str(frame["timestamp"].iloc[0]) if len(frame) else None,
@@ -4377,16 +4639,32 @@ def _manifest_shape_ok(manifest: Any) -> bool:
             and isinstance(manifest.get("datasets"), list)
             and all(entry_ok(e, {"path": str, "size": int, "sha256": str, "rows": int})
                     and e["size"] >= 0 and _safe_member_name("data/" + e["path"])
+                    and _entry_dataset(e) is not None
                     for e in manifest["datasets"])
             and entry_ok(manifest.get("canary"), {"size": int, "sha256": str}))
 
 
+def _entry_dataset(entry: dict[str, Any]) -> DatasetId | None:
+    """The dataset a manifest entry holds: its `dataset`, or for an archive of the earlier
+    layout, the one its path names. None when neither names one."""
+    try:
+        if "dataset" in entry:
+            return DatasetId.from_identity(entry["dataset"])
+        return DatasetId.from_relative_path(Path(entry["path"]))
+    except (UsageError, TypeError):
+        return None
+
+
 def _safe_member_name(name: str) -> bool:
+    """One of our member names: the manifest, the canary, or a dataset file of either
+    layout (data/ab/<32 hex>.fernet, or the earlier data/daily/IBM.fernet)."""
     if name in (MANIFEST_MEMBER, CANARY_MEMBER):
         return True
     parts = Path(name).parts
     if name.startswith("/") or "\\" in name or ".." in parts or not name.startswith("data/"):
         return False
+    if DATASET_NAME.fullmatch(name[len("data/"):]):
+        return True
     try:
         DatasetId.from_relative_path(Path(*parts[1:]))
     except (UsageError, TypeError):
@@ -4446,6 +4724,8 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
     a second run changes nothing."""
     s, custody = ctx.settings, ctx.custody
     created = [d for d in (s.data_dir, s.backup_dir, s.state_dir) if not os.path.lexists(d)]
+    if uses_earlier_layout(s.data_dir):  # its datasets would go unseen, a new key made
+        raise ConfigError(EARLIER_LAYOUT)
     ensure_private_dirs((s.data_dir, s.backup_dir, s.state_dir), s.dir_mode)
     sources = custody.sources()
     ctx.warnings += sources.warnings
@@ -4564,6 +4844,13 @@ def check_keys(ctx: RunContext) -> KeyCheckReport:
                         f"fingerprint {ring.naming.fingerprint} (names the data files)"
                         if ring.naming is not None else
                         "no naming key: run --migrate-store"))
+    catalogued = Catalogue.naming_fingerprint(s.data_dir, ring)
+    if ring.naming is not None and catalogued not in (None, ring.naming.fingerprint):
+        checks.append(Check("naming key of the store", False,
+                            f"the catalogue was written under naming key {catalogued}, the ring "
+                            f"holds {ring.naming.fingerprint}: the data files are named with "
+                            "the other one. Fix: run --recover with the value of your offline "
+                            "copy of the key ring."))
     probe = secrets.token_bytes(32)
     checks.append(Check("round trip", ring.decrypt(ring.encrypt(probe)) == probe,
                         "fresh encrypt/decrypt with the primary key"))
@@ -4620,6 +4907,7 @@ def remove_key(ctx: RunContext, key_fp: str, confirm: bool) -> RemoveKeyReport:
     Nothing is removed without `confirm`, nor while a destination cannot be checked."""
     custody = ctx.custody
     with ctx.exclusive() as ring:
+        EncryptedStore(ctx.settings, ring)  # the earlier layout's files would go unseen below
         if ring.naming is not None and key_fp == ring.naming.fingerprint:
             raise UsageError(f"{key_fp} is the naming key: every data file's name derives "
                              "from it, so it can never be removed (rotation keeps it too).")
@@ -4681,6 +4969,8 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
     s, custody = ctx.settings, ctx.custody
     if from_backup is not None and not from_backup.is_file():
         raise UsageError(f"--from-backup {from_backup}: no such archive file.")
+    if uses_earlier_layout(s.data_dir):  # before any key is taken into custody
+        raise ConfigError(EARLIER_LAYOUT)
     ensure_private_dirs((s.data_dir, s.backup_dir, s.state_dir), s.dir_mode)
     offered, source = recovery_keys(ctx, key_file, prompt)
     sources = custody.sources()
@@ -4792,12 +5082,14 @@ def _restore(ctx: RunContext, ring: KeyRing, archive: BackupArchive | None,
         try:
             validate_bars(store.read_file(path)[0])
         except (IntegrityError, InvalidPayload) as exc:
-            broken.add(path.relative_to(s.data_dir).as_posix())
+            broken.add(store.relative(path))
             log.warning("recover: %s", exc)
     for entry in archive.entries() if archive is not None else []:
         assert archive is not None
-        rel = entry["path"]
-        target = s.data_dir / rel
+        dataset = _entry_dataset(entry)
+        assert dataset is not None  # _manifest_shape_ok
+        target = store.path(dataset)  # where the current naming key puts it, either layout
+        rel = store.relative(target)
         if target.exists() and rel not in broken:
             continue  # a sound file in the store is never overwritten
         try:
@@ -4808,9 +5100,13 @@ def _restore(ctx: RunContext, ring: KeyRing, archive: BackupArchive | None,
         ensure_private_dir(target.parent, s.dir_mode)
         atomic_write(target, token, s.file_mode)
         broken.discard(rel)
-        report.restored.append(rel)
+        report.restored.append(str(dataset))
     report.failed += [f"{rel}: does not decrypt or validate, and no backup copy"
                       for rel in sorted(broken)]
+    found = store.save_catalogue()
+    if found.problem:
+        report.warnings.append(f"the catalogue ({CATALOGUE_NAME}) was {found.problem}; "
+                               "rebuilt from the datasets themselves.")
     if not custody.canary_path.exists():
         # The key ring is proven (canary, manifest or a dataset): a fresh canary under
         # its primary is the truth from here on.
@@ -4851,6 +5147,8 @@ def cleanup(ctx: RunContext, dry_run: bool) -> CleanupReport:
                     path.unlink()
         if s.retention_days:
             _apply_retention(store, retention_cutoff(s.retention_days), report)
+            if not dry_run:
+                store.save_catalogue()
         pruned, notes = prune_backups(s.backup_dir, s.backup_keep, ring, dry_run=True)
         ctx.warnings += notes
         report.bytes_freed += sum(p.stat().st_size for p in pruned)
@@ -4862,8 +5160,10 @@ def cleanup(ctx: RunContext, dry_run: bool) -> CleanupReport:
 
 
 def _apply_retention(store: EncryptedStore, cutoff: date, report: CleanupReport) -> None:
-    for path in dataset_files(store.root):
-        dataset = DatasetId.from_relative_path(path.relative_to(store.root))
+    for item in store.listing():
+        path, dataset = store.root / item.file, item.dataset
+        if item.error or dataset is None:
+            raise IntegrityError(item.error)
         if dataset.month is not None:
             year, number = map(int, dataset.month.split("-"))
             if date(year, number, 1) >= cutoff:
@@ -5137,10 +5437,11 @@ def _measured_bytes_per_bar(store: EncryptedStore | None, interval: str) -> tupl
     if store is None:
         return None, False
     size = rows = 0
-    for dataset in store.datasets():
-        if dataset.interval == interval and not dataset.adjusted:
-            rows += store.rows(dataset)
-            size += store.path(dataset).stat().st_size
+    for item in store.listing():
+        if (item.dataset and not item.error and item.dataset.interval == interval
+                and not item.dataset.adjusted):
+            rows += item.entry["rows"]
+            size += item.entry["size"]
             if rows > 200_000:
                 break
     return (size / rows, True) if rows else (None, False)
@@ -5175,25 +5476,23 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
     """Every stored dataset (rows, first and last bar, last update, key) and today's quota."""
     store = ctx.store()
     now = ctx.clock()
-    datasets = []
-    for dataset in store.datasets():
-        entry: dict[str, Any] = {"dataset": str(dataset), "path": str(dataset.relative_path())}
-        try:
-            summary, key_fp = store.read_summary(dataset)
-            meta = summary.meta
-            newest = summary.last_bar.date()
-            intraday = dataset.month is not None
-            entry |= {"rows": summary.rows,
-                      "first_bar": bar_time_text(summary.first_bar, intraday),
-                      "last_bar": bar_time_text(summary.last_bar, intraday),
-                      "age_days": (market_today() - newest).days,
-                      "stale": stale_now(dataset, newest, meta, now),
-                      "updated_at": meta.get("written_at"), "key": key_fp,
-                      "partial_history": bool(meta.get("partial_history")),
-                      "gaps": meta.get("gaps")}  # None: written before gaps were counted
-        except IntegrityError as exc:
-            entry["error"] = str(exc)
-        datasets.append(entry)
+    datasets: list[dict[str, Any]] = []
+    for item in store.listing():  # from the catalogue; a file it cannot vouch for, its footer
+        if item.error or item.dataset is None:
+            datasets.append({"dataset": str(item.dataset or item.file), "path": item.file,
+                             "error": item.error})
+            continue
+        dataset, summary, meta = item.dataset, item.entry, item.entry["meta"]
+        first, last = (datetime.fromisoformat(summary[k]) for k in ("first_bar", "last_bar"))
+        newest, intraday = last.date(), dataset.month is not None
+        datasets.append({"dataset": str(dataset), "path": item.file, "rows": summary["rows"],
+                         "first_bar": bar_time_text(first, intraday),
+                         "last_bar": bar_time_text(last, intraday),
+                         "age_days": (market_today() - newest).days,
+                         "stale": stale_now(dataset, newest, meta, now),
+                         "updated_at": meta.get("written_at"), "key": summary["key"],
+                         "partial_history": bool(meta.get("partial_history")),
+                         "gaps": meta.get("gaps")})  # None: written before gaps were counted
     facts = quota_facts(ctx.settings)
     quota = [{"key": fp, "day": market_today().isoformat(), "used": used,
               "limit": ctx.settings.rate_limit_per_day or None, "left": left}
@@ -5215,10 +5514,10 @@ class DatasetGaps:
     gaps: Gaps = field(default_factory=Gaps)
     error: str = ""  # unreadable: IntegrityError's text
     vendor: tuple[date, ...] = ()  # of the gaps, those a repair found the vendor lacks
+    file: str = ""  # relative to the data directory (opaque)
 
     def as_json(self) -> dict[str, Any]:
-        entry: dict[str, Any] = {"dataset": str(self.dataset),
-                                 "path": str(self.dataset.relative_path())}
+        entry: dict[str, Any] = {"dataset": str(self.dataset), "path": self.file}
         if self.error:
             return entry | {"error": self.error}
         return entry | {"bars": self.bars, "gaps": self.gaps.count,
@@ -5266,13 +5565,14 @@ def gap_report(ctx: RunContext, symbols: list[str], interval: str | None,
     calendars = {d.symbol: calendar_for(d.symbol, ctx.settings) for d in chosen}
 
     def examine(dataset: DatasetId) -> DatasetGaps:
+        file = store.relative(store.path(dataset))
         try:
             days, meta = store.read_days(dataset)
         except IntegrityError as exc:
-            return DatasetGaps(dataset, error=str(exc))
+            return DatasetGaps(dataset, error=str(exc), file=file)
         found = find_gaps(days, dataset.interval, calendars[dataset.symbol], dataset.month)
         vendor = vendor_gaps_of(meta) & set(found.missing + found.closed)
-        return DatasetGaps(dataset, len(days), found, vendor=tuple(sorted(vendor)))
+        return DatasetGaps(dataset, len(days), found, vendor=tuple(sorted(vendor)), file=file)
 
     report = GapReport(in_forked_workers(examine, chosen), fail_on_gaps)
     ctx.facts.update(gaps=report.gaps, datasets_with_gaps=report.with_gaps)

@@ -38,6 +38,7 @@ from secure_ohlcv_downloader import (
     RateLimiter,
     RunStats,
     SecureOHLCVDownloader,
+    dataset_files,
     expected_session,
     utc_now,
 )
@@ -201,8 +202,7 @@ class Workspace:
         return path.read_text() if path.exists() else ""
 
     def dataset_files(self) -> list[Path]:
-        data = self.cwd / "data"
-        return sorted(data.rglob("*.fernet")) if data.exists() else []
+        return dataset_files(self.cwd / "data")
 
 
 def expected_daily(av: AlphaVantageEmulator, symbol: str, adjusted: bool = False) -> pd.DataFrame:

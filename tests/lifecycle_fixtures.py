@@ -57,6 +57,7 @@ from secure_ohlcv_downloader import (
     KeyRing,
     KeyringKeyStore,
     SecureOHLCVDownloader,
+    dataset_file,
     dataset_files,
     decode_table,
 )
@@ -280,6 +281,12 @@ class Site:
         store = EncryptedStore(self.settings(), ring or self.ring())
         for dataset, frame in datasets.items():
             store.write(dataset, frame, {"checked_at": "2024-06-01T00:00:00+00:00"})
+
+    def file_of(self, dataset: DatasetId) -> Path:
+        """Where `dataset` is stored here: the name the site's naming key gives it."""
+        naming = self.ring().naming
+        assert naming is not None
+        return self.data_dir / dataset_file(naming.key, dataset)
 
     def files(self) -> dict[str, bytes]:
         """Every dataset file, by path relative to the data directory, with its bytes."""

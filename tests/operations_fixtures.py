@@ -77,7 +77,7 @@ class OpsWorkspace(Workspace):
         return {str(d): len(store.read(d)[0]) for d in store.datasets()}
 
     def daily_file(self, symbol: str) -> Path:
-        return self.cwd / "data" / DatasetId(symbol).relative_path()
+        return self.app().store().path(DatasetId(symbol))
 
 
 # -- log lines ----------------------------------------------------------------------------------

@@ -364,7 +364,9 @@ def empty_machine(request, tmp_path_factory) -> EmptyMachineOutcome:
     carried = root / "carried" / archive.name  # what survives: the archive and the key
     carried.parent.mkdir()
     carried.write_bytes(archive.read_bytes())
-    key_file = write_key_file(root / "offline" / "ohlcv.key", key)
+    naming = origin.ring().naming
+    assert naming is not None  # the offline copy is the whole ring: the file names need it
+    key_file = write_key_file(root / "offline" / "ohlcv.key", key, f"naming:{naming.key}")
     origin_files = origin.files()
 
     if origin.service is not None:
@@ -663,7 +665,7 @@ def removal_from_variable(tmp_path_factory):
     """Keys in a real OHLCV_ENCRYPTION_KEY set outside: K1 (primary), K0 (retired)."""
     primary, retired = new_key(), new_key()
     site = headless_site(tmp_path_factory.mktemp("remove-variable"), key_in_variable=True,
-                         OHLCV_ENCRYPTION_KEY=f"{primary},{retired}")
+                         OHLCV_ENCRYPTION_KEY=f"{primary},{retired},naming:{new_key()}")
     site.put(sample_datasets())
     files, canary = site.files(), site.canary.read_bytes()
     result = site.cli("remove-key", fingerprint(retired), "--yes")

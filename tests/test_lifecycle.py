@@ -85,8 +85,7 @@ from tests.lifecycle_fixtures import (
 )
 
 IBM = DatasetId("IBM")
-IBM_FILE = "daily/IBM.fernet"
-IBM_MEMBER = "data/" + IBM_FILE
+IBM_MEMBER = "<IBM's member>"  # its name is a keyed hash: member_name() gives it per site
 DATASET_COUNT = len(sample_datasets())
 ARCHIVE_NAME = re.compile(r"ohlcv-backup-(\d{8}T\d{12})Z\.tar")
 EXPORTS = [["export", "IBM"], ["export", "BRK.B", "--interval", "weekly"],
@@ -487,12 +486,14 @@ def test_remove_key_refuses_the_primary_key(retired_key):
 
 def test_remove_key_refuses_while_a_dataset_is_still_under_that_key(retired_key):
     site = retired_key.site
-    site.put({IBM: sample_datasets()[IBM]}, ring=KeyRing([retired_key.old]))  # not rotated yet
+    naming = site.ring().naming
+    assert naming is not None
+    site.put({IBM: sample_datasets()[IBM]}, ring=KeyRing([retired_key.old, naming]))  # not rotated yet
 
     result = site.cli("remove-key", retired_key.old.fingerprint, "--yes")
 
     assert result.returncode == 5, output(result)
-    assert IBM_FILE in result.stderr and retired_key.old.fingerprint in result.stderr
+    assert ibm_file(site) in result.stderr and retired_key.old.fingerprint in result.stderr
     assert retired_key.entry_now() == retired_key.entry
 
 
@@ -645,9 +646,19 @@ THE_ARCHIVE = "<the archive file>"
 NOT_A_TAR = b"this is not a tar archive, whatever its name says\n" * 40
 
 
+def ibm_file(site: Site) -> str:
+    """IBM's dataset file in `site`, relative to its data directory."""
+    return site.file_of(IBM).relative_to(site.data_dir).as_posix()
+
+
+def member_name(name: str, site: Site) -> str:
+    """An archive member's name as `site` writes it (IBM_MEMBER: IBM's opaque one)."""
+    return "data/" + ibm_file(site) if name == IBM_MEMBER else name
+
+
 def flipped(member: str):
     def spoil(archive: Path, site: Site) -> Path:
-        offset, size = member_data_offset(archive, member)
+        offset, size = member_data_offset(archive, member_name(member, site))
         flip_byte(archive, offset + size // 2)
         return archive
     return spoil
@@ -658,7 +669,7 @@ def re_encrypted(archive: Path, site: Site) -> Path:
     token = Fernet(site.ring().primary.key).encrypt(
         encode_table(other_bars(sample_datasets()[IBM]), {}))
     return rewrite_archive(archive, archive.with_name("re-encrypted.tar"),
-                           replace={IBM_MEMBER: token})
+                           replace={member_name(IBM_MEMBER, site): token})
 
 
 def truncated(where: str):
@@ -672,7 +683,8 @@ def truncated(where: str):
 
 def without(member: str):
     def spoil(archive: Path, site: Site) -> Path:
-        return rewrite_archive(archive, archive.with_name("without.tar"), drop=(member,))
+        return rewrite_archive(archive, archive.with_name("without.tar"),
+                               drop=(member_name(member, site),))
     return spoil
 
 
@@ -683,7 +695,7 @@ def swapped_in(archive: Path, site: Site) -> Path:
     other_site.put({IBM: other_bars(sample_datasets()[IBM])})
     other = {info.name: data for info, data in read_members(other_site.backup())}
     return rewrite_archive(archive, archive.with_name("swapped.tar"),
-                           replace={IBM_MEMBER: other[IBM_MEMBER]})
+                           replace={member_name(IBM_MEMBER, site): other[member_name(IBM_MEMBER, site)]})
 
 
 def with_member(member):
@@ -762,18 +774,20 @@ def spoiled(backed_up, tmp_path_factory) -> Spoiled:
 
 
 @pytest.mark.parametrize("case", list(TAMPERED))
-def test_a_tampered_archive_fails_verification_naming_what_is_wrong(spoiled, case):
+def test_a_tampered_archive_fails_verification_naming_what_is_wrong(spoiled, backed_up, case):
     result, named = spoiled.results[case], TAMPERED[case][1]
-    named = spoiled.archives[case].name if named == THE_ARCHIVE else named
+    named = spoiled.archives[case].name if named == THE_ARCHIVE else \
+        member_name(named, backed_up.site)
 
     assert result.returncode == 5, output(result)
     assert names(result, named), result.stdout
 
 
-def test_a_tampered_member_is_one_problem_reported_once(spoiled):
+def test_a_tampered_member_is_one_problem_reported_once(spoiled, backed_up):
     result = spoiled.results["one byte flipped in a dataset member"]
+    member = member_name(IBM_MEMBER, backed_up.site)
 
-    assert problems(result) and all(p.startswith(IBM_MEMBER + ":") for p in problems(result))
+    assert problems(result) and all(p.startswith(member + ":") for p in problems(result))
     assert len(problems(result)) == 1, result.stdout
     assert ", 1 problem(s)" in result.stdout
 
@@ -868,10 +882,10 @@ def test_recover_from_hostile_archives_writes_nothing_outside_the_store(hostile_
 
 def oversized(site: Site, tmp_path: Path) -> tuple[Path, int]:
     """An archive whose IBM member is one byte over a limit every other member keeps."""
-    archive = site.backup()
-    limit = max(info.size for info, _ in read_members(archive) if info.name != IBM_MEMBER)
+    archive, member = site.backup(), member_name(IBM_MEMBER, site)
+    limit = max(info.size for info, _ in read_members(archive) if info.name != member)
     return rewrite_archive(archive, tmp_path / "oversized.tar",
-                           replace={IBM_MEMBER: b"A" * (limit + 1)}), limit
+                           replace={member: b"A" * (limit + 1)}), limit
 
 
 def test_a_member_over_the_size_limit_is_refused_unread_and_named(tmp_path, monkeypatch):
@@ -882,23 +896,25 @@ def test_a_member_over_the_size_limit_is_refused_unread_and_named(tmp_path, monk
 
     backup = BackupArchive(archive, site.ring())
     report = verify_backup(archive, site.ring(), None)
+    member = member_name(IBM_MEMBER, site)
 
-    assert IBM_MEMBER not in backup.members
-    assert [p for p in backup.problems if p.startswith(IBM_MEMBER + ":") and "over the limit" in p]
-    assert not report.sound and [p for p in report.problems if p.startswith(IBM_MEMBER + ":")]
+    assert member not in backup.members
+    assert [p for p in backup.problems if p.startswith(member + ":") and "over the limit" in p]
+    assert not report.sound and [p for p in report.problems if p.startswith(member + ":")]
 
 
 def test_recover_never_restores_a_member_over_the_size_limit(tmp_path, monkeypatch):
     site = headless_site(tmp_path)
     site.put(sample_datasets())
     archive, limit = oversized(site, tmp_path)
+    ibm, member = site.file_of(IBM), member_name(IBM_MEMBER, site)
     shutil.rmtree(site.data_dir)
     monkeypatch.setattr(product, "MAX_MEMBER_BYTES", limit)
 
     report = site.app().recover(archive)
 
-    assert IBM_FILE not in report.restored and not (site.data_dir / IBM_FILE).exists()
-    assert [f for f in report.failed if f.startswith(IBM_MEMBER + ":")]
+    assert str(IBM) not in report.restored and not ibm.exists()
+    assert [f for f in report.failed if f.startswith(member + ":")]
     assert len(report.restored) == DATASET_COUNT - 1
 
 
@@ -909,7 +925,7 @@ def test_recover_never_restores_a_member_over_the_size_limit(tmp_path, monkeypat
 @dataclass
 class Drill:
     site: Site
-    key: str
+    key: str  # the offline copy: the whole ring, the naming key last
     archive: Path
     files: dict[str, bytes]
     exports: list[str]
@@ -924,7 +940,10 @@ def drill(tmp_path_factory) -> Drill:
     exports = cli_all(site, EXPORTS)
     assert all(e.returncode == 0 and e.stdout.count("\n") > 5 for e in exports), \
         [output(e) for e in exports]
-    return Drill(site, site.ring().primary.key, archive, site.files(), [e.stdout for e in exports])
+    ring = site.ring()
+    assert ring.naming is not None
+    return Drill(site, f"{ring.primary.key},naming:{ring.naming.key}", archive, site.files(),
+                 [e.stdout for e in exports])
 
 
 def drill_copy(drill: Drill, tmp_path: Path) -> tuple[Site, Path]:
@@ -944,6 +963,27 @@ def test_restore_drill_with_the_key_in_the_variable_brings_back_identical_data(d
     assert f"{DATASET_COUNT} restored from the backup, 0 could not be recovered" in result.stdout
     assert site.files() == drill.files
     exports = cli_all(site, EXPORTS, OHLCV_ENCRYPTION_KEY=drill.key)
+    assert [e.stdout for e in exports] == drill.exports
+
+
+def test_restore_with_the_fernet_key_alone_puts_every_dataset_under_a_new_naming_key(
+        drill, tmp_path):
+    """An offline copy from before the naming key: --recover makes a new one (handed over)
+    and writes each dataset where that key names it, from the identity in the manifest."""
+    site, archive = drill_copy(drill, tmp_path)
+    shutil.rmtree(site.data_dir)
+    site.env_file.unlink()
+
+    result = site.cli_fresh("--recover", "--from-backup", str(archive),
+                            OHLCV_ENCRYPTION_KEY=drill.key.split(",")[0])
+
+    assert result.returncode == 0, output(result)
+    assert f"{DATASET_COUNT} restored from the backup, 0 could not be recovered" in result.stdout
+    files = site.files()
+    assert len(files) == DATASET_COUNT and set(files).isdisjoint(drill.files)
+    assert sorted(files.values()) == sorted(drill.files.values())  # the same tokens, renamed
+    handed_over = ",".join(handed_over_keys(site.cwd))  # the whole new ring, to keep offline
+    exports = cli_all(site, EXPORTS, OHLCV_ENCRYPTION_KEY=handed_over)
     assert [e.stdout for e in exports] == drill.exports
 
 
@@ -989,40 +1029,41 @@ def test_restore_drill_with_a_secret_service_relinks_the_key_ring_into_the_keyri
 def test_recover_never_overwrites_a_sound_file_that_differs_from_the_backup(drill, tmp_path):
     site, archive = drill_copy(drill, tmp_path)
     site.put({IBM: other_bars(sample_datasets()[IBM])})
-    sound = (site.data_dir / IBM_FILE).read_bytes()
+    sound = site.file_of(IBM).read_bytes()
 
     result = site.cli("--recover", "--from-backup", str(archive))
 
     assert result.returncode == 0, output(result)
-    assert (site.data_dir / IBM_FILE).read_bytes() == sound
+    assert site.file_of(IBM).read_bytes() == sound
     assert "0 restored from the backup" in result.stdout
 
 
 def test_recover_restores_a_corrupted_file_from_the_backup(drill, tmp_path):
     site, archive = drill_copy(drill, tmp_path)
-    flip_byte(site.data_dir / IBM_FILE, len(drill.files[IBM_FILE]) // 2)
+    flip_byte(site.file_of(IBM), len(drill.files[ibm_file(site)]) // 2)
 
     result = site.cli("--recover", "--from-backup", str(archive))
 
     assert result.returncode == 0, output(result)
-    assert f"restored {IBM_FILE}" in result.stdout
+    assert f"restored {IBM}" in result.stdout
     assert site.files() == drill.files
 
 
 def test_a_dataset_corrupted_in_store_and_backup_fails_recovery_with_exit_5_naming_it(
         drill, tmp_path):
     site, archive = drill_copy(drill, tmp_path)
-    flip_byte(site.data_dir / IBM_FILE, len(drill.files[IBM_FILE]) // 2)
-    offset, size = member_data_offset(archive, IBM_MEMBER)
+    ibm = ibm_file(site)
+    flip_byte(site.file_of(IBM), len(drill.files[ibm]) // 2)
+    offset, size = member_data_offset(archive, member_name(IBM_MEMBER, site))
     flip_byte(archive, offset + size // 2)
 
     result = site.cli("--recover", "--from-backup", str(archive))
 
     assert result.returncode == 5, output(result)
     assert [line for line in result.stdout.splitlines()
-            if "NOT RECOVERED" in line and IBM_FILE in line], result.stdout
-    intact = {rel: token for rel, token in site.files().items() if rel != IBM_FILE}
-    assert intact == {rel: token for rel, token in drill.files.items() if rel != IBM_FILE}
+            if "NOT RECOVERED" in line and ibm in line], result.stdout
+    intact = {rel: token for rel, token in site.files().items() if rel != ibm}
+    assert intact == {rel: token for rel, token in drill.files.items() if rel != ibm}
 
 
 def test_recover_without_any_key_source_and_no_terminal_exits_3_with_the_fix(drill, tmp_path):
@@ -1081,7 +1122,7 @@ def test_recover_on_a_new_machine_from_an_archive_with_an_altered_canary_restore
     assert result.returncode == 0, output(result)
     assert CANARY_MEMBER in result.stderr
     assert site.files() == drill.files
-    assert Fernet(drill.key).decrypt(site.canary.read_bytes()) == CANARY_TEXT
+    assert Fernet(drill.key.split(",")[0]).decrypt(site.canary.read_bytes()) == CANARY_TEXT
 
 
 def test_recover_on_a_new_machine_with_the_wrong_key_says_so_and_initialises_nothing(
@@ -1113,7 +1154,7 @@ STALE_HOLDER = "pid 4242 since 2024-01-01T00:00:00+00:00\n"  # a run killed long
 
 def temp_files(site: Site) -> list[Path]:
     """A crashed writer's leftovers in each of the three directories."""
-    return [site.data_dir / "daily" / ".tmp-IBM.fernet.0123456789ab",
+    return [site.file_of(IBM).with_name(f".tmp-{site.file_of(IBM).name}.0123456789ab"),
             site.state_dir / ".tmp-pending.json.0123456789ab",
             site.backup_dir / ".tmp-ohlcv-backup-20240101T000000000000Z.tar.0123456789ab"]
 
@@ -1189,12 +1230,12 @@ class TestCleanup:
     def test_intraday_month_partitions_entirely_before_the_window_are_deleted(self, cleaned):
         state, _ = cleaned
 
-        assert not (state.site.data_dir / "intraday_5min/TSCO.LON/2001-01.fernet").exists()
+        assert not state.site.file_of(DatasetId("TSCO.LON", "5min", month="2001-01")).exists()
 
     def test_a_dataset_with_no_bar_left_in_the_window_is_deleted(self, cleaned):
         state, _ = cleaned
 
-        assert not (state.site.data_dir / "daily/OLD.fernet").exists()
+        assert not state.site.file_of(DatasetId("OLD")).exists()
 
     def test_archives_beyond_OHLCV_BACKUP_KEEP_are_pruned_oldest_first(self, cleaned):
         state, result = cleaned
@@ -1245,14 +1286,14 @@ class TestCleanupDryRun:
 
         assert ("would remove 1 row(s) older than the retention window from IBM daily"
                 in result.stdout)
-        for path in state.archives[:-1] + state.temps + [state.site.data_dir / "daily/OLD.fernet"]:
+        for path in state.archives[:-1] + state.temps + [state.site.file_of(DatasetId("OLD"))]:
             assert f"would remove {path}" in result.stdout, path
         assert "dry run: nothing changed" in result.stdout
 
     def test_names_each_file_once_and_the_total_in_binary_units(self, dry_run):
         state, result, _, _ = dry_run
-        whole = [state.site.data_dir / "daily/OLD.fernet",
-                 state.site.data_dir / "intraday_5min/TSCO.LON/2001-01.fernet"]
+        whole = [state.site.file_of(DatasetId("OLD")),
+                 state.site.file_of(DatasetId("TSCO.LON", "5min", month="2001-01"))]
         lines = result.stdout.splitlines()
 
         for path, dataset in zip(whole, ("OLD daily", "TSCO.LON intraday_5min 2001-01"),

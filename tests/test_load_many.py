@@ -13,7 +13,7 @@ from secure_ohlcv_downloader import (
     SecureOHLCVDownloader,
     UsageError,
 )
-from tests.foundation_fixtures import new_key, settings_for
+from tests.foundation_fixtures import new_key_ring, settings_for
 
 
 def daily_bars(rows: int, seed: int) -> pd.DataFrame:
@@ -27,7 +27,7 @@ def daily_bars(rows: int, seed: int) -> pd.DataFrame:
 
 @pytest.fixture
 def app(tmp_path):
-    downloader = SecureOHLCVDownloader(settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=new_key()),
+    downloader = SecureOHLCVDownloader(settings_for(tmp_path, OHLCV_ENCRYPTION_KEY=new_key_ring()),
                                        KeyringKeyStore(fail.Keyring()))
     downloader.init()
     with downloader.ctx.exclusive() as ring:
@@ -62,5 +62,5 @@ def test_load_many_refuses_a_file_that_does_not_decrypt(app):
     data[60] ^= 1
     path.write_bytes(bytes(data))
 
-    with pytest.raises(IntegrityError, match="IBM.fernet"):
+    with pytest.raises(IntegrityError, match="IBM daily"):
         app.load_many(["IBM"])

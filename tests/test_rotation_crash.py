@@ -72,6 +72,7 @@ class Template:
 
     cwd: Path
     key: str
+    naming: StoredKey  # the naming key: rotation keeps it, and the file names with it
     plaintexts: dict[str, bytes]  # dataset path -> its decrypted content (Parquet bytes)
     originals: dict[str, pd.DataFrame]  # dataset path -> its bars
 
@@ -86,7 +87,8 @@ def template(tmp_path_factory) -> Template:
     site.put(many_datasets(DATASETS))
     ring = site.ring()
     plaintexts = {rel: ring.decrypt(token) for rel, token in site.files().items()}
-    return Template(site.cwd, ring.primary.key, plaintexts,
+    assert ring.naming is not None
+    return Template(site.cwd, ring.primary.key, ring.naming, plaintexts,
                     {rel: decode_table(data)[0] for rel, data in plaintexts.items()})
 
 
@@ -132,7 +134,8 @@ class Trials:
     def fresh_site(self, name: str) -> Site:
         site = self.site(name)
         if self.service is not None:
-            KeyringKeyStore(self.backend).save([StoredKey(self.template.key, "primary", "")])
+            KeyringKeyStore(self.backend).save([StoredKey(self.template.key, "primary", ""),
+                                                self.template.naming])
         return site
 
     def measure(self) -> float:

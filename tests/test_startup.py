@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from secure_ohlcv_downloader import MARKET_TZ, status_of
+from secure_ohlcv_downloader import CATALOGUE_NAME, MARKET_TZ, status_of
 from tests.download_fixtures import PREMIUM_KEY, start_emulator
 from tests.foundation_fixtures import CLI, MODULE, REPO, SUBPROCESS_TIMEOUT
 from tests.operations_fixtures import OpsWorkspace
@@ -89,12 +89,13 @@ def test_the_library_run_as_a_script_starts_as_light_as_the_cli(store):
 
 @pytest.mark.parametrize("args", [["status"], ["status", "--json"],
                                   ["estimate", "--symbols", "500"]])
-def test_status_and_estimate_read_footers_without_building_a_dataframe(store, args):
-    """pyarrow reads the footers (and brings numpy); pandas is never imported."""
+def test_status_and_estimate_from_a_fresh_catalogue_import_neither_pandas_nor_pyarrow(store, args):
+    """Every download ends by rewriting the catalogue: status and estimate read it alone
+    (one Fernet token), decoding no dataset."""
     run, imported = heavy_imports(store, *args)
 
     assert run.returncode == 0, run.stderr
-    assert "pandas" not in imported
+    assert imported == []
     if args[0] == "estimate":
         assert "measured in this store" in run.stdout
     else:
@@ -112,6 +113,23 @@ def test_a_gap_report_reads_the_cached_calendar_without_pandas(store):
     assert again.stdout == first.stdout and "IBM intraday_5min" in again.stdout
     assert (store.cwd / "state" / "calendar-XNYS.json").is_file()
     assert "pandas" not in imported and "exchange_calendars" not in imported
+
+
+def test_status_without_its_catalogue_reads_footers_without_building_a_dataframe(store):
+    """With no catalogue to vouch for a file, status reads each one's Parquet footer
+    (pyarrow, which brings numpy); pandas is never imported, and nothing is written."""
+    catalogue = store.cwd / "data" / CATALOGUE_NAME
+    kept = catalogue.read_bytes()
+    catalogue.unlink()
+    try:
+        run, imported = heavy_imports(store, "status")
+        assert not catalogue.exists()  # readers never write it
+    finally:
+        catalogue.write_bytes(kept)
+
+    assert run.returncode == 0, run.stderr
+    assert "pandas" not in imported and "pyarrow" in imported
+    assert "IBM intraday_5min" in run.stdout and "IBM daily_adjusted" in run.stdout
 
 
 def export_form(stamp, intraday: bool) -> str:

@@ -37,6 +37,7 @@ from secure_ohlcv_downloader import (
     StoredKey,
     UnsafePathError,
     UsageError,
+    dataset_file,
     ensure_private_dir,
     remove_temp_files,
 )
@@ -57,12 +58,24 @@ from tests.writer_child import frame as writer_frame
 
 WRITER = Path(__file__).with_name("writer_child.py")
 IBM = DatasetId("IBM")
+NAMING = new_key()  # every store of these tests names its files with this naming key
+
+
+def ring(*keys: str) -> KeyRing:
+    """The Fernet keys given (primary first) and NAMING."""
+    return KeyRing([StoredKey(k, "primary" if i == 0 else "retired") for i, k in enumerate(keys)]
+                   + [StoredKey(NAMING, "naming")])
+
+
+def with_naming(key: str) -> str:
+    """OHLCV_ENCRYPTION_KEY holding `key` and NAMING."""
+    return f"{key},naming:{NAMING}"
 
 
 def make_store(cwd: Path, key: str) -> EncryptedStore:
-    settings = settings_for(cwd, OHLCV_ENCRYPTION_KEY=key)
+    settings = settings_for(cwd, OHLCV_ENCRYPTION_KEY=with_naming(key))
     ensure_private_dir(settings.data_dir, settings.dir_mode)
-    return EncryptedStore(settings, KeyRing([StoredKey(key)]))
+    return EncryptedStore(settings, ring(key))
 
 
 @pytest.fixture
@@ -136,7 +149,7 @@ def test_file_written_under_a_key_not_in_the_ring_is_an_integrity_error(store, t
 def test_retired_key_still_reads_files_written_before_a_rotation(tmp_path, key):
     make_store(tmp_path, key).write(IBM, ohlcv_frame(3), {})
     settings = settings_for(tmp_path)
-    rotated = EncryptedStore(settings, KeyRing([StoredKey(new_key()), StoredKey(key, "retired")]))
+    rotated = EncryptedStore(settings, ring(new_key(), key))
 
     read, _ = rotated.read(IBM)
 
@@ -149,10 +162,10 @@ def test_retired_key_still_reads_files_written_before_a_rotation(tmp_path, key):
 
 WRITE_DATASETS = """
 from config import load_settings
-from secure_ohlcv_downloader import DatasetId, EncryptedStore, KeyRing, StoredKey
+from secure_ohlcv_downloader import DatasetId, EncryptedStore, KeyRing, ring_of
 from tests.writer_child import frame
 settings = load_settings()
-store = EncryptedStore(settings, KeyRing([StoredKey(k.reveal()) for k in settings.encryption_keys]))
+store = EncryptedStore(settings, KeyRing(ring_of(settings.encryption_keys)))
 with store.lock():
     store.write(DatasetId("IBM"), frame(1, 3), {})
     store.write(DatasetId("TSCO.LON", "5min", month="2024-01"), frame(2, 3), {})
@@ -162,7 +175,7 @@ with store.lock():
 def test_every_created_file_and_directory_is_private_under_umask_000(tmp_path, key):
     home = tmp_path / "home"
     home.mkdir()
-    env = headless_env(home, OHLCV_ENCRYPTION_KEY=key, OHLCV_DATA_DIR="vault/data",
+    env = headless_env(home, OHLCV_ENCRYPTION_KEY=with_naming(key), OHLCV_DATA_DIR="vault/data",
                        OHLCV_LOG_FILE="logs/cron/ohlcv.log")
     init = run_cli(["--init"], tmp_path, env, umask=0)
     assert init.returncode == 0, init.stderr
@@ -174,10 +187,9 @@ def test_every_created_file_and_directory_is_private_under_umask_000(tmp_path, k
              for p in created
              if stat.S_IMODE(p.lstat().st_mode) != (0o700 if p.is_dir() else 0o600)}
     assert wrong == {}
-    expected = {"vault", "vault/data", "vault/data/.lock", "vault/data/daily",
-                "vault/data/daily/IBM.fernet", "vault/data/intraday_5min",
-                "vault/data/intraday_5min/TSCO.LON",
-                "vault/data/intraday_5min/TSCO.LON/2024-01.fernet",
+    files = [dataset_file(NAMING, d) for d in (IBM, DatasetId("TSCO.LON", "5min", month="2024-01"))]
+    expected = {"vault", "vault/data", "vault/data/.lock",
+                *(f"vault/data/{f.parent}" for f in files), *(f"vault/data/{f}" for f in files),
                 "backups", "state", "state/canary.fernet",
                 "logs", "logs/cron", "logs/cron/ohlcv.log"}
     assert expected <= {str(p.relative_to(tmp_path)) for p in created}
@@ -203,8 +215,8 @@ def test_store_lock_refuses_a_loose_data_dir(store):
 
 
 def test_write_refuses_a_loose_dataset_dir(store):
-    (store.root / "daily").mkdir(mode=0o700)
-    (store.root / "daily").chmod(0o750)
+    store.path(IBM).parent.mkdir(mode=0o700)
+    store.path(IBM).parent.chmod(0o750)
 
     with pytest.raises(UnsafePathError):
         store.write(IBM, ohlcv_frame(1), {})
@@ -465,6 +477,7 @@ def _possible_versions(events: list[tuple[str, int, int]]) -> set[tuple[int, int
 
 def _check_after_crash(root: Path, reader: EncryptedStore,
                        events: dict[str, list]) -> list[Path]:
+    name_at = {reader.path(dataset): name for dataset, name in NAME_OF.items()}
     """Assert the crash invariants of the data directory; return the temp files found."""
     temps, strays = [], []
     for path in sorted(p for p in root.rglob("*") if not p.is_dir()):
@@ -473,11 +486,10 @@ def _check_after_crash(root: Path, reader: EncryptedStore,
         if path.name.startswith(".tmp-"):
             temps.append(path)
             continue
-        try:
-            name = NAME_OF[DatasetId.from_relative_path(path.relative_to(root))]
-        except (UsageError, KeyError):
+        if path not in name_at:
             strays.append(path)
             continue
+        name = name_at[path]
         frame, meta = reader.read_file(path)  # IntegrityError for a torn file
         assert len(frame) == meta["rows"]
         pd.testing.assert_frame_equal(frame, writer_frame(meta["version"], meta["rows"]))
@@ -492,9 +504,10 @@ def _record(lines: list[str], events: dict[str, list]) -> None:
         events[name].append((kind, int(version), int(rows)))
 
 
-def _sigkill_when_a_temp_file_appears(child: WriterChild, root: Path, limit: float = 5.0):
+def _sigkill_when_a_temp_file_appears(child: WriterChild, reader: EncryptedStore,
+                                      limit: float = 5.0):
     """Aim a kill at the write itself: poll the dataset directories, kill on the first temp file."""
-    directories = [root / dataset.relative_path().parent for dataset in DATASETS.values()]
+    directories = [reader.path(dataset).parent for dataset in DATASETS.values()]
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         for directory in directories:
@@ -518,10 +531,9 @@ def test_sigkill_mid_write_never_leaves_a_torn_or_unexpected_file(tmp_path, key)
     delays = [0.0, 0.001, 0.004, 0.01] + [rng.uniform(0.02, 0.2) for _ in range(RANDOM_KILLS - 4)]
     delays += [None] * AIMED_KILLS
     root = tmp_path / "data"
-    env = base_env(tmp_path, OHLCV_DATA_DIR=str(root), OHLCV_ENCRYPTION_KEY=key,
+    env = base_env(tmp_path, OHLCV_DATA_DIR=str(root), OHLCV_ENCRYPTION_KEY=with_naming(key),
                    OHLCV_LOCK_TIMEOUT="10")
-    reader = EncryptedStore(settings_for(tmp_path, OHLCV_DATA_DIR=str(root)),
-                            KeyRing([StoredKey(key)]))
+    reader = EncryptedStore(settings_for(tmp_path, OHLCV_DATA_DIR=str(root)), ring(key))
     events: dict[str, list] = defaultdict(list)
     mid_write = {"random": 0, "aimed": 0}
     children = [WriterChild(rng.randrange(2**31), tmp_path, env)]
@@ -532,7 +544,7 @@ def test_sigkill_mid_write_never_leaves_a_torn_or_unexpected_file(tmp_path, key)
             child = children[-2]
             child.go()
             if delay is None:
-                _record(_sigkill_when_a_temp_file_appears(child, root), events)
+                _record(_sigkill_when_a_temp_file_appears(child, reader), events)
             else:
                 time.sleep(delay)
                 _record(child.sigkill(), events)

@@ -195,8 +195,8 @@ def test_no_backend_and_no_encryption_key_after_init_fails(setup):
 def test_restored_datasets_without_a_key_fail_although_no_canary_exists(setup):
     # --init would generate a new key that opens none of them.
     del setup["env"]["OHLCV_ENCRYPTION_KEY"]
-    (setup["data"] / "daily").mkdir(mode=0o700)
-    (setup["data"] / "daily" / "IBM.fernet").write_bytes(b"token")
+    (setup["data"] / "3f").mkdir(mode=0o700)  # a dataset file's name: a keyed hash
+    (setup["data"] / "3f" / f"3f{'0' * 30}.fernet").write_bytes(b"token")
     result = run(setup, "--json")
     assert result.returncode == 3
     assert checks_by_name(result)["encryption keys"]["status"] == "FAIL"

@@ -28,8 +28,8 @@ from secure_ohlcv_downloader import (  # noqa: E402
     DatasetId,
     EncryptedStore,
     KeyRing,
-    StoredKey,
     ensure_private_dir,
+    ring_of,
 )
 
 DATASETS = {
@@ -55,7 +55,7 @@ def frame(version: int, rows: int) -> pd.DataFrame:
 def main() -> None:
     rng = random.Random(int(sys.argv[1]))
     settings = load_settings()
-    ring = KeyRing([StoredKey(k.reveal()) for k in settings.encryption_keys])
+    ring = KeyRing(ring_of(settings.encryption_keys))
     store = EncryptedStore(settings, ring)
     print("ready", flush=True)
     if not sys.stdin.readline():

@@ -99,7 +99,7 @@ class Site:
         self.cwd.mkdir(parents=True)
         self.home.mkdir(exist_ok=True)
         env_file = self.cwd / ".env"
-        env_file.write_text(f"OHLCV_ENCRYPTION_KEY={Fernet.generate_key().decode()}\n")
+        env_file.write_text(f"OHLCV_ENCRYPTION_KEY={Fernet.generate_key().decode()},naming:{Fernet.generate_key().decode()}\n")
         env_file.chmod(0o600)
         self.variables = {"ALPHA_VANTAGE_API_KEY": PREMIUM_KEY,
                           "ALPHA_VANTAGE_BASE_URL": av.base_url,
@@ -160,13 +160,14 @@ class Site:
                       for p in (self.cwd / d).rglob(".tmp-*"))
 
     def frames(self, ring: KeyRing | None = None) -> dict[str, pd.DataFrame]:
-        """Every dataset, decrypted with `ring` (default: as stored) and validated."""
+        """Every dataset by identity (daily/IBM, as its own metadata names it), decrypted
+        with `ring` (default: as stored) and validated."""
         ring = ring or self.ring()
         frames = {}
         for path in dataset_files(self.data):
-            frame, _ = decode_table(ring.decrypt(path.read_bytes()))
+            frame, meta = decode_table(ring.decrypt(path.read_bytes()))
             validate_bars(frame)
-            frames[path.relative_to(self.data).as_posix()] = frame
+            frames["/".join(filter(None, (meta["dataset"], meta["symbol"], meta.get("month"))))] = frame
         return frames
 
     def under_primary_alone(self) -> list[str]:
@@ -192,8 +193,8 @@ def serial_frames(tmp_path_factory, av, symbols: list[str]) -> dict[str, pd.Data
         report = site.app().download(missing)
         assert report.exit_code == 0, [r.line() for r in report.results]
         for rel, frame in site.frames().items():
-            _SERIAL[rel.split("/")[1].removesuffix(".fernet")] = frame
-    return {f"daily/{s}.fernet": _SERIAL[s] for s in symbols}
+            _SERIAL[rel.split("/")[1]] = frame
+    return {f"daily/{s}": _SERIAL[s] for s in symbols}
 
 
 def differences(actual: dict[str, pd.DataFrame], expected: dict[str, pd.DataFrame]) -> list[str]:
@@ -408,9 +409,9 @@ def test_four_runs_together(tmp_path, tmp_path_factory, emulator, figures, lock_
     if lock_timeout == "1" and not (1 <= len(done) < len(runs)):
         problems.append(f"with a 1 s lock timeout some runs should give up and one succeed: "
                         f"{[(r.name, r.code) for r in runs]}")
-    wanted = {"daily/IBM.fernet"}
-    wanted |= {f"daily/{s}.fernet" for s in FOUR_A} if "download A" in done else set()
-    wanted |= {f"daily/{s}.fernet" for s in FOUR_B} if "download B" in done else set()
+    wanted = {"daily/IBM"}
+    wanted |= {f"daily/{s}" for s in FOUR_A} if "download A" in done else set()
+    wanted |= {f"daily/{s}" for s in FOUR_B} if "download B" in done else set()
     problems += differences(site.frames(), {k: v for k, v in expected_frames.items() if k in wanted})
     archives = backup_archives(site.cwd / "backups")
     if ("backup" in done or "cleanup" in done) and len(archives) != 2:

@@ -61,7 +61,8 @@ PEAK_RSS_BOUND = 400 * MIB
 # fails the test) instead of taking gigabytes of a shared machine.
 ADDRESS_SPACE_LIMIT = 2 * GIB
 CHILD_TIMEOUT = 120
-IBM = "data/daily/IBM.fernet"
+# A member name of the opaque layout, as a candidate PAX value (IBM's own is lab.ibm_member).
+IBM_LIKE = "data/00/" + "0" * 32 + ".fernet"
 
 
 # -- building archives byte by byte ----------------------------------------------------------
@@ -146,28 +147,34 @@ def huge_header(lab: ArchiveLab, where: Path, kind: bytes) -> Path:
     info = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "pax")
     info.type, info.size = kind, size
     block = info.tobuf(tarfile.GNU_FORMAT if kind == tarfile.GNUTYPE_LONGNAME else tarfile.USTAR_FORMAT)
-    token = lab.members[IBM]
-    plain = tarfile.TarInfo(IBM)
+    token = lab.members[lab.ibm_member]
+    plain = tarfile.TarInfo(lab.ibm_member)
     plain.size, plain.mode = len(token), 0o600
     parts = [block, size, plain.tobuf(tarfile.USTAR_FORMAT), block_pad(token)]
-    return write_parts(where / f"huge-{kind.decode()}.tar", genuine_parts(lab.archive, {IBM: parts}))
+    return write_parts(where / f"huge-{kind.decode()}.tar", genuine_parts(lab.archive, {lab.ibm_member: parts}))
 
 
 def pax_ibm(lab: ArchiveLab, where: Path, label: str, pax: dict[str, str]) -> Path:
     return write_parts(where / f"pax-{label}.tar",
-                       genuine_parts(lab.archive, {IBM: member(IBM, lab.members[IBM], pax=pax)}))
+                       genuine_parts(lab.archive, {lab.ibm_member: member(lab.ibm_member, lab.members[lab.ibm_member], pax=pax)}))
+
+
+def sparse_name(member_name: str) -> str:
+    """The header name GNU tar gives a sparse member: <dir>/GNUSparseFile.0/<name>."""
+    directory, name = member_name.rsplit("/", 1)
+    return f"{directory}/GNUSparseFile.0/{name}"
 
 
 def sparse_10_realsize(lab: ArchiveLab, where: Path, realsize: str, with_map: bool) -> Path:
     """IBM's member under GNU.sparse 1.0 PAX records with the given realsize; its data
     starts with a sparse map, or (as a hand-made header would have it) with none."""
-    token = lab.members[IBM]
+    token = lab.members[lab.ibm_member]
     data = block_pad(f"1\n0\n{len(token)}\n".encode()) + token if with_map else token
-    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": IBM,
+    pax = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": lab.ibm_member,
            "GNU.sparse.realsize": realsize}
     label = f"sparse10-{realsize}-{'map' if with_map else 'nomap'}"
     return write_parts(where / f"{label}.tar", genuine_parts(
-        lab.archive, {IBM: member("data/daily/GNUSparseFile.0/IBM.fernet", data, pax=pax)}))
+        lab.archive, {lab.ibm_member: member(sparse_name(lab.ibm_member), data, pax=pax)}))
 
 
 def junk_manifest(lab: ArchiveLab, where: Path, size: int, real: bool) -> Path:
@@ -180,8 +187,8 @@ def junk_manifest(lab: ArchiveLab, where: Path, size: int, real: bool) -> Path:
 
 def non_regular(lab: ArchiveLab, where: Path, label: str, kind: bytes, linkname: str = "",
                 data: bytes = b"") -> Path:
-    parts = [header(IBM, len(data), kind=kind, linkname=linkname), block_pad(data)]
-    return write_parts(where / f"kind-{label}.tar", genuine_parts(lab.archive, {IBM: parts}))
+    parts = [header(lab.ibm_member, len(data), kind=kind, linkname=linkname), block_pad(data)]
+    return write_parts(where / f"kind-{label}.tar", genuine_parts(lab.archive, {lab.ibm_member: parts}))
 
 
 @dataclass
@@ -228,7 +235,7 @@ def hostile_archives(lab: ArchiveLab, where: Path) -> dict[str, Hostile]:
         "a hard link": Hostile(non_regular(lab, where, "lnk", tarfile.LNKTYPE, CANARY_MEMBER),
                                "member"),
         "a contiguous file": Hostile(non_regular(lab, where, "cont", tarfile.CONTTYPE,
-                                                 data=lab.members[IBM]), "member"),
+                                                 data=lab.members[lab.ibm_member]), "member"),
     }
     return made
 
@@ -346,14 +353,14 @@ def test_hostile_archives_exit_5_naming_the_archive_in_bounded_memory(tmp_path, 
             wrong.append(f"peak RSS {mb(run.peak_rss)} MB")
         if command == "recover":
             current = {p.relative_to(copies[name] / "data").as_posix(): p.read_bytes()
-                       for p in (copies[name] / "data").rglob("*.fernet")}
+                       for p in (copies[name] / "data").glob("??/*.fernet")}
             changed = {rel for rel in current.keys() | baseline.keys()
                        if current.get(rel) != baseline.get(rel)}
             if any(current.get(rel) != lab.originals.get(rel) for rel in changed):
                 wrong.append("stored bytes that are not the backed-up ones")
             if hostile.kind != "member" and changed:
                 wrong.append(f"stored {sorted(changed)} from an archive with no usable member")
-            if "daily/IBM.fernet" in current:
+            if lab.ibm_member.removeprefix("data/") in current:
                 wrong.append("restored the hostile member")
         if wrong:
             broken[job] = f"{', '.join(wrong)}: {run.text.strip()[-300:]!r}"
@@ -495,7 +502,7 @@ PAX_KEYS = ("size", "path", "linkpath", "mtime", "uid", "uname", "hdrcharset",
             "GNU.sparse.numblocks")
 PAX_VALUES = st.one_of(
     st.sampled_from(["9" * 20, "-1", "0", "1e400", "nan", "", "1,2,3", "-5,10", "0,99999999999",
-                     "BINARY", IBM, "../evil.fernet", "/etc/x", "1073741825", "\x00"]),
+                     "BINARY", IBM_LIKE, "../evil.fernet", "/etc/x", "1073741825", "\x00"]),
     st.integers(-2**70, 2**70).map(str), st.text(max_size=12))
 
 

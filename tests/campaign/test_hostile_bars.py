@@ -19,7 +19,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from secure_ohlcv_downloader import DatasetResult, latest_session
+from secure_ohlcv_downloader import DatasetId, DatasetResult, latest_session
 from tests.campaign.test_hostile_input import HostileServer, run_batch
 from tests.lifecycle_fixtures import Site, headless_site
 
@@ -128,7 +128,7 @@ def test_impossible_bars_fail_their_symbol_store_nothing_and_the_batch_goes_on(t
     for symbol, (_, needle) in cases.items():
         for name in (symbol, symbol + "S"):
             line = line_of(run["stdout"], name)
-            rel = f"daily/{name}.fernet"
+            rel = site.file_of(DatasetId(name)).relative_to(site.data_dir).as_posix()
             kept = after.get(rel) == before.get(rel)  # absent before and after, or the same bytes
             if not (line.startswith(f"{name} daily: FAILED: ") and needle in line and kept):
                 broken[name] = (line or run["stdout"][-300:], "file changed" if not kept else "")
@@ -198,7 +198,7 @@ def test_a_bar_may_be_dated_up_to_today_in_utc_plus_14_and_no_later(tmp_path, fi
     for symbol, (outcome, needle) in expected.items():
         result = results[symbol]
         shown = result.error if outcome == "failed" else result.last_bar
-        rel = str(result.dataset.relative_path())
+        rel = site.file_of(result.dataset).relative_to(site.data_dir).as_posix()
         if result.outcome != outcome or needle not in shown or (rel in files) != (outcome == "updated"):
             broken[symbol] = (result.outcome, result.line(), sorted(files))
     assert site.app().load("600104.SHH").index[-1] == datetime(2024, 6, 4)

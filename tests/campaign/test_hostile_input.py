@@ -76,7 +76,7 @@ from secure_ohlcv_downloader import (
 )
 from tests.campaign.figures import campaign_budget
 from tests.download_fixtures import PREMIUM_KEY, PREMIUM_PER_MINUTE
-from tests.foundation_fixtures import REPO, headless_env, new_key
+from tests.foundation_fixtures import REPO, headless_env, new_key_ring
 from tests.lifecycle_fixtures import (
     file_member,
     headless_site,
@@ -726,7 +726,7 @@ def test_hostile_body_fails_its_symbol_not_the_run(tmp_path, figures):
     cwd = tmp_path / "site"
     cwd.mkdir()
     with HostileServer(bodies) as server:
-        env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=new_key(), ALPHA_VANTAGE_API_KEY="K",
+        env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=new_key_ring(), ALPHA_VANTAGE_API_KEY="K",
                            ALPHA_VANTAGE_BASE_URL=server.base_url, OHLCV_MAX_RETRIES="0",
                            OHLCV_RATE_LIMIT_PER_MINUTE="6000", OHLCV_MAX_WORKERS="1")
         jobs = [{"argv": ["--init"]}] + [{"argv": ["download", symbol, "GOOD", "--full"]}
@@ -813,7 +813,7 @@ def test_symbols_never_map_outside_the_data_directory(tmp_path, figures):
 
 
 def _emulator_env(home: Path, av, **variables: str) -> dict[str, str]:
-    return headless_env(home, OHLCV_ENCRYPTION_KEY=variables.pop("OHLCV_ENCRYPTION_KEY", new_key()),
+    return headless_env(home, OHLCV_ENCRYPTION_KEY=variables.pop("OHLCV_ENCRYPTION_KEY", new_key_ring()),
                         ALPHA_VANTAGE_API_KEY=PREMIUM_KEY, ALPHA_VANTAGE_BASE_URL=av.base_url,
                         OHLCV_RATE_LIMIT_PER_MINUTE=str(PREMIUM_PER_MINUTE),
                         OHLCV_BACKOFF_SECONDS="0.01", **variables)
@@ -991,9 +991,6 @@ class ArchiveLab:
     """One installation with five datasets and a genuine archive of them; the archive's
     members as written; a damaged baseline of the store (two files lost, one altered)."""
 
-    LOST = ("daily/IBM.fernet", "weekly/BRK.B.fernet")
-    ALTERED = "daily/MSFT.fernet"
-
     def __init__(self, root: Path) -> None:
         self.root = root
         self.site = headless_site(root, key_in_variable=True)
@@ -1003,6 +1000,12 @@ class ArchiveLab:
         self.ring = self.site.ring()
         self.members = {info.name: data for info, data in read_members(self.archive)}
         self.originals = self.site.files()
+        # Where each dataset lives (its name derives from the site's naming key).
+        self.rel_of = {str(d): self.site.file_of(d).relative_to(self.site.data_dir).as_posix()
+                       for d in sample_datasets()}
+        self.lost = (self.rel_of["IBM daily"], self.rel_of["BRK.B weekly"])
+        self.altered = self.rel_of["MSFT daily"]
+        self.ibm_member = "data/" + self.rel_of["IBM daily"]
         self.outside = root / "outside"
         self.outside.mkdir()
 
@@ -1013,11 +1016,11 @@ class ArchiveLab:
             (data / rel).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             (data / rel).write_bytes(token)
             os.chmod(data / rel, 0o600)
-        for rel in self.LOST:
+        for rel in self.lost:
             (data / rel).unlink()
-        altered = bytearray(self.originals[self.ALTERED])
+        altered = bytearray(self.originals[self.altered])
         altered[60] ^= 0x01
-        (data / self.ALTERED).write_bytes(bytes(altered))
+        (data / self.altered).write_bytes(bytes(altered))
         for path in data.rglob(".tmp-*"):
             path.unlink()
 
@@ -1040,11 +1043,12 @@ class ArchiveLab:
         if self.outside_snapshot() != before:
             return "recover changed something outside the store", archive.name
         current = self.site.files()
-        for rel in (report.restored if report else []):
+        for name in (report.restored if report else []):  # restored datasets, by name
+            rel = self.rel_of.get(name, name)
             if current.get(rel) != self.originals.get(rel):
                 return "recover restored bytes that differ from the backup", rel
         for rel, token in current.items():
-            if token == self.originals.get(rel) or rel == self.ALTERED:
+            if token == self.originals.get(rel) or rel == self.altered:
                 continue
             try:
                 validate_bars(decode_table(self.ring.decrypt(token))[0])
@@ -1245,7 +1249,7 @@ def _sparse_oversized(path: Path, genuine: list, name: str) -> Path:
 def crafted_archives(lab: ArchiveLab, where: Path) -> dict[str, tuple[Path, str]]:
     """name -> (archive, text its refusal must contain)."""
     genuine = read_members(lab.archive)
-    ibm = "data/daily/IBM.fernet"
+    ibm = lab.ibm_member
     payload = lab.members[ibm]
     absolute = f"{lab.outside}/abs.fernet"
     made: dict[str, tuple[Path, str]] = {}
@@ -1301,13 +1305,13 @@ def test_crafted_archives_are_refused_named_and_contained(tmp_path, figures):
     recovers = run_batch([{"argv": ["--recover", "--from-backup", str(archive)], "cwd": str(copies[name])}
                           for name, (archive, _) in archives.items()], site.cwd, site.env())
     after = snapshot(tmp_path, exclude=excluded + (where,))
-    intact = set(lab.originals) - set(lab.LOST) - {lab.ALTERED}
+    intact = set(lab.originals) - set(lab.lost) - {lab.altered}
     for (name, (_, needle)), result in zip(archives.items(), recovers, strict=True):
         text = result["stdout"] + result["stderr"]
         current = {p.relative_to(copies[name] / "data").as_posix(): p.read_bytes()
                    for p in dataset_files(copies[name] / "data")}
         genuine = {rel for rel, token in current.items() if token == lab.originals.get(rel)}
-        expected = intact | ({"daily/IBM.fernet"} - {needle.removeprefix("data/")})
+        expected = intact | ({lab.ibm_member.removeprefix("data/")} - {needle.removeprefix("data/")})
         if name in ("truncated", "not-a-tar"):
             expected = intact
         if (result["code"] not in (0, 5) or (needle and needle not in text)

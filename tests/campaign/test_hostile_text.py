@@ -65,7 +65,7 @@ from tests.campaign.test_hostile_input import (
     run_batch,
     run_property,
 )
-from tests.foundation_fixtures import REPO, headless_env, new_key
+from tests.foundation_fixtures import REPO, headless_env, new_key_ring
 
 EXAMPLES = campaign_budget(60, 1500)
 CLI_EXAMPLES = campaign_budget(3, 25)
@@ -302,7 +302,7 @@ def site(tmp_path: Path, server: HostileServer, **variables: str) -> tuple[Path,
     """An initialised working directory whose API is `server`."""
     cwd = tmp_path / "site"
     cwd.mkdir()
-    env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=new_key(), ALPHA_VANTAGE_API_KEY=API_KEY,
+    env = headless_env(tmp_path, OHLCV_ENCRYPTION_KEY=new_key_ring(), ALPHA_VANTAGE_API_KEY=API_KEY,
                        ALPHA_VANTAGE_BASE_URL=server.base_url, OHLCV_MAX_RETRIES="0",
                        OHLCV_BACKOFF_SECONDS="0.001", OHLCV_RATE_LIMIT_PER_MINUTE="60000",
                        **variables)
@@ -537,14 +537,16 @@ def test_a_tampered_dataset_stops_the_run_after_reporting_what_was_written(tmp_p
         cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1")
         first = cli_batch([["download", *symbols]], cwd, env)[0]
         assert first["code"] == 0, first
-        data = cwd / "data"
-        victim = data / DatasetId("BBB").relative_path()
+        store = product.SecureOHLCVDownloader(load_settings(environ=env, cwd=cwd),
+                                              product.KeyringKeyStore(fail.Keyring())).store()
+        victim = store.path(DatasetId("BBB"))
         token = bytearray(victim.read_bytes())
         token[len(token) // 2] ^= 1
         victim.write_bytes(bytes(token))
-        before = {p: p.read_bytes() for p in data.rglob("*" + product.FILE_SUFFIX)}
+        symbol_at = {store.path(DatasetId(s)): s for s in symbols}
+        before = {p: p.read_bytes() for p in symbol_at if p.exists()}
         run = cli_batch([["download", *symbols, "--full"]], cwd, env)[0]
-    changed = sorted(p.stem for p, content in before.items()
+    changed = sorted(symbol_at[p] for p, content in before.items()
                      if p.read_bytes() != content)
     lines = result_lines(run["stdout"])
     # written: updated, or unchanged (--full brought the same bars and stored them again)

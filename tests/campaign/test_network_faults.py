@@ -34,13 +34,13 @@ from secure_ohlcv_downloader import DatasetId, dataset_files, validate_bars
 from tests.alphavantage_emulator import AlphaVantageEmulator
 from tests.campaign.figures import campaign_budget, is_long
 from tests.download_fixtures import PREMIUM_KEY, Workspace, session_day, start_emulator
-from tests.foundation_fixtures import new_key
+from tests.foundation_fixtures import new_key_ring
 
 SYMBOLS = ("AAA", "BBB", "CCC")
 FAULTED = "BBB"                      # the second symbol of the run: a fault mid-run
 # intraday: last month, a whole month of bars whatever day the suite runs
 MONTH = (session_day().replace(day=1) - timedelta(days=1)).strftime("%Y-%m")
-KEY = new_key()
+KEY = new_key_ring()
 
 # function -> download() options
 FUNCTIONS: dict[str, dict[str, Any]] = {
@@ -180,7 +180,7 @@ def store_problems(ws: Workspace) -> list[str]:
 
 
 def file_bytes(ws: Workspace, dataset: DatasetId) -> bytes | None:
-    path = ws.cwd / "data" / dataset.relative_path()
+    path = ws.app().store().path(dataset)
     return path.read_bytes() if path.exists() else None
 
 

@@ -38,7 +38,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from config import KEYRING_SERVICE
 from secure_ohlcv_cli import COMMANDS
-from secure_ohlcv_downloader import KEYRING_USERNAME, fingerprint
+from secure_ohlcv_downloader import KEYRING_USERNAME, DatasetId, dataset_file, fingerprint
 from tests.campaign.figures import is_long
 from tests.download_fixtures import start_emulator
 from tests.foundation_fixtures import (
@@ -198,6 +198,8 @@ def test_no_command_leaks_a_key_anywhere(tmp_path, emulator, figures):
                          ("fernet", fernet_key), ("fernet", wrong_fernet)):
         keys.add(label, value)
     keys.add("malformed", malformed_fernet)
+    naming_key = Fernet.generate_key().decode()
+    keys.add("naming", naming_key)
     spaced_api_key = distinctive_api_key("SPC")
     keys.add("api", spaced_api_key)
 
@@ -205,7 +207,7 @@ def test_no_command_leaks_a_key_anywhere(tmp_path, emulator, figures):
     site.mkdir()
     home.mkdir()
     env_file = site / ".env"
-    env_file.write_text(f"OHLCV_ENCRYPTION_KEY={fernet_key}\n")
+    env_file.write_text(f"OHLCV_ENCRYPTION_KEY={fernet_key},naming:{naming_key}\n")
     env_file.chmod(0o600)
     env = headless_env(home, ALPHA_VANTAGE_API_KEY=f"{API_KEY_1},{API_KEY_2}",
                        ALPHA_VANTAGE_BASE_URL=emulator.base_url, OHLCV_LOG_LEVEL="DEBUG",
@@ -257,7 +259,7 @@ def test_no_command_leaks_a_key_anywhere(tmp_path, emulator, figures):
     key_file = tmp_path / "keys.txt"  # the operator's offline copy, outside the site
     key_file.write_text(env_file.read_text())
     key_file.chmod(0o600)
-    (site / "data" / "daily" / "MSFT.fernet").unlink()
+    (site / "data" / dataset_file(naming_key, DatasetId("MSFT"))).unlink()
     archive = max((site / "backups").glob("*.tar"))
     runs += run_stage({"recover": cli("--recover", "--key-file", str(key_file), "--from-backup", str(archive))})
     runs += run_stage({
@@ -297,8 +299,9 @@ def test_keyring_commands_leak_no_key(tmp_path, emulator, secret_service,
     """Keys in the Secret Service: the keyring, secretstorage and D-Bus layers log at
     DEBUG too; nothing of the key ring may reach the log or the output."""
     keys = Secrets()
-    first = Fernet.generate_key().decode()
+    first, naming = Fernet.generate_key().decode(), Fernet.generate_key().decode()
     keys.add("fernet", first)
+    keys.add("naming", naming)
     keys.add("api", API_KEY_1)
     site, home = tmp_path / "site", tmp_path / "home"
     site.mkdir()
@@ -307,7 +310,7 @@ def test_keyring_commands_leak_no_key(tmp_path, emulator, secret_service,
                              ALPHA_VANTAGE_BASE_URL=emulator.base_url, OHLCV_LOG_LEVEL="DEBUG",
                              OHLCV_RATE_LIMIT_PER_MINUTE="6000",
                              OHLCV_METRICS_FILE=str(site / "metrics.prom"))
-    steps = [("init (imports the variable)", ["--init"], {"OHLCV_ENCRYPTION_KEY": first}),
+    steps = [("init (imports the variable)", ["--init"], {"OHLCV_ENCRYPTION_KEY": f"{first},naming:{naming}"}),
              ("download", ["download", "IBM"], {}), ("rotate-key", ["--rotate-key"], {}),
              ("remove-key", ["remove-key", fingerprint(first), "--yes"], {})]
     if is_long():
@@ -341,10 +344,13 @@ def test_running_download_command_line_carries_no_key(tmp_path, emulator, figure
     keys = Secrets()
     keys.add("api", API_KEY_1)
     keys.add("fernet", fernet_key)
+    naming_key = Fernet.generate_key().decode()
+    keys.add("naming", naming_key)
     needles = keys.forms()
     site = tmp_path / "site"
     site.mkdir()
-    env = headless_env(tmp_path, ALPHA_VANTAGE_API_KEY=API_KEY_1, OHLCV_ENCRYPTION_KEY=fernet_key,
+    env = headless_env(tmp_path, ALPHA_VANTAGE_API_KEY=API_KEY_1,
+                       OHLCV_ENCRYPTION_KEY=f"{fernet_key},naming:{naming_key}",
                        ALPHA_VANTAGE_BASE_URL=emulator.base_url, OHLCV_RATE_LIMIT_PER_MINUTE="6000",
                        OHLCV_MAX_WORKERS="1", OHLCV_LOG_LEVEL="DEBUG")
     assert run_cli(["--init"], site, env).returncode == 0
