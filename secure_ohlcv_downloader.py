@@ -3898,21 +3898,26 @@ class DatasetDownloader:
         return bool(events.any())
 
 
-PENDING_NAME = "pending.json"
+PENDING_NAME = "pending.fernet"
+PLAIN_PENDING_NAME = "pending.json"  # written before the queue was sealed: it named datasets
 
 
 class PendingQueue:
-    """Datasets a run could not reach before the quota ran out; the next run does them first."""
+    """Datasets a run could not reach before the quota ran out; the next run does them first.
+    Sealed under the key ring like the datasets: their names are the holdings. Only an
+    order: one that cannot be read (a key removed since) is an empty queue."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ring: KeyRing) -> None:
         self.path = settings.state_dir / PENDING_NAME
         self.file_mode = settings.file_mode
+        self.ring = ring
 
     def load(self) -> set[str]:
         try:
-            return set(json.loads(self.path.read_text()))
-        except (FileNotFoundError, ValueError):
+            names = json.loads(self.ring.decrypt(self.path.read_bytes()))
+        except (OSError, InvalidToken, ValueError):
             return set()
+        return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
     def order(self, datasets: list[DatasetId]) -> list[DatasetId]:
         pending = self.load()
@@ -3922,7 +3927,9 @@ class PendingQueue:
         pending = self.load()
         pending -= {str(r.dataset) for r in report.results if r.outcome != "pending"}
         pending |= {str(r.dataset) for r in report.pending}
-        atomic_write(self.path, json.dumps(sorted(pending)).encode(), self.file_mode)
+        atomic_write(self.path, self.ring.encrypt(json.dumps(sorted(pending)).encode()),
+                     self.file_mode)
+        (self.path.parent / PLAIN_PENDING_NAME).unlink(missing_ok=True)
 
 
 def api_keys_of(settings: Settings) -> list[str]:
@@ -3976,7 +3983,6 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
     if not datasets:
         raise UsageError("no symbols given.")
-    pending = PendingQueue(settings)
     if not settings.api_keys:
         ctx.warnings.append("ALPHA_VANTAGE_API_KEY is not set: using the public demo key, "
                             "which serves IBM only. Claim a free key at "
@@ -3986,6 +3992,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     finished: dict[int, list[DatasetResult]] = {}  # done, waiting for an earlier one's turn
     with ctx.exclusive() as ring:
         store = EncryptedStore(settings, ring)
+        pending = PendingQueue(settings, ring)
         limiter = RateLimiter(settings, api_keys_of(settings))
         # One answer's memory is bounded by what the run has left under the limit, shared
         # by the downloads in flight (AlphaVantageClient, answer_budget).
@@ -5627,7 +5634,7 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
     if counted:  # as recorded when each file was written; `gaps` counts afresh
         ctx.facts.update(gaps=sum(counted), datasets_with_gaps=sum(1 for n in counted if n))
     return {"datasets": datasets, "quota": quota, "runs": RunRecord(ctx.settings).read(),
-            "pending": sorted(PendingQueue(ctx.settings).load())}
+            "pending": sorted(PendingQueue(ctx.settings, store.key_ring).load())}
 
 
 @dataclass

@@ -440,3 +440,23 @@ def test_foreign_files_are_ignored_never_read_listed_archived_or_deleted(ws, tmp
     with tarfile.open(archive) as tar:
         assert len([m for m in tar.getnames() if m.startswith("data/")]) == len(SYMBOLS)
     assert all(path.read_bytes() == content for path, content in planted.items())
+
+
+# -- what the disk still tells --------------------------------------------------------------
+
+def test_no_file_but_the_log_names_a_dataset_after_the_quota_leaves_some_pending(ws):
+    """The daily budget spent after one more request: the other symbols wait in the
+    pending queue, which must name them to no reader of the disk (the log, the operator's
+    record, does; SECURITY.md). Long symbols: a chance match inside random base64 is nil."""
+    wanted = ["QUOTAFIRST", "QUOTASECOND", "QUOTATHIRD"]
+    used = len(SYMBOLS)  # today's requests of the template's downloads
+    report = ws.download(wanted, overrides={"OHLCV_RATE_LIMIT_PER_DAY": str(used + 1)})
+    assert len(report.pending) == 2, [r.line() for r in report.results]
+
+    naming = {p.relative_to(ws.cwd).as_posix(): [s for s in wanted if s.encode() in p.read_bytes()]
+              for p in ws.cwd.rglob("*") if p.is_file() and not p.is_symlink()
+              and not p.name.startswith("secure_downloader.log")}
+    pending = status_of(ws.app().ctx)["pending"]
+
+    assert {name: found for name, found in naming.items() if found} == {}
+    assert sorted(pending) == sorted(str(r.dataset) for r in report.pending)
