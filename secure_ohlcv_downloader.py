@@ -4313,7 +4313,10 @@ class BackupWriter:
         tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
         entries = []
         with self.ctx.exclusive() as ring:
-            listed = EncryptedStore(s, ring).listing()
+            # In name order, not identity order: members are listed in the archive's
+            # table of contents, and identity order would group them by interval and
+            # rank them by symbol.
+            listed = sorted(EncryptedStore(s, ring).listing(), key=lambda x: x.file)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, s.file_mode)
             try:
                 os.fchmod(fd, s.file_mode)
