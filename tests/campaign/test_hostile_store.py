@@ -225,6 +225,20 @@ def test_a_catalogue_larger_than_the_bound_is_never_read_into_memory(ws):
     assert rows_by_status(ws) == expected
 
 
+def test_a_writer_never_writes_a_catalogue_readers_would_refuse(ws, monkeypatch, caplog):
+    """Over the bound the catalogue is not written (readers would refuse it on every run
+    and each writer write it again in vain): the one in place stays, status stays right."""
+    catalogue = data(ws) / CATALOGUE_NAME
+    before = catalogue.read_bytes()
+    monkeypatch.setattr("secure_ohlcv_downloader.MAX_CATALOGUE_BYTES", len(before) + 100)
+
+    assert ws.download(["AAPL", "NVDA"]).exit_code == 0
+
+    assert catalogue.read_bytes() == before
+    assert any("not rewritten" in r.getMessage() for r in caplog.records), caplog.text
+    assert set(rows_by_status(ws)) == {f"{s} daily" for s in SYMBOLS + ["AAPL", "NVDA"]}
+
+
 def test_a_catalogue_that_is_a_link_or_a_fifo_is_never_followed_nor_waited_for(ws, tmp_path):
     """A link to a copy of the real catalogue would be proven true: it must not be read.
     A FIFO would block status for ever in open() or read()."""
