@@ -6,9 +6,10 @@ no key. What they plant is outside input; the property each test holds the produ
 
 * the catalogue (`catalogue.fernet`) is a cache: whatever it says, `status` lists what the
   files hold, never crashes, reads it through no link, no FIFO and never past a bound,
-  and the next writer rewrites it. An entry is trusted only for the file its identity
-  names and only while the file's stat still proves it: a catalogue rolled back to an
-  older copy, or a file put back in place with its mtime reset, is read again;
+  and the next writer rewrites it (never over the bound). An entry is trusted only for
+  the file its identity names and only while the file's stat still proves it: a
+  catalogue rolled back to an older copy, or a file put back in place with its mtime
+  reset, is read again;
 * a fan-out directory (`data/ab/`) that is a link, a file, looser than OHLCV_DIR_MODE or
   another user's stops every command that would read or write it (exit 3, the path and
   the fix named); nothing in a link's target is read, created or changed;
@@ -16,7 +17,10 @@ no key. What they plant is outside input; the property each test holds the produ
   that could block: status names it unreadable (with the dataset the catalogue knew it
   as), export and download of that dataset stop with exit 3, backup refuses (exit 5);
 * a file of a foreign name in the data or a fan-out directory is ignored: never read,
-  never listed, never archived, never deleted.
+  never listed, never archived, never deleted;
+* nothing but the log names a dataset on disk (the pending queue is sealed), and an
+  archive's members come in name order, not in the identity order that would group them
+  by interval and rank them by symbol.
 
 Every check runs the real command line or the product's own API over real files; the
 store comes from real downloads against the local Alpha Vantage emulator.
