@@ -198,7 +198,7 @@ def templates(tmp_path_factory):
             app_for(backed, env).backup()
         for site in (empty, stale, backed):
             shutil.rmtree(site / "state" / "quota", ignore_errors=True)  # a new day
-            for name in ("pending.json", "runs.json"):
+            for name in ("pending.fernet", "runs.json"):
                 (site / "state" / name).unlink(missing_ok=True)
             plant_temp_files(site)
         t.sites = {"download": empty, "merge": stale, "rotate-key": backed,
