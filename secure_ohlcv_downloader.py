@@ -549,10 +549,14 @@ def read_own_file(path: Path, limit: int, dir_mode: int,
             os.close(fd)
         raise UnsafePathError(f"{path} is not a regular file ({kind_of(info)}); refusing to "
                               "follow or open it: this tool wrote none such. Fix: " + fix)
+    # read(n) allocates n bytes before it reads: ask for the size fstat gave (and one more,
+    # to see growth), never for the limit itself.
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(limit + 1) if info.st_size <= limit else b""
-    if info.st_size > limit or len(data) > limit:
+        data = handle.read(info.st_size + 1) if info.st_size <= limit else b""
+    if info.st_size > limit:
         raise ValueError(f"{path} holds more than {limit} bytes")
+    if len(data) > info.st_size:
+        raise ValueError(f"{path} grew while it was read")
     return data, info
 
 
