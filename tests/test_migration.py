@@ -17,12 +17,16 @@ import pytest
 from secure_ohlcv_downloader import (
     CATALOGUE_NAME,
     DatasetId,
+    KeyringKeyStore,
     dataset_file,
 )
 from tests.download_fixtures import PREMIUM_KEY, start_emulator
 from tests.earlier_layout import earlier_archive, earlier_files, earlier_site, put_earlier
-from tests.foundation_fixtures import handed_over_keys
-from tests.lifecycle_fixtures import Site, sample_datasets, snapshot
+from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
+    handed_over_keys,
+    keyring_backend,
+)
+from tests.lifecycle_fixtures import Site, keyring_site, sample_datasets, snapshot
 from tests.test_layout import OPAQUE, names_revealing, revealing_forms
 
 DATASETS = sample_datasets() | {DatasetId("IBM", adjusted=True):
@@ -131,6 +135,27 @@ def test_keys_in_an_outside_variable_stop_it_until_the_variable_holds_the_naming
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(re.findall(r"^moved ", done.stdout, re.M)) == len(DATASETS)
     assert earlier_files(site.data_dir) == {}
+    assert site.cli("status").returncode == 0
+
+
+def test_with_keys_in_the_os_keyring_the_naming_key_is_stored_there(
+        tmp_path, secret_service, keyring_backend):
+    site = keyring_site(tmp_path, secret_service, keyring_backend)
+    ring = site.ring()
+    KeyringKeyStore(keyring_backend).save(ring.keys)  # the earlier version's entry: no naming key
+    for handed in site.state_dir.glob("new-key-*"):
+        handed.unlink()
+    put_earlier(site.data_dir, ring, DATASETS)
+
+    result = site.cli("--migrate-store")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stored in: OS keyring" in result.stdout
+    stored = KeyringKeyStore(keyring_backend).load()
+    assert stored is not None and [k.key for k in stored[:-1]] == [ring.primary.key]
+    assert stored[-1].naming and stored[-1].item == handed_over_keys(site.cwd)[-1]
+    assert not site.env_file.exists()
+    assert sorted(re.findall(r"^moved (.+)$", result.stdout, re.M)) == sorted(map(str, DATASETS))
     assert site.cli("status").returncode == 0
 
 
