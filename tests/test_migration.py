@@ -27,6 +27,7 @@ from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fix
     keyring_backend,
 )
 from tests.lifecycle_fixtures import Site, keyring_site, sample_datasets, snapshot
+from tests.operations_fixtures import secret_hits
 from tests.test_layout import OPAQUE, names_revealing, revealing_forms
 
 DATASETS = sample_datasets() | {DatasetId("IBM", adjusted=True):
@@ -76,6 +77,20 @@ def test_an_earlier_store_migrates_to_opaque_names_with_the_same_data(earlier):
     assert {d.identity: migrated.decrypt(earlier.file_of(d).read_bytes()) for d in DATASETS} == before
     catalogue = earlier.app().store().catalogue()
     assert catalogue.problem == "" and set(catalogue.entries) == {d.identity for d in DATASETS}
+
+
+def test_the_keys_appear_in_no_log_output_or_state_file_at_debug(earlier):
+    result = earlier.cli("--migrate-store", OHLCV_LOG_LEVEL="DEBUG")
+    assert result.returncode == 0, result.stderr
+    ring = earlier.ring()
+    assert ring.naming is not None
+    handed = set(earlier.state_dir.glob("new-key-*.txt"))
+    texts: dict[str, str | bytes] = {"stdout": result.stdout, "stderr": result.stderr}
+    texts |= {str(p): p.read_bytes() for p in earlier.cwd.rglob("*")
+              if p.is_file() and p not in handed and p != earlier.env_file}
+
+    assert "command migrate-store finished" in earlier.log_file.read_text()
+    assert secret_hits(texts, {"naming key": ring.naming.key, "primary key": ring.primary.key}) == []
 
 
 def test_every_command_works_after_the_migration(earlier, tmp_path):
