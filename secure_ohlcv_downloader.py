@@ -2373,8 +2373,9 @@ class DatasetId:
         return "/".join([self.name, self.symbol] + ([self.month] if self.month else []))
 
     def relative_path(self) -> Path:
-        """The earlier layout's path, whose names show the symbol (daily/IBM.fernet): read
-        only to restore an archive written by it (the store itself uses dataset_file)."""
+        """The earlier layout's path, whose names show the symbol (daily/IBM.fernet): used
+        only by --migrate-store and to restore an archive written by it (the store itself
+        uses dataset_file)."""
         return Path(self.identity + FILE_SUFFIX)
 
     @classmethod
@@ -4163,7 +4164,10 @@ def earlier_layout_files(root: Path, dir_mode: int) -> tuple[list[EarlierFile], 
             try:
                 dataset = DatasetId.from_relative_path(path.relative_to(root))
             except UsageError:
-                raise refuse(path, "not a dataset file of the earlier layout") from None
+                dataset = None
+            if dataset is None or dataset.relative_path() != path.relative_to(root):
+                # e.g. daily/ibm.fernet: the earlier version wrote IBM.fernet, nothing else
+                raise refuse(path, "not a dataset file of the earlier layout")
             files.append(EarlierFile(path, dataset))
         dirs.append(directory)
 

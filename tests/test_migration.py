@@ -192,12 +192,19 @@ def _foreign(site: Site) -> tuple[str, Path]:
     return "not a dataset file of the earlier layout", site.log_file
 
 
+def _lower_case_name(site: Site) -> tuple[str, Path]:
+    ibm = site.data_dir / "daily" / "IBM.fernet"
+    (site.data_dir / "daily" / "ibm.fernet").write_bytes(ibm.read_bytes())
+    return "not a dataset file of the earlier layout", site.log_file
+
+
 def _loose_directory(site: Site) -> tuple[str, Path]:
     os.chmod(site.data_dir / "daily", 0o755)
     return "looser than the configured", site.log_file
 
 
-@pytest.mark.parametrize("plant", [_symlink, _fifo, _foreign, _loose_directory])
+@pytest.mark.parametrize("plant", [_symlink, _fifo, _foreign, _lower_case_name,
+                                   _loose_directory])
 def test_what_the_migration_did_not_write_stops_it_before_anything_moves(earlier, plant):
     why, unread = plant(earlier)
     quiet = (earlier.log_file, earlier.data_dir / ".lock", earlier.state_dir / "runs.json", unread)
