@@ -7,7 +7,8 @@ fsynced), the emptied old directories go after, and the catalogue is written las
 every moment each dataset is under its earlier name or its opaque one, never both, never
 neither, and a re-run completes the migration.
 
-Modelled on tests/test_rotation_crash.py: each trial copies one store of the earlier layout
+Modelled on tests/test_rotation_crash.py, with the keys in `.env` (25 kills) and in a real
+Secret Service (8): each trial copies one store of the earlier layout
 (tests/earlier_layout.py) and starts a real `--migrate-store` process (the command line's
 own `main`, forked by tests/rotation_child.py), then kills it with SIGKILL after a delay
 drawn from a seeded generator, spread over the duration of an uninterrupted migration
@@ -44,12 +45,18 @@ from secure_ohlcv_downloader import (
     CATALOGUE_NAME,
     TEMP_PREFIX,
     DatasetId,
+    KeyringKeyStore,
+    StoredKey,
     dataset_file,
     dataset_files,
     uses_earlier_layout,
 )
 from tests.earlier_layout import earlier_site
-from tests.foundation_fixtures import CLI, SUBPROCESS_TIMEOUT
+from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
+    CLI,
+    SUBPROCESS_TIMEOUT,
+    keyring_backend,
+)
 from tests.lifecycle_fixtures import Site, cli_server, many_datasets, month_of_5min_bars
 
 SEED = 20261206
@@ -67,6 +74,7 @@ def crash_datasets() -> dict[DatasetId, object]:
 @dataclass
 class Template:
     cwd: Path
+    key: str  # the one Fernet key of the earlier ring (no naming key yet)
     plaintexts: dict[DatasetId, bytes]  # each dataset's decrypted content before migrating
 
 
@@ -75,7 +83,7 @@ def template(tmp_path_factory) -> Template:
     datasets = crash_datasets()
     site = earlier_site(tmp_path_factory.mktemp("migration-template"), datasets)
     ring = site.ring()
-    return Template(site.cwd, {d: ring.decrypt((site.data_dir / d.relative_path()).read_bytes())
+    return Template(site.cwd, ring.primary.key, {d: ring.decrypt((site.data_dir / d.relative_path()).read_bytes())
                                for d in datasets})
 
 
@@ -97,8 +105,9 @@ def plan(rng: random.Random, uninterrupted: float, spread: int, early: int,
 class Trials:
     """Copies the template, kills a migration in it, checks it, re-runs, checks again."""
 
-    def __init__(self, template: Template, root: Path) -> None:
+    def __init__(self, template: Template, root: Path, backend=None, service=None) -> None:
         self.template, self.root = template, root
+        self.backend, self.service = backend, service
         self.home = root / "home"
         self.home.mkdir()
         self.landings: Counter[str] = Counter()
@@ -108,7 +117,11 @@ class Trials:
     def site(self, name: str) -> Site:
         cwd = self.root / name / "site"
         shutil.copytree(self.template.cwd, cwd, symlinks=True)
-        return Site(cwd, self.home)
+        if self.service is None:
+            return Site(cwd, self.home)
+        (cwd / ".env").unlink()  # the keys live in the keyring: its one entry, reset per trial
+        KeyringKeyStore(self.backend).save([StoredKey(self.template.key, "primary", "")])
+        return Site(cwd, self.home, backend=self.backend, service=self.service)
 
     def start(self, site: Site) -> int:
         return self.server.start(["--migrate-store"], site.cwd, site.env())
@@ -207,7 +220,7 @@ class Trials:
               f"{self.landings[MID_MIGRATION]}")
 
 
-def test_migration_survives_sigkill_at_any_moment(template, tmp_path):
+def test_migration_with_keys_in_dotenv_survives_sigkill_at_any_moment(template, tmp_path):
     trials = Trials(template, tmp_path)
     uninterrupted = trials.measure()
     print(f"\nuninterrupted --migrate-store over {len(template.plaintexts)} datasets, keys in "
@@ -217,3 +230,16 @@ def test_migration_survives_sigkill_at_any_moment(template, tmp_path):
 
     trials.report("migration crash trials, keys in .env")
     assert trials.kills == 25
+
+
+def test_migration_with_keys_in_the_keyring_survives_sigkill_at_any_moment(
+        template, tmp_path, secret_service, keyring_backend):
+    trials = Trials(template, tmp_path, keyring_backend, secret_service)
+    uninterrupted = trials.measure()
+    print(f"\nuninterrupted --migrate-store over {len(template.plaintexts)} datasets, keys in "
+          f"the Secret Service: {uninterrupted * 1000:.0f} ms from start to exit")
+
+    trials.run(plan(random.Random(SEED + 1), uninterrupted, spread=7, early=1, at_start_up=0))
+
+    trials.report("migration crash trials, keys in the Secret Service")
+    assert trials.kills == 8
