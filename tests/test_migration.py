@@ -23,8 +23,10 @@ from secure_ohlcv_downloader import (
 from tests.download_fixtures import PREMIUM_KEY, start_emulator
 from tests.earlier_layout import earlier_archive, earlier_files, earlier_site, put_earlier
 from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fixture)
+    REPO,
     handed_over_keys,
     keyring_backend,
+    run_cli,
 )
 from tests.lifecycle_fixtures import Site, keyring_site, sample_datasets, snapshot
 from tests.operations_fixtures import secret_hits
@@ -55,8 +57,11 @@ def test_an_earlier_store_migrates_to_opaque_names_with_the_same_data(earlier):
     ring = earlier.ring()
     before = {d.identity: ring.decrypt(earlier.data_dir.joinpath(d.relative_path()).read_bytes())
               for d in DATASETS}
+    refused = earlier.cli("status")
+    fix = re.search(r"run `python (\S+) (--\S+)` once", refused.stderr)
+    assert refused.returncode == 3 and fix is not None, refused.stderr
 
-    result = earlier.cli_fresh("--migrate-store")
+    result = run_cli([fix[2]], earlier.cwd, earlier.env(), script=REPO / fix[1])  # as named
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(re.findall(r"^moved (.+)$", result.stdout, re.M)) == sorted(map(str, DATASETS))
@@ -104,7 +109,7 @@ def test_every_command_works_after_the_migration(earlier, tmp_path):
     assert exported.returncode == 0 and exported.stdout.count("\n") == 31, exported.stderr
     assert len(app.load("TSCO.LON", "5min")) == len(DATASETS[DatasetId("TSCO.LON", "5min", month="2024-01")]) * 2
     assert list(app.load_many(["IBM", "MSFT"])["symbol"].unique()) == ["IBM", "MSFT"]
-    for args in (["--check-keys"], ["backup"], ["--verify-backup", "--all"], ["--cleanup"],
+    for args in (["--check-keys"], ["gaps"], ["backup"], ["--verify-backup", "--all"], ["--cleanup"],
                  ["--recover"], ["--rotate-key"], ["status"]):
         result = earlier.cli(*args)
         assert result.returncode == 0, (args, result.stdout, result.stderr)
