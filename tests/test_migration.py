@@ -274,3 +274,28 @@ def test_an_earlier_archive_verifies_and_restores_into_the_new_layout(earlier, t
     assert {d.identity: migrated.decrypt(earlier.file_of(d).read_bytes()) for d in DATASETS} == before
     assert earlier.app().store().catalogue().problem == ""
     assert earlier.cli("status").returncode == 0
+
+
+def test_an_earlier_archive_and_the_earlier_offline_copy_rebuild_a_new_machine(earlier, tmp_path):
+    """The disaster case: a new machine, the offline copy from before the naming key (the
+    Fernet key alone), an archive of the earlier layout."""
+    ring = earlier.ring()
+    archive = earlier_archive(earlier, ring, tmp_path / "archives")
+    before = {d.identity: ring.decrypt(earlier.data_dir.joinpath(d.relative_path()).read_bytes())
+              for d in DATASETS}
+    key_file = tmp_path / "offline-copy.txt"
+    key_file.write_text(f"OHLCV_ENCRYPTION_KEY={ring.primary.key}\n")
+    key_file.chmod(0o600)
+    (tmp_path / "new" / "site").mkdir(parents=True)
+    machine = Site(tmp_path / "new" / "site", tmp_path / "new")
+
+    result = machine.cli("--recover", "--key-file", str(key_file), "--from-backup", str(archive))
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(DATASETS)} restored" in result.stdout
+    recovered = machine.ring()
+    assert recovered.naming is not None
+    assert handed_over_keys(machine.cwd)[-1] == recovered.naming.item  # the new offline copy
+    assert earlier_files(machine.data_dir) == {}
+    assert {d.identity: recovered.decrypt(machine.file_of(d).read_bytes()) for d in DATASETS} == before
+    assert machine.cli("status").returncode == 0
