@@ -488,16 +488,18 @@ def ensure_private_dirs(paths: tuple[Path, ...], mode: int) -> None:
         ensure_private_dir(path, mode)
 
 
-def check_private_dir(path: Path, mode: int) -> None:
-    """Raise UnsafePathError when `path` is not a directory of ours with at most `mode`."""
-    info = os.lstat(path)
+def check_private_dir(path: Path, mode: int, info: os.stat_result | None = None) -> None:
+    """Raise UnsafePathError when `path` (of stat `info`, when the caller holds it open) is
+    not a directory of ours with at most `mode`."""
+    info = info or os.lstat(path)
     if stat.S_ISLNK(info.st_mode):
         raise UnsafePathError(
             f"{path} is a symbolic link; refusing to follow it (another user may have "
             "planted it). Fix: replace it with a real directory, or configure the real "
             "path itself.")
     if not stat.S_ISDIR(info.st_mode):
-        raise UnsafePathError(f"{path} is not a plain directory; refusing to use it.")
+        raise UnsafePathError(f"{path} is not a plain directory; refusing to use it. Fix: "
+                              "move it aside, so that this tool makes the directory itself.")
     loose = stat.S_IMODE(info.st_mode) & ~mode
     if loose:
         raise UnsafePathError(
@@ -506,6 +508,53 @@ def check_private_dir(path: Path, mode: int) -> None:
     if info.st_uid != os.geteuid():
         raise UnsafePathError(f"{path} belongs to uid {info.st_uid}, not to this user "
                               f"(uid {os.geteuid()}). Fix: chown it or choose another directory.")
+
+
+def kind_of(info: os.stat_result) -> str:
+    """What a file-system entry is, in words for a message."""
+    if stat.S_ISLNK(info.st_mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(info.st_mode):
+        return "a FIFO"
+    return "a directory" if stat.S_ISDIR(info.st_mode) else "a regular file" if \
+        stat.S_ISREG(info.st_mode) else "a device or socket"
+
+
+def read_own_file(path: Path, limit: int, dir_mode: int,
+                  fix: str) -> tuple[bytes, os.stat_result]:
+    """A file this tool wrote inside one of its private directories, and the stat of the
+    bytes read. No link is followed, neither the file nor its directory (a planted link
+    would make us read elsewhere); nothing but a regular file is opened for reading (a FIFO
+    would block for ever); the directory must be ours and no looser than `dir_mode`; at
+    most `limit` bytes are read. FileNotFoundError when absent, UnsafePathError (naming
+    `fix`) for anything else in its place, ValueError when it is larger than `limit`."""
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except NotADirectoryError:
+        raise UnsafePathError(f"{path.parent} is {kind_of(os.lstat(path.parent))}, where this "
+                              "tool keeps a directory of its own; refusing to follow or use "
+                              f"it (another user may have planted it). Fix: {fix}") from None
+    try:
+        check_private_dir(path.parent, dir_mode, os.fstat(dir_fd))
+        fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY,
+                     dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        fd = -1
+    finally:
+        os.close(dir_fd)
+    info = os.lstat(path) if fd < 0 else os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise UnsafePathError(f"{path} is not a regular file ({kind_of(info)}); refusing to "
+                              "follow or open it: this tool wrote none such. Fix: " + fix)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(limit + 1) if info.st_size <= limit else b""
+    if info.st_size > limit or len(data) > limit:
+        raise ValueError(f"{path} holds more than {limit} bytes")
+    return data, info
 
 
 def fsync_dir(path: Path) -> None:
@@ -2422,6 +2471,10 @@ NAME_DOMAIN = b"secure-ohlcv dataset name\0"
 # 256 fan-out directories by the first two hex digits: 100,000 datasets is ~390 files a
 # directory, 1,000,000 is ~3,900 (docs/FORMAT.md).
 DATASET_NAME = re.compile(r"([0-9a-f]{2})/\1[0-9a-f]{30}\.fernet", re.ASCII)
+FAN_OUT_NAME = re.compile(r"[0-9a-f]{2}", re.ASCII)
+# No dataset file this tool writes comes near this (a symbol's 1-minute month: ~1 MB); a
+# larger one is not ours, and is never read into memory.
+MAX_DATASET_BYTES = 1 << 30
 EARLIER_LAYOUT_DIRS = frozenset([i + a for i in INTERVALS[:3] for a in ("", "_adjusted")])
 EARLIER_LAYOUT = ("this store still uses the earlier layout (file names show symbols). Fix: "
                   "run `python secure_ohlcv_downloader.py --migrate-store` once.")
@@ -2435,20 +2488,49 @@ def dataset_file(naming_key: str, dataset: DatasetId) -> Path:
     return Path(digest[:2], digest + FILE_SUFFIX)
 
 
-def dataset_files(root: Path) -> list[Path]:
-    """Every dataset file below `root`, sorted: regular files named as dataset_file names
-    them, in their fan-out directory; temp files, links and foreign files excluded."""
-    found = []
+def put_back_fix(path: Path | str) -> str:
+    """The fix for something planted where the store keeps a dataset or a fan-out directory."""
+    return (f"move it out of the data directory (`mv {path} ELSEWHERE`), then restore what "
+            "it stood for: `python secure_ohlcv_downloader.py --recover --from-backup ARCHIVE`.")
+
+
+def fan_out_dirs(root: Path, dir_mode: int | None = None) -> list[Path]:
+    """The fan-out directories of `root` (two hex digits). UnsafePathError when an entry of
+    such a name is not a plain directory (a link or a file: planted, never followed) or,
+    given `dir_mode`, is another user's or looser than it: its files could be anyone's.
+    Entries of other names are not the store's: ignored, never read nor removed."""
     try:
-        tops = [e for e in os.scandir(root) if len(e.name) == 2 and e.is_dir(follow_symlinks=False)]
+        entries = [e for e in os.scandir(root) if FAN_OUT_NAME.fullmatch(e.name)]
     except (FileNotFoundError, NotADirectoryError):  # not made yet: nothing stored
         return []
-    for top in tops:
-        for entry in os.scandir(top.path):
-            if (DATASET_NAME.fullmatch(f"{top.name}/{entry.name}")
-                    and entry.is_file(follow_symlinks=False)):
-                found.append(Path(entry.path))
-    return sorted(found)
+    for entry in entries:
+        info = entry.stat(follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode):
+            raise UnsafePathError(
+                f"{entry.path} is {kind_of(info)}, where this tool keeps a directory of "
+                "dataset files; refusing to follow or use it (another user may have planted "
+                f"it). Fix: {put_back_fix(entry.path)}")
+        if dir_mode is not None:
+            check_private_dir(Path(entry.path), dir_mode, info)
+    return [Path(e.path) for e in entries]
+
+
+def dataset_files(root: Path) -> list[Path]:
+    """Every dataset file below `root`, sorted: whatever is named as dataset_file names
+    them, in its fan-out directory (a link or a FIFO there is listed, so that reading it
+    refuses it by name rather than the dataset going missing unseen); temp files and
+    foreign names excluded."""
+    return sorted(Path(e.path) for top in fan_out_dirs(root) for e in os.scandir(top)
+                  if DATASET_NAME.fullmatch(f"{top.name}/{e.name}"))
+
+
+def read_dataset_file(path: Path, dir_mode: int) -> tuple[bytes, os.stat_result]:
+    """A dataset file's token and the stat of the bytes read, by read_own_file's rules."""
+    try:
+        return read_own_file(path, MAX_DATASET_BYTES, dir_mode, put_back_fix(path))
+    except ValueError as exc:
+        raise IntegrityError(f"{exc}: no dataset file this tool writes is so large. Fix: "
+                             f"{put_back_fix(path)}") from None
 
 
 def uses_earlier_layout(root: Path) -> bool:
@@ -2631,24 +2713,51 @@ def _stored_time(raw: int, logical: dict[str, Any], tz: str | None) -> datetime:
 
 CATALOGUE_NAME = "catalogue.fernet"
 CATALOGUE_FORMAT = 1
-_ENTRY_FIELDS = {"file": str, "size": int, "mtime_ns": int, "ino": int, "key": str, "rows": int,
-                 "first_bar": str, "last_bar": str, "meta": dict}
+# Read whole before it is known to be genuine, so bounded: sealed, an entry takes about
+# 700 bytes, so this holds some 300,000 datasets. A larger one is not written (status then
+# reads every file's footer: slower, as right).
+MAX_CATALOGUE_BYTES = 256 << 20
+_ENTRY_FIELDS = {"file": str, "size": int, "mtime_ns": int, "ctime_ns": int, "ino": int,
+                 "key": str, "rows": int, "first_bar": str, "last_bar": str, "meta": dict}
 
 
 def stat_of(st: os.stat_result) -> dict[str, int]:
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    """What proves a catalogue entry still describes its file. The change time is in it
+    because no one can set it back (utime sets the mtime, and stamps the ctime now): a
+    file rewritten in place to the same size, its mtime reset, is still told apart."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "ino": st.st_ino}
 
 
 def _entry_sound(identity: str, entry: Any, naming_key: str) -> bool:
-    """A catalogue entry with every field, for a dataset whose file it names (invariant 1:
-    a file is only ever the dataset its name is derived from)."""
-    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), t)
+    """A catalogue entry with every field, of the types and forms status reads, for a
+    dataset whose file it names, under its one spelling of the identity (invariant 1: a
+    file is only ever the dataset its name is derived from, and has one entry)."""
+    if not isinstance(entry, dict) or not all(type(entry.get(k)) is t  # True is no count
                                               for k, t in _ENTRY_FIELDS.items()):
         return False
+    meta = entry["meta"]
     try:
-        return dataset_file(naming_key, DatasetId.from_identity(identity)).as_posix() == entry["file"]
-    except (UsageError, TypeError):
+        dataset = DatasetId.from_identity(identity)
+        for bar in (entry["first_bar"], entry["last_bar"]):
+            datetime.fromisoformat(bar)
+        for moment in (meta.get("checked_at"), meta.get("stale_after")):
+            if moment not in (None, "never") and datetime.fromisoformat(moment).tzinfo is None:
+                return False  # compared with an aware "now"
+    except (UsageError, TypeError, ValueError):
         return False
+    return (dataset.identity == identity and entry["rows"] >= 0
+            and (meta.get("gaps") is None or type(meta.get("gaps")) is int)
+            and dataset_file(naming_key, dataset).as_posix() == entry["file"])
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused (ValueError) when it names a key twice: json keeps the last
+    silently, and a second entry for one dataset is not one the store wrote."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        raise ValueError("a key appears twice")
+    return document
 
 
 @dataclass(frozen=True)
@@ -2677,17 +2786,13 @@ class Catalogue:
         self._by_file = {e["file"]: (identity, e) for identity, e in entries.items()}
 
     @classmethod
-    def load(cls, root: Path, ring: KeyRing, naming_key: str) -> Catalogue:
+    def load(cls, root: Path, ring: KeyRing, naming_key: str, dir_mode: int) -> Catalogue:
         try:
-            token = (root / CATALOGUE_NAME).read_bytes()
+            document = cls._document(root, ring, dir_mode)
         except FileNotFoundError:
             return cls({}, "missing")
-        except OSError:  # not a file we can read: as good as damaged
-            return cls({}, "damaged")
-        try:
-            document = json.loads(ring.decrypt(token))
-        except (InvalidToken, ValueError):
-            return cls({}, "damaged")
+        except (OSError, OHLCVError, InvalidToken, ValueError, RecursionError):
+            return cls({}, "damaged")  # a link, a FIFO, too large, not ours, not JSON
         entries = document.get("datasets") if isinstance(document, dict) else None
         if (not isinstance(entries, dict) or document.get("format") != CATALOGUE_FORMAT
                 or document.get("naming_key") != naming_fingerprint(naming_key)):
@@ -2697,12 +2802,21 @@ class Catalogue:
         return cls(sound, "" if len(sound) == len(entries) else "damaged")
 
     @staticmethod
-    def naming_fingerprint(root: Path, ring: KeyRing) -> str | None:
+    def _document(root: Path, ring: KeyRing, dir_mode: int) -> Any:
+        """The catalogue's JSON: read by read_own_file's rules and at most
+        MAX_CATALOGUE_BYTES, decrypted, parsed with no key twice in an object."""
+        token, _ = read_own_file(root / CATALOGUE_NAME, MAX_CATALOGUE_BYTES, dir_mode,
+                                 f"remove it (`rm {root / CATALOGUE_NAME}`): the next "
+                                 "download rebuilds it from the dataset files.")
+        return json.loads(ring.decrypt(token), object_pairs_hook=_unique_keys)
+
+    @classmethod
+    def naming_fingerprint(cls, root: Path, ring: KeyRing, dir_mode: int) -> str | None:
         """The fingerprint of the naming key the catalogue was written under; None when
         there is no readable catalogue."""
         try:
-            document = json.loads(ring.decrypt((root / CATALOGUE_NAME).read_bytes()))
-        except (OSError, InvalidToken, ValueError):
+            document = cls._document(root, ring, dir_mode)
+        except (OSError, OHLCVError, InvalidToken, ValueError, RecursionError):
             return None
         written = document.get("naming_key") if isinstance(document, dict) else None
         return written if isinstance(written, str) else None
@@ -2724,13 +2838,19 @@ class Catalogue:
     @staticmethod
     def save(root: Path, ring: KeyRing, naming_fp: str, listed: list[Listed],
              file_mode: int) -> None:
-        """Write the catalogue of `listed` under the primary key (hold the data lock)."""
+        """Write the catalogue of `listed` under the primary key (hold the data lock).
+        One larger than readers accept is not written: the one in place stays, proven
+        entry by entry, and readers read the rest from the files."""
+        entries = {x.dataset.identity: x.entry for x in listed if x.dataset and x.entry}
         document = {"format": CATALOGUE_FORMAT, "written_at": utc_now_iso(),
-                    "naming_key": naming_fp,
-                    "datasets": {x.dataset.identity: x.entry for x in listed
-                                 if x.dataset and x.entry}}
-        atomic_write(root / CATALOGUE_NAME, ring.encrypt(json.dumps(document).encode()),
-                     file_mode)
+                    "naming_key": naming_fp, "datasets": entries}
+        sealed = ring.encrypt(json.dumps(document).encode())
+        if len(sealed) > MAX_CATALOGUE_BYTES:
+            log.warning("the catalogue of %d datasets would take %d bytes, over the %d "
+                        "readers accept: not rewritten; status reads the files' footers",
+                        len(entries), len(sealed), MAX_CATALOGUE_BYTES)
+            return
+        atomic_write(root / CATALOGUE_NAME, sealed, file_mode)
 
 
 Decoded = TypeVar("Decoded")  # what EncryptedStore makes of a decrypted table
@@ -2755,6 +2875,7 @@ class EncryptedStore:
             raise ConfigError("the key ring has no naming key: " + EARLIER_LAYOUT)
         if uses_earlier_layout(self.root):
             raise ConfigError(EARLIER_LAYOUT)
+        fan_out_dirs(self.root, self.dir_mode)  # one planted or loosened stops the command
         self.naming_key = key_ring.naming.key
         self.naming_fp = naming_fingerprint(self.naming_key)
         self._written: dict[str, Listed] = {}  # this store's writes: catalogue entries at hand
@@ -2807,7 +2928,7 @@ class EncryptedStore:
 
     def _decrypted(self, path: Path, decode: Callable[[bytes], Decoded],
                    dataset: DatasetId | None = None) -> Decoded:
-        token = path.read_bytes()
+        token, _ = read_dataset_file(path, self.dir_mode)
         EncryptedStore.decrypted += 1
         shown = f"{path} ({dataset})" if dataset else str(path)  # the name alone says nothing
         try:
@@ -2824,7 +2945,7 @@ class EncryptedStore:
         return self._decrypted(self.path(dataset), table_days, dataset)
 
     def catalogue(self) -> Catalogue:
-        return Catalogue.load(self.root, self.key_ring, self.naming_key)
+        return Catalogue.load(self.root, self.key_ring, self.naming_key, self.dir_mode)
 
     def listing(self, catalogue: Catalogue | None = None) -> list[Listed]:
         """Every dataset file, in identity order (unreadable ones last), with its entry:
@@ -2844,7 +2965,7 @@ class EncryptedStore:
                               if known else self._summarised(path, file))
             except FileNotFoundError:
                 continue  # removed by a writer since the directory was read
-            except IntegrityError as exc:
+            except (IntegrityError, UnsafePathError) as exc:  # unreadable: named, not hidden
                 known = catalogue.named(file)
                 listed.append(Listed(file, DatasetId.from_identity(known[0]), known[1], str(exc))
                               if known else Listed(file, error=str(exc)))
@@ -2852,9 +2973,7 @@ class EncryptedStore:
 
     def _summarised(self, path: Path, file: str) -> Listed:
         """A file's catalogue entry from its own footer (the stat is of the bytes read)."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd, "rb") as handle:
-            st, token = os.fstat(fd), handle.read()
+        token, st = read_dataset_file(path, self.dir_mode)
         EncryptedStore.decrypted += 1
         plaintext, key_fp = self.key_ring.decrypt_with_fingerprint(token, path)
         try:
@@ -2955,7 +3074,7 @@ def load_many(store: EncryptedStore, symbols: list[str], interval: str,
 def _plaintext(store: EncryptedStore, dataset: DatasetId) -> bytes:
     path = store.path(dataset)
     try:
-        return store.key_ring.decrypt(path.read_bytes())
+        return store.key_ring.decrypt(read_dataset_file(path, store.dir_mode)[0])
     except FileNotFoundError:
         raise UsageError(f"nothing stored for {dataset}: download it first.") from None
     except InvalidToken:
@@ -3781,21 +3900,26 @@ class DatasetDownloader:
         return bool(events.any())
 
 
-PENDING_NAME = "pending.json"
+PENDING_NAME = "pending.fernet"
+PLAIN_PENDING_NAME = "pending.json"  # written before the queue was sealed: it named datasets
 
 
 class PendingQueue:
-    """Datasets a run could not reach before the quota ran out; the next run does them first."""
+    """Datasets a run could not reach before the quota ran out; the next run does them first.
+    Sealed under the key ring like the datasets: their names are the holdings. Only an
+    order: one that cannot be read (a key removed since) is an empty queue."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ring: KeyRing) -> None:
         self.path = settings.state_dir / PENDING_NAME
         self.file_mode = settings.file_mode
+        self.ring = ring
 
     def load(self) -> set[str]:
         try:
-            return set(json.loads(self.path.read_text()))
-        except (FileNotFoundError, ValueError):
+            names = json.loads(self.ring.decrypt(self.path.read_bytes()))
+        except (OSError, InvalidToken, ValueError):
             return set()
+        return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
 
     def order(self, datasets: list[DatasetId]) -> list[DatasetId]:
         pending = self.load()
@@ -3805,7 +3929,9 @@ class PendingQueue:
         pending = self.load()
         pending -= {str(r.dataset) for r in report.results if r.outcome != "pending"}
         pending |= {str(r.dataset) for r in report.pending}
-        atomic_write(self.path, json.dumps(sorted(pending)).encode(), self.file_mode)
+        atomic_write(self.path, self.ring.encrypt(json.dumps(sorted(pending)).encode()),
+                     self.file_mode)
+        (self.path.parent / PLAIN_PENDING_NAME).unlink(missing_ok=True)
 
 
 def api_keys_of(settings: Settings) -> list[str]:
@@ -3859,7 +3985,6 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     datasets = list(dict.fromkeys(DatasetId(s, interval, adjusted, month) for s in symbols))
     if not datasets:
         raise UsageError("no symbols given.")
-    pending = PendingQueue(settings)
     if not settings.api_keys:
         ctx.warnings.append("ALPHA_VANTAGE_API_KEY is not set: using the public demo key, "
                             "which serves IBM only. Claim a free key at "
@@ -3869,6 +3994,7 @@ def run_download(ctx: RunContext, symbols: list[str], interval: str, adjusted: b
     finished: dict[int, list[DatasetResult]] = {}  # done, waiting for an earlier one's turn
     with ctx.exclusive() as ring:
         store = EncryptedStore(settings, ring)
+        pending = PendingQueue(settings, ring)
         limiter = RateLimiter(settings, api_keys_of(settings))
         # One answer's memory is bounded by what the run has left under the limit, shared
         # by the downloads in flight (AlphaVantageClient, answer_budget).
@@ -4063,7 +4189,7 @@ class KeyRotation:
     def _rotate_file(self, ring: KeyRing, old_fingerprint: str, path: Path) -> bytes | None:
         """Re-encrypt one file under the primary key; the SHA-256 of the token written, or
         None when the primary key already opens it (done by an earlier, interrupted run)."""
-        token = path.read_bytes()
+        token, _ = read_dataset_file(path, self.settings.dir_mode)
         try:
             # One pass over the keys, the old key first (most files are under it): tells
             # "already done" from "to do", with the plaintext.
@@ -4334,7 +4460,10 @@ class BackupWriter:
         tmp = directory / f"{TEMP_PREFIX}{name}.{secrets.token_hex(6)}"
         entries = []
         with self.ctx.exclusive() as ring:
-            listed = EncryptedStore(s, ring).listing()
+            # In name order, not identity order: members are listed in the archive's
+            # table of contents, and identity order would group them by interval and
+            # rank them by symbol.
+            listed = sorted(EncryptedStore(s, ring).listing(), key=lambda x: x.file)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, s.file_mode)
             try:
                 os.fchmod(fd, s.file_mode)
@@ -4344,7 +4473,7 @@ class BackupWriter:
                             path = s.data_dir / item.file
                             if item.error or item.dataset is None:
                                 raise IntegrityError(item.error)
-                            token = path.read_bytes()
+                            token, _ = read_dataset_file(path, s.dir_mode)
                             plaintext, key_fp = ring.decrypt_with_fingerprint(token, path)
                             frame, _ = decode_table(plaintext)
                             rel = item.file
@@ -4885,7 +5014,8 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
         ring, source = sources.choose()  # never replace a key a store already holds
         stored = dataset_files(s.data_dir)
         if stored:  # a restored data directory: the keys must open it
-            proven, _ = custody.prove(ring.keys, ((str(p), p.read_bytes()) for p in stored))
+            proven, _ = custody.prove(ring.keys, ((str(p), read_dataset_file(p, s.dir_mode)[0])
+                                                  for p in stored))
             if not proven:
                 raise KeyStoreError(
                     f"the key ring from {source} ({', '.join(ring.fingerprints())}) opens none "
@@ -4991,7 +5121,7 @@ def check_keys(ctx: RunContext) -> KeyCheckReport:
                         f"fingerprint {ring.naming.fingerprint} (names the data files)"
                         if ring.naming is not None else
                         "no naming key: run --migrate-store"))
-    catalogued = Catalogue.naming_fingerprint(s.data_dir, ring)
+    catalogued = Catalogue.naming_fingerprint(s.data_dir, ring, s.dir_mode)
     if ring.naming is not None and catalogued not in (None, ring.naming.fingerprint):
         checks.append(Check("naming key of the store", False,
                             f"the catalogue was written under naming key {catalogued}, the ring "
@@ -5067,7 +5197,8 @@ def remove_key(ctx: RunContext, key_fp: str, confirm: bool) -> RemoveKeyReport:
         report = RemoveKeyReport(key_fp)
         report.needed_by, report.unchecked = archives_needing(ctx.settings, ring, key_fp)
         for path in dataset_files(ctx.settings.data_dir) + [custody.canary_path]:
-            if ring.decrypt_with_fingerprint(path.read_bytes(), path)[1] == key_fp:
+            token, _ = read_dataset_file(path, ctx.settings.dir_mode)
+            if ring.decrypt_with_fingerprint(token, path)[1] == key_fp:
                 raise IntegrityError(f"{path} is still encrypted under {key_fp}; finish "
                                      "the rotation (--rotate-key) first.")
         keys = [k for k in ring.stored() if k.fingerprint != key_fp]
@@ -5215,7 +5346,11 @@ def _proof_tokens(custody: KeyCustody, archive: BackupArchive | None,
     if archive is not None and archive.sealed_manifest is not None:
         yield f"the manifest of {archive.path.name}", archive.sealed_manifest
     for path in dataset_files(data_dir):
-        yield f"the dataset {path.relative_to(data_dir)}", path.read_bytes()
+        try:
+            token, _ = read_dataset_file(path, custody.settings.dir_mode)
+        except OHLCVError:
+            continue  # planted (a link, a FIFO, too large): proves nothing; _restore names it
+        yield f"the dataset {path.relative_to(data_dir)}", token
 
 
 def _restore(ctx: RunContext, ring: KeyRing, archive: BackupArchive | None,
@@ -5228,7 +5363,7 @@ def _restore(ctx: RunContext, ring: KeyRing, archive: BackupArchive | None,
         report.checked += 1
         try:
             validate_bars(store.read_file(path)[0])
-        except (IntegrityError, InvalidPayload) as exc:
+        except (IntegrityError, InvalidPayload, UnsafePathError) as exc:
             broken.add(store.relative(path))
             log.warning("recover: %s", exc)
     for entry in archive.entries() if archive is not None else []:
@@ -5649,7 +5784,7 @@ def status_of(ctx: RunContext) -> dict[str, Any]:
     if counted:  # as recorded when each file was written; `gaps` counts afresh
         ctx.facts.update(gaps=sum(counted), datasets_with_gaps=sum(1 for n in counted if n))
     return {"datasets": datasets, "quota": quota, "runs": RunRecord(ctx.settings).read(),
-            "pending": sorted(PendingQueue(ctx.settings).load())}
+            "pending": sorted(PendingQueue(ctx.settings, store.key_ring).load())}
 
 
 @dataclass

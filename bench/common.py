@@ -121,8 +121,10 @@ def new_fernet_key() -> str:
 
 
 # The naming key every store of this bench run gets with its Fernet key: a key ring
-# without one is a store from before it, which --check-keys fails.
-NAMING_ITEM = "naming:" + new_fernet_key()
+# without one is a store from before it, which --check-keys fails. A product from before
+# naming keys (a before-run) refuses the item, and gets the Fernet key alone.
+NAMING_ITEM = ("naming:" + new_fernet_key()
+               if "naming:" in (PRODUCT / "config.py").read_text() else "")
 
 
 def bench_env(root: Path, base_url: str, *, per_minute: int, workers: int = 8,
@@ -142,7 +144,7 @@ def bench_env(root: Path, base_url: str, *, per_minute: int, workers: int = 8,
         "OHLCV_MIN_FREE_DISK_MB": "100",
     }
     if key is not None:
-        env["OHLCV_ENCRYPTION_KEY"] = f"{key},{NAMING_ITEM}"
+        env["OHLCV_ENCRYPTION_KEY"] = ",".join(filter(None, (key, NAMING_ITEM)))
     env.update(extra or {})
     return env
 
@@ -150,7 +152,7 @@ def bench_env(root: Path, base_url: str, *, per_minute: int, workers: int = 8,
 def write_env_file(root: Path, key: str) -> None:
     """Keys in `.env` (0600), the headless place that --rotate-key can rewrite."""
     path = root / ".env"
-    path.write_text(f"OHLCV_ENCRYPTION_KEY={key},{NAMING_ITEM}\n")
+    path.write_text(f"OHLCV_ENCRYPTION_KEY={','.join(filter(None, (key, NAMING_ITEM)))}\n")
     path.chmod(0o600)
 
 

@@ -236,7 +236,7 @@ def templates(tmp_path_factory):
         t.by_identity = to_earlier_layout(earlier, site_env(earlier, av), t.control)
         for site in (empty, stale, backed, earlier):
             shutil.rmtree(site / "state" / "quota", ignore_errors=True)  # a new day
-            for name in ("pending.json", "runs.json"):
+            for name in ("pending.fernet", "runs.json"):
                 (site / "state" / name).unlink(missing_ok=True)
             plant_temp_files(site)
         t.sites = {"download": empty, "merge": stale, "rotate-key": backed,

@@ -462,11 +462,17 @@ def test_deeply_nested_json_is_an_invalid_answer_not_a_crash(tmp_path, figures):
     assert not broken, broken
 
 
-def seed_pending(cwd: Path, names: list[str]) -> Path:
-    path = cwd / "state" / product.PENDING_NAME
-    path.write_text(json.dumps(names))
-    path.chmod(0o600)
-    return path
+def pending_queue(cwd: Path, env: dict[str, str]) -> product.PendingQueue:
+    """The site's pending queue, through the product (it is sealed under the key ring)."""
+    app = SecureOHLCVDownloader(load_settings(environ=env, cwd=cwd), KeyringKeyStore(fail.Keyring()))
+    return product.PendingQueue(app.ctx.settings, app.store().key_ring)
+
+
+def seed_pending(cwd: Path, env: dict[str, str], names: list[str]) -> product.PendingQueue:
+    queue = pending_queue(cwd, env)
+    queue.path.write_bytes(queue.ring.encrypt(json.dumps(names).encode()))
+    queue.path.chmod(0o600)
+    return queue
 
 
 def result_lines(stdout: str) -> dict[str, str]:
@@ -481,7 +487,7 @@ def test_deep_json_fails_its_symbol_and_the_batch_goes_on(tmp_path, figures):
     bodies = {"NEST": b"[" * 100_000, "AAA": good, "BBB": good, "CCC": good}
     with HostileServer(bodies) as server:
         cwd, env = site(tmp_path, server, OHLCV_MAX_WORKERS="1")
-        queue = seed_pending(cwd, ["AAA daily", "ZZZ daily"])  # AAA owed from an earlier run
+        queue = seed_pending(cwd, env, ["AAA daily", "ZZZ daily"])  # AAA owed from an earlier run
         run = cli_batch([["download", "NEST", "AAA", "BBB", "CCC"]], cwd, env)[0]
     lines = result_lines(run["stdout"])
     held = {
@@ -490,7 +496,7 @@ def test_deep_json_fails_its_symbol_and_the_batch_goes_on(tmp_path, figures):
         and "internal error" not in run["stderr"],
         "the others updated": all(lines.get(f"{s} daily", "").startswith("updated")
                                   for s in ("AAA", "BBB", "CCC")),
-        "pending queue saved": json.loads(queue.read_text()) == ["ZZZ daily"],
+        "pending queue saved": queue.load() == {"ZZZ daily"},
         "exit 1": run["code"] == 1,
     }
     figures.record("failures/deep-json-batch", tried=len(held), held=sum(held.values()))
@@ -524,7 +530,7 @@ def test_an_unexpected_exception_fails_one_dataset_only(tmp_path, monkeypatch, p
     record = [x for x in product_log.lines if "BOOM" in x and "Traceback" in x]
     assert record and "in breaking" in record[0], product_log.lines
     assert "\x1b" not in record[0] and "\nFORGED" not in record[0]
-    assert json.loads((cwd / "state" / product.PENDING_NAME).read_text()) == []
+    assert product.PendingQueue(app.ctx.settings, app.store().key_ring).load() == set()
 
 
 def test_a_tampered_dataset_stops_the_run_after_reporting_what_was_written(tmp_path, figures):
@@ -552,7 +558,7 @@ def test_a_tampered_dataset_stops_the_run_after_reporting_what_was_written(tmp_p
     # written: updated, or unchanged (--full brought the same bars and stored them again)
     updated = sorted(s for s in symbols
                      if lines.get(f"{s} daily", "").startswith(("updated", "unchanged")))
-    queued = json.loads((cwd / "state" / product.PENDING_NAME).read_text())
+    queued = sorted(pending_queue(cwd, env).load())
     not_reached = sorted(f"{s} daily" for s in symbols
                          if lines.get(f"{s} daily", "").startswith("not reached"))
     held = {

@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from secure_ohlcv_downloader import DatasetId, dataset_files, validate_bars
+from secure_ohlcv_downloader import DatasetId, PendingQueue, dataset_files, validate_bars
 from tests.alphavantage_emulator import AlphaVantageEmulator
 from tests.campaign.figures import campaign_budget, is_long
 from tests.download_fixtures import PREMIUM_KEY, Workspace, session_day, start_emulator
@@ -162,6 +162,12 @@ class Case:
     @property
     def name(self) -> str:
         return f"{self.kind} x {self.function} [{self.start}, {self.datatype}, {self.workers}w]"
+
+
+def queued(ws: Workspace) -> set[str]:
+    """The pending queue, read through the product (it is sealed under the key ring)."""
+    app = ws.app()
+    return PendingQueue(app.ctx.settings, app.store().key_ring).load()
 
 
 def store_problems(ws: Workspace) -> list[str]:
@@ -346,8 +352,7 @@ def run_case(world: World, case: Case) -> list[str]:
                 problems.append(f"{FAULTED}: {len(faulted_log)} requests, expected 1")
         if requests_for(av, "CCC"):
             problems.append("CCC: asked after the quota was spent")
-        pending_path = ws.cwd / "state" / "pending.json"
-        pending = set(json.loads(pending_path.read_text())) if pending_path.exists() else set()
+        pending = queued(ws)
         if pending != want_pending:
             problems.append(f"pending recorded {sorted(pending)}, expected {sorted(want_pending)}")
     elif kind == "plan_switch":
@@ -384,7 +389,7 @@ def run_case(world: World, case: Case) -> list[str]:
             frame, _ = stored(symbol)
             if frame is None or not frames_equal(frame, world.control[fn][symbol]):
                 problems.append(f"next run: {symbol} not complete")
-        pending = json.loads((ws.cwd / "state" / "pending.json").read_text())
+        pending = queued(ws)
         if pending:
             problems.append(f"next run left pending {pending}")
         problems += store_problems(ws)
