@@ -4362,8 +4362,13 @@ class StoreMigration:
         if made:  # the new fan-out directory's own name, durable before a file moves in
             fsync_dir(root)
         if os.path.lexists(target):  # cannot follow from a rename; checked all the same
-            if not os.path.isfile(target) or os.path.islink(target) \
-                    or target.read_bytes() != item.path.read_bytes():
+            info = os.lstat(target)
+            if not stat.S_ISREG(info.st_mode):  # planted: never read, never renamed over
+                raise UnsafePathError(
+                    f"{target} is {kind_of(info)}, where {dataset} is to be moved; it was "
+                    "not changed, nor was the dataset. Fix: move it out of the data "
+                    "directory, then run --migrate-store again.")
+            if target.read_bytes() != item.path.read_bytes():
                 raise IntegrityError(
                     f"{dataset} is under two names with different content: {item.path} and "
                     f"{target}; neither was changed. Fix: check both with --recover on a "

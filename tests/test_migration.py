@@ -299,3 +299,21 @@ def test_an_earlier_archive_and_the_earlier_offline_copy_rebuild_a_new_machine(e
     assert earlier_files(machine.data_dir) == {}
     assert {d.identity: recovered.decrypt(machine.file_of(d).read_bytes()) for d in DATASETS} == before
     assert machine.cli("status").returncode == 0
+
+
+def test_a_link_planted_at_an_opaque_name_is_refused_not_followed(tmp_path):
+    site = earlier_site(tmp_path, DATASETS, key_in_variable=True)
+    assert site.cli("--migrate-store").returncode == 0  # hands the naming key over, moves nothing
+    site.variables["OHLCV_ENCRYPTION_KEY"] = ",".join(handed_over_keys(site.cwd))
+    target = site.file_of(DatasetId("IBM"))
+    target.parent.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere.fernet"
+    elsewhere.write_bytes(b"not ours")
+    target.symlink_to(elsewhere)
+
+    result = site.cli("--migrate-store")
+
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"{target} is a symbolic link" in result.stderr
+    assert target.is_symlink() and elsewhere.read_bytes() == b"not ours"
+    assert (site.data_dir / "daily" / "IBM.fernet").is_file()
