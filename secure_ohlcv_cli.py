@@ -416,6 +416,41 @@ def cmd_rotate_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate_store(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
+    report = app.migrate_store()
+    if report.naming is not None:
+        tell_new_key_file(report.naming.new_key)
+    if report.awaiting_env_update:
+        assert report.naming is not None
+        out(f"New naming key {report.naming.fingerprint} generated. Your keys come from "
+            "OHLCV_ENCRYPTION_KEY set outside this directory, so no file was renamed yet.")
+        out("Set OHLCV_ENCRYPTION_KEY where it is defined (service environment file, "
+            "credential store) to the new value above (or in the file named; it ends with "
+            f"naming:...), then run `python {prog()} --migrate-store` again.")
+        return 0
+    if report.already_migrated:
+        out(f"Already migrated: every dataset file has its opaque name (naming key "
+            f"{report.naming_fingerprint}); nothing changed.")
+        return 0
+    for dataset in report.moved:
+        out(f"moved {dataset}")
+    for dataset in report.duplicates_dropped:
+        out(f"dropped the old copy of {dataset} (identical to the one at its opaque name)")
+    out(f"Migrated {len(report.moved)} dataset(s) to opaque file names "
+        f"({report.already_opaque} already there) in {report.seconds:.1f} s, naming key "
+        f"{report.naming_fingerprint}; removed {len(report.removed_dirs)} old "
+        "directory(ies); catalogue written. No file name shows a symbol any more.")
+    if report.naming is not None:
+        if report.naming.stored_in:
+            out(f"The key ring, with its new naming key, is stored in: "
+                f"{', '.join(report.naming.stored_in)}.")
+        if report.naming.variable_disagrees:
+            out("OHLCV_ENCRYPTION_KEY is also set outside this directory: set it to the new "
+                "value (it ends with naming:...), or every run will stop because keyring "
+                "and variable disagree.")
+    return 0
+
+
 def cmd_remove_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:
     report = app.remove_key(args.fingerprint, args.yes)
     for name in report.needed_by:
@@ -528,6 +563,9 @@ COMMANDS: dict[str, tuple[Handler, str, str]] = {
                  "python {prog} estimate --symbols 500 --years 20"),
     "rotate-key": (cmd_rotate_key, "new primary key; re-encrypt every dataset (resumable)",
                    "python {prog} --rotate-key"),
+    "migrate-store": (cmd_migrate_store, "once, after upgrading: rename the earlier layout's "
+                      "files (names showing symbols) to opaque names (resumable)",
+                      "python {prog} --migrate-store"),
     "remove-key": (cmd_remove_key, "remove a retired key after listing the backups that need it",
                    "python {prog} remove-key 0123456789ab --yes"),
     "backup": (cmd_backup, "write one encrypted archive of the store; keep the newest OHLCV_BACKUP_KEEP",

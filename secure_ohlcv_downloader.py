@@ -25,7 +25,8 @@ first use, so a command that touches no bar data starts without them.
                           sessions kept in the state directory), find_gaps (a dataset's dates
                           against its sessions), is_current / stale_after, merge_bars,
                           DatasetDownloader, PendingQueue, run_download (the download command)
-   10. Lifecycle       -- KeyRotation, BackupWriter + BackupDestinations, archive_ages (newest
+   10. Lifecycle       -- KeyRotation, StoreMigration (the earlier layout to opaque names),
+                          BackupWriter + BackupDestinations, archive_ages (newest
                           by manifest), BackupArchive (hostile-archive safe, bounded memory),
                           verify_backup; the commands init_store, check_keys, remove_key,
                           recover, cleanup
@@ -2425,8 +2426,9 @@ class DatasetId:
         return "/".join([self.name, self.symbol] + ([self.month] if self.month else []))
 
     def relative_path(self) -> Path:
-        """The earlier layout's path, whose names show the symbol (daily/IBM.fernet): read
-        only to restore an archive written by it (the store itself uses dataset_file)."""
+        """The earlier layout's path, whose names show the symbol (daily/IBM.fernet): used
+        only by --migrate-store and to restore an archive written by it (the store itself
+        uses dataset_file)."""
         return Path(self.identity + FILE_SUFFIX)
 
     @classmethod
@@ -4235,6 +4237,156 @@ class KeyRotation:
         return report
 
 
+@dataclass
+class MigrationReport:
+    naming_fingerprint: str = ""
+    already_migrated: bool = False
+    moved: list[str] = field(default_factory=list)  # datasets renamed by this run
+    already_opaque: int = 0  # datasets found under their opaque name (an earlier run's)
+    duplicates_dropped: list[str] = field(default_factory=list)
+    removed_dirs: list[str] = field(default_factory=list)
+    catalogue_written: bool = False
+    seconds: float = 0.0
+    naming: NamingKeyReport | None = None  # the naming key made now, if the ring had none
+
+    @property
+    def awaiting_env_update(self) -> bool:
+        return self.naming is not None and self.naming.awaiting_env_update
+
+
+@dataclass(frozen=True)
+class EarlierFile:
+    """A dataset file of the earlier layout and the dataset its path names."""
+
+    path: Path
+    dataset: DatasetId
+
+
+def earlier_layout_files(root: Path, dir_mode: int) -> tuple[list[EarlierFile], list[Path]]:
+    """The earlier layout's dataset files under `root` (`daily/IBM.fernet`,
+    `intraday_5min/IBM/2024-01.fernet`), and its directories, deepest first. Checked whole
+    before anything moves: each directory must be ours and private, each entry a regular
+    file of ours with a dataset's name; a link, a FIFO or a foreign file stops it
+    (UnsafePathError), so the migration never renames through what it did not create."""
+    files: list[EarlierFile] = []
+    dirs: list[Path] = []
+
+    def refuse(path: Path, what: str) -> UnsafePathError:
+        return UnsafePathError(
+            f"{path} is {what}, among the earlier layout's dataset files; nothing was "
+            "moved (the migration renames only files this tool wrote). Fix: move it out of "
+            f"{root}, then run --migrate-store again.")
+
+    def visit(directory: Path, depth: int) -> None:
+        check_private_dir(directory, dir_mode)
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            path = Path(entry.path)
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode) and depth == 1:
+                visit(path, 2)
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                raise refuse(path, "a symbolic link")
+            if not stat.S_ISREG(info.st_mode):
+                raise refuse(path, "not a regular file (a FIFO, device, socket or directory)")
+            if info.st_uid != os.geteuid():
+                raise refuse(path, f"a file of uid {info.st_uid}, not this user's")
+            try:
+                dataset = DatasetId.from_relative_path(path.relative_to(root))
+            except UsageError:
+                dataset = None
+            if dataset is None or dataset.relative_path() != path.relative_to(root):
+                # e.g. daily/ibm.fernet: the earlier version wrote IBM.fernet, nothing else
+                raise refuse(path, "not a dataset file of the earlier layout")
+            files.append(EarlierFile(path, dataset))
+        dirs.append(directory)
+
+    for name in sorted(os.listdir(root)):
+        if name in EARLIER_LAYOUT_DIRS or name.startswith("intraday_"):
+            visit(root / name, 1 if name.startswith("intraday_") else 2)
+    return files, dirs
+
+
+class StoreMigration:
+    """Move a store of the earlier layout (file names show symbols) to opaque names,
+    crash-safely and resumably, under the exclusive lock (docs/FORMAT.md, Migration).
+
+    (1) A ring without a naming key gets one: handed to a person, then stored (keys only
+    in a variable set outside: nothing moves until the operator sets it and re-runs).
+    (2) Each old file is renamed (`os.rename`, atomic) to the name the naming key gives its
+    dataset, both directories fsynced: at every instant a dataset has exactly one name.
+    (3) The emptied old directories go. (4) The catalogue is written last. A re-run after
+    a crash at any point finds what is left and finishes it."""
+
+    def __init__(self, ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.show_key = show_key
+
+    def run(self) -> MigrationReport:
+        started = time.monotonic()
+        s, custody = self.settings, self.ctx.custody
+        report = MigrationReport()
+        with self.ctx.exclusive() as ring:
+            if custody.canary_path.exists():
+                custody.check_canary(ring)  # another store's keys would name files wrongly
+            old, old_dirs = earlier_layout_files(s.data_dir, s.dir_mode)  # all checked first
+            report.naming = custody.add_naming_key(ring, self.show_key)
+            if report.awaiting_env_update:
+                return report
+            ring = custody.ring()
+            assert ring.naming is not None
+            report.naming_fingerprint = ring.naming.fingerprint
+            report.already_opaque = len(dataset_files(s.data_dir))
+            for item in old:
+                self._move(ring.naming.key, item, report)
+            for directory in old_dirs:  # deepest first
+                os.rmdir(directory)
+                report.removed_dirs.append(directory.relative_to(s.data_dir).as_posix())
+            if old_dirs:
+                fsync_dir(s.data_dir)
+            store = EncryptedStore(s, ring)
+            found = store.catalogue()
+            if report.naming is None and not old and (not found.problem or not report.already_opaque):
+                report.already_migrated = True
+                return report
+            store.save_catalogue()  # last: it reads each moved file's footer once
+            report.catalogue_written = True
+        report.seconds = time.monotonic() - started
+        log.info("migration done: %d datasets moved to opaque names, %d already there, "
+                 "naming key %s, in %.1f s", len(report.moved), report.already_opaque,
+                 report.naming_fingerprint, report.seconds)
+        return report
+
+    def _move(self, naming_key: str, item: EarlierFile, report: MigrationReport) -> None:
+        root, dataset = self.settings.data_dir, item.dataset
+        target = root / dataset_file(naming_key, dataset)
+        made = not os.path.lexists(target.parent)
+        ensure_private_dir(target.parent, self.settings.dir_mode)
+        if made:  # the new fan-out directory's own name, durable before a file moves in
+            fsync_dir(root)
+        if os.path.lexists(target):  # cannot follow from a rename; checked all the same
+            info = os.lstat(target)
+            if not stat.S_ISREG(info.st_mode):  # planted: never read, never renamed over
+                raise UnsafePathError(
+                    f"{target} is {kind_of(info)}, where {dataset} is to be moved; it was "
+                    "not changed, nor was the dataset. Fix: move it out of the data "
+                    "directory, then run --migrate-store again.")
+            if target.read_bytes() != item.path.read_bytes():
+                raise IntegrityError(
+                    f"{dataset} is under two names with different content: {item.path} and "
+                    f"{target}; neither was changed. Fix: check both with --recover on a "
+                    "copy of the store, keep the right one, and run --migrate-store again.")
+            os.unlink(item.path)
+            fsync_dir(item.path.parent)
+            report.duplicates_dropped.append(str(dataset))
+            return
+        os.rename(item.path, target)
+        fsync_dir(target.parent)
+        fsync_dir(item.path.parent)
+        report.moved.append(str(dataset))
+
+
 BACKUP_PREFIX = "ohlcv-backup-"
 BACKUP_SUFFIX = ".tar"
 BACKUP_TIME = "%Y%m%dT%H%M%S%fZ"  # the UTC time in an archive's name
@@ -5847,6 +5999,10 @@ class SecureOHLCVDownloader:
 
     def remove_key(self, key_fp: str, confirm: bool) -> RemoveKeyReport:
         return self._run("remove-key", lambda: remove_key(self.ctx, key_fp, confirm))
+
+    def migrate_store(self) -> MigrationReport:
+        """A store of the earlier layout moved to opaque file names; resumable."""
+        return self._run("migrate-store", StoreMigration(self.ctx, self.show_key).run)
 
     # -- data ------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Campaign, crash consistency: SIGKILL at random moments during download, merge (an
-incremental download into existing data), key rotation, backup and cleanup; and writes
-under a file-size limit (a full disk).
+incremental download into existing data), key rotation, backup, cleanup and the migration
+of a store of the earlier layout (migrate-store); and writes under a file-size limit (a
+full disk).
 
 Every trial copies a prepared installation (keys in `.env`, as `--init` leaves a headless
 server), runs the command line (secure_ohlcv_cli.main) in a process forked from a server
@@ -15,7 +16,12 @@ it with SIGKILL after a seeded random delay drawn from the operation's measured 
     list name real files only, and every archive listed verifies;
   * the next run of the same operation completes (exit 0, no traceback) and leaves the
     installation in the operation's finished state.
-Kill statistics are printed (pytest -s). Trials: quick 5 per operation, long 40 (200 in all);
+migrate-store starts from the downloaded store moved to the earlier layout's names
+(`daily/S00.fernet`), its key ring without a naming key and no catalogue (only the names
+changed between the layouts); after a kill, each dataset is under exactly one of its two
+names, decrypts and holds its data, and no other dataset file exists; after the next run,
+only opaque names, the catalogue, and the same data.
+Kill statistics are printed (pytest -s). Trials: quick 5 per operation, long 40 (240 in all);
 in long mode every 5th next run is a whole new interpreter. The full-disk tests always exec
 the command line, with RLIMIT_FSIZE set (and SIGXFSZ ignored) in preexec_fn.
 """
@@ -53,8 +59,11 @@ from secure_ohlcv_downloader import (
     KeyringKeyStore,
     SecureOHLCVDownloader,
     backup_archives,
+    dataset_file,
     dataset_files,
+    decode_table,
     retention_cutoff,
+    uses_earlier_layout,
     validate_bars,
     verify_backup,
 )
@@ -84,6 +93,7 @@ OPERATIONS: dict[str, list[str]] = {
     "rotate-key": ["rotate-key"],
     "backup": ["backup"],
     "cleanup": ["cleanup"],
+    "migrate-store": ["migrate-store"],
 }
 
 
@@ -131,6 +141,7 @@ class Templates:
     control: dict[str, pd.DataFrame] = field(default_factory=dict)     # rel path -> frame
     trimmed: dict[str, pd.DataFrame] = field(default_factory=dict)
     daily: set[str] = field(default_factory=set)  # rel paths of the daily datasets
+    by_identity: dict[str, pd.DataFrame] = field(default_factory=dict)  # for migrate-store
     before_bytes: dict[str, dict[str, bytes]] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)
     counter: int = 0
@@ -156,6 +167,30 @@ def frames_of(site: Path, env: dict[str, str]) -> dict[str, pd.DataFrame]:
 def cutoff_frame(frame: pd.DataFrame) -> pd.DataFrame:
     cutoff = retention_cutoff(RETENTION_DAYS)
     return frame[frame["timestamp"].dt.date >= cutoff].reset_index(drop=True)
+
+
+def to_earlier_layout(site: Path, env: dict[str, str],
+                      control: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Move a store back to the earlier layout: each file renamed to its earlier path (the
+    content did not change between the layouts), no naming key, no catalogue. Returns the
+    control frames by dataset identity."""
+    data = site / "data"
+    by_identity = {}
+    for item in app_for(site, env).store().listing():
+        assert item.dataset is not None, item.error
+        earlier = data / item.dataset.relative_path()
+        earlier.parent.mkdir(mode=0o700, exist_ok=True)
+        os.rename(data / item.file, earlier)
+        by_identity[item.dataset.identity] = control[item.file]
+    for fan_out in data.glob("??"):
+        fan_out.rmdir()
+    (data / CATALOGUE_NAME).unlink()
+    env_file = site / ".env"
+    env_file.write_text("".join(
+        line.split(",naming:")[0] + "\n" if line.startswith("OHLCV_ENCRYPTION_KEY=") else line
+        for line in env_file.read_text().splitlines(keepends=True)))
+    assert app_for(site, env).key_ring().naming is None
+    return by_identity
 
 
 @pytest.fixture(scope="module")
@@ -196,13 +231,16 @@ def templates(tmp_path_factory):
         env = site_env(backed, av, OHLCV_BACKUP_KEEP="7")
         for _ in range(3):
             app_for(backed, env).backup()
-        for site in (empty, stale, backed):
+        earlier = root / "templates" / "earlier"
+        shutil.copytree(full, earlier)
+        t.by_identity = to_earlier_layout(earlier, site_env(earlier, av), t.control)
+        for site in (empty, stale, backed, earlier):
             shutil.rmtree(site / "state" / "quota", ignore_errors=True)  # a new day
             for name in ("pending.fernet", "runs.json"):
                 (site / "state" / name).unlink(missing_ok=True)
             plant_temp_files(site)
         t.sites = {"download": empty, "merge": stale, "rotate-key": backed,
-                   "backup": backed, "cleanup": backed}
+                   "backup": backed, "cleanup": backed, "migrate-store": earlier}
         for op, site in t.sites.items():
             t.before_bytes[op] = {rel(site, p): p.read_bytes()
                                   for p in dataset_files(site / "data")}
@@ -316,9 +354,68 @@ def allowed_states(t: Templates, op: str, key: str) -> list[pd.DataFrame]:
     return [control]
 
 
+def migration_problems(t: Templates, site: Path, env: dict[str, str]) -> list[str]:
+    """During a migration: each dataset under exactly one of its two names (earlier or
+    opaque, under the naming key as stored), readable, holding its data; nothing else."""
+    problems: list[str] = []
+    try:
+        ring = app_for(site, env).key_ring()
+    except Exception as exc:
+        return [f"the key ring does not open: {type(exc).__name__}: {exc}"]
+    data = site / "data"
+    at_a_name = set()
+    for identity, control in t.by_identity.items():
+        dataset = DatasetId.from_identity(identity)
+        names = [data / dataset.relative_path()] + (
+            [data / dataset_file(ring.naming.key, dataset)] if ring.naming else [])
+        found = [p for p in names if os.path.lexists(p)]
+        if len(found) != 1:
+            problems.append(f"{identity}: under {len(found)} names")
+            continue
+        at_a_name.add(found[0])
+        try:
+            frame = decode_table(ring.decrypt(found[0].read_bytes()))[0]
+        except Exception as exc:
+            problems.append(f"{identity}: {type(exc).__name__}: {exc}")
+            continue
+        if not same(frame, control):
+            problems.append(f"{identity}: {len(frame)} rows, not its data")
+    others = {p for p in data.rglob("*.fernet") if p.name != CATALOGUE_NAME} - at_a_name
+    if others:
+        problems.append(f"dataset files that are no dataset's: {sorted(others)[:3]}")
+    try:
+        if ring.decrypt((site / "state" / "canary.fernet").read_bytes()) != CANARY_TEXT:
+            problems.append("the canary holds something else")
+    except Exception as exc:
+        problems.append(f"the canary does not decrypt: {type(exc).__name__}")
+    return problems
+
+
+def migrated_problems(t: Templates, site: Path, env: dict[str, str]) -> list[str]:
+    """A finished migration: opaque names only, the catalogue, every dataset's data."""
+    app = app_for(site, env)
+    store = app.store()
+    problems = []
+    frames = {item.dataset.identity: store.read_file(site / "data" / item.file)[0]
+              for item in store.listing() if item.dataset is not None}
+    if set(frames) != set(t.by_identity):
+        problems.append(f"datasets {sorted(set(frames) ^ set(t.by_identity))} missing or extra")
+    problems += [f"{i}: not its data" for i, f in frames.items()
+                 if i in t.by_identity and not same(f, t.by_identity[i])]
+    if uses_earlier_layout(site / "data"):
+        problems.append("directories of the earlier layout remain")
+    if store.catalogue().problem:
+        problems.append(f"the catalogue is {store.catalogue().problem}")
+    if any("error" in d for d in app.status()["datasets"]):
+        problems.append("status names an unreadable dataset")
+    return problems
+
+
 def consistency_problems(t: Templates, op: str, site: Path, env: dict[str, str],
                          stats: dict[str, Any]) -> list[str]:
     """What must hold at any moment: after a kill, and after the next run."""
+    if op == "migrate-store":
+        return migration_problems(t, site, env)
     problems: list[str] = []
     try:
         app = app_for(site, env)
@@ -384,6 +481,8 @@ def consistency_problems(t: Templates, op: str, site: Path, env: dict[str, str],
 
 def finished_problems(t: Templates, op: str, site: Path, env: dict[str, str]) -> list[str]:
     """The operation's finished state, after the next run completed."""
+    if op == "migrate-store":
+        return migrated_problems(t, site, env)
     problems = []
     app = app_for(site, env)
     ring = app.key_ring()
