@@ -317,3 +317,20 @@ def test_a_link_planted_at_an_opaque_name_is_refused_not_followed(tmp_path):
     assert f"{target} is a symbolic link" in result.stderr
     assert target.is_symlink() and elsewhere.read_bytes() == b"not ours"
     assert (site.data_dir / "daily" / "IBM.fernet").is_file()
+
+
+def test_the_readme_upgrade_steps_run_as_written_on_an_earlier_store(earlier):
+    """README's "Upgrading" block, line by line, on a store of the earlier layout that its
+    own nightly backup left an archive of: every step exits 0 (a step the unmigrated store
+    refuses would leave the operator stuck at the first line)."""
+    earlier_archive(earlier, earlier.ring(), earlier.cwd / "backups")
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Upgrading from an earlier version\n.*?```sh\n(.*?)```", text, re.S)
+    assert block is not None
+    steps = [line.split("#")[0].split() for line in block[1].splitlines() if line.strip()]
+    assert steps and all(step[:2] == ["python", "secure_ohlcv_downloader.py"] for step in steps)
+
+    for step in steps:
+        result = run_cli(step[2:], earlier.cwd, earlier.env(), script=REPO / step[1])
+        assert result.returncode == 0, (step, result.stdout, result.stderr)
+    assert earlier.ring().naming is not None and not (earlier.data_dir / "daily").exists()
