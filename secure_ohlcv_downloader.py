@@ -2433,7 +2433,16 @@ class DatasetId:
 
     @classmethod
     def from_identity(cls, identity: str) -> DatasetId:
-        return cls.from_relative_path(Path(identity + FILE_SUFFIX))
+        """The inverse of identity; UsageError for a text the store never makes. (Plain
+        string work: status parses one per catalogue entry.)"""
+        parts = identity.split("/")
+        if len(parts) == 3 and parts[0].startswith("intraday_"):
+            return cls(parts[1], parts[0][len("intraday_"):], False, parts[2])
+        if len(parts) == 2:
+            interval, _, adjusted = parts[0].partition("_")
+            if adjusted in ("", "adjusted"):
+                return cls(parts[1], interval, adjusted == "adjusted")
+        raise UsageError(f"{identity!r} is not a dataset.")
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any], first_bar: datetime) -> DatasetId:
@@ -2454,18 +2463,12 @@ class DatasetId:
     @classmethod
     def from_relative_path(cls, rel: Path) -> DatasetId:
         """The inverse of relative_path; UsageError for a path the store did not write."""
-        parts = rel.parts
-        if not parts or not parts[-1].endswith(FILE_SUFFIX):
+        if not rel.name.endswith(FILE_SUFFIX):
             raise UsageError(f"{rel} is not a dataset file.")
-        stem = parts[-1][: -len(FILE_SUFFIX)]
-        if len(parts) == 3 and parts[0].startswith("intraday_"):
-            return cls(parts[1], parts[0][len("intraday_"):], False, stem)
-        if len(parts) == 2:
-            interval, _, adjusted = parts[0].partition("_")
-            if adjusted not in ("", "adjusted"):
-                raise UsageError(f"{rel} is not a dataset file.")
-            return cls(stem, interval, adjusted == "adjusted")
-        raise UsageError(f"{rel} is not a dataset file.")
+        try:
+            return cls.from_identity(rel.as_posix()[: -len(FILE_SUFFIX)])
+        except UsageError:
+            raise UsageError(f"{rel} is not a dataset file.") from None
 
     def __str__(self) -> str:
         return f"{self.symbol} {self.name}" + (f" {self.month}" if self.month else "")
@@ -2487,9 +2490,15 @@ EARLIER_LAYOUT = ("this store still uses the earlier layout (file names show sym
 def dataset_file(naming_key: str, dataset: DatasetId) -> Path:
     """A dataset's file, relative to the data directory: a keyed hash of its identity,
     so a name tells nothing of symbol, interval or month to whoever lacks the key."""
+    return Path(dataset_file_name(naming_key, dataset))
+
+
+def dataset_file_name(naming_key: str, dataset: DatasetId) -> str:
+    """dataset_file as the catalogue records it (`ab/ab3f....fernet`); a plain string, as
+    status checks one per entry."""
     digest = hmac.new(base64.urlsafe_b64decode(naming_key), NAME_DOMAIN + dataset.identity.encode(),
                       hashlib.sha256).hexdigest()[:32]
-    return Path(digest[:2], digest + FILE_SUFFIX)
+    return f"{digest[:2]}/{digest}{FILE_SUFFIX}"
 
 
 def put_back_fix(path: Path | str) -> str:
@@ -2524,8 +2533,8 @@ def dataset_files(root: Path) -> list[Path]:
     them, in its fan-out directory (a link or a FIFO there is listed, so that reading it
     refuses it by name rather than the dataset going missing unseen); temp files and
     foreign names excluded."""
-    return sorted(Path(e.path) for top in fan_out_dirs(root) for e in os.scandir(top)
-                  if DATASET_NAME.fullmatch(f"{top.name}/{e.name}"))
+    return [Path(p) for p in sorted(e.path for top in fan_out_dirs(root) for e in os.scandir(top)
+                                    if DATASET_NAME.fullmatch(f"{top.name}/{e.name}"))]
 
 
 def read_dataset_file(path: Path, dir_mode: int) -> tuple[bytes, os.stat_result]:
@@ -2752,7 +2761,7 @@ def _entry_sound(identity: str, entry: Any, naming_key: str) -> bool:
         return False
     return (dataset.identity == identity and entry["rows"] >= 0
             and (meta.get("gaps") is None or type(meta.get("gaps")) is int)
-            and dataset_file(naming_key, dataset).as_posix() == entry["file"])
+            and dataset_file_name(naming_key, dataset) == entry["file"])
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -2888,6 +2897,8 @@ class EncryptedStore:
         return self.root / dataset_file(self.naming_key, dataset)
 
     def relative(self, path: Path) -> str:
+        if path.parent.parent == self.root:  # a dataset file: its fan-out directory and name
+            return f"{path.parent.name}/{path.name}"
         return path.relative_to(self.root).as_posix()
 
     def lock(self) -> DataDirLock:

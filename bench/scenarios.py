@@ -861,13 +861,14 @@ def startup(ws: Workspace) -> ScenarioResult:
     with store.lock():
         for i, name in enumerate(symbols(STARTUP_DATASETS, "S")):
             store.write(DatasetId(name), varied(frame, i), meta)
-        if hasattr(store, "save_catalogue"):  # as a download leaves it (a before-run: none)
-            store.save_catalogue()
     # The same files (hard links) without a catalogue: status as it was before there was
     # one, reading every file's footer.
     bare_data = root / "data-without-catalogue"
     shutil.copytree(root / "data", bare_data, copy_function=os.link,
                     ignore=shutil.ignore_patterns(getattr(product, "CATALOGUE_NAME", "-")))
+    if hasattr(store, "save_catalogue"):  # as a download leaves it (a before-run: none)
+        with store.lock():  # after the links: a new link changes each file's ctime, which
+            store.save_catalogue()  # the catalogue's stat proof includes
     settle()
 
     cli = str(PRODUCT / "secure_ohlcv_cli.py")
