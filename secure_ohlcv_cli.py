@@ -434,9 +434,14 @@ def cmd_migrate_store(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
         return 0
     for dataset in report.moved:
         out(f"moved {dataset}")
+    for dataset in report.renamed:
+        out(f"renamed {dataset} (its file was named under another naming key, or by hand)")
     for dataset in report.duplicates_dropped:
         out(f"dropped the old copy of {dataset} (identical to the one at its opaque name)")
-    out(f"Migrated {len(report.moved)} dataset(s) to opaque file names "
+    for problem in report.unreadable:
+        say(f"left in place, unreadable: {problem}")
+    out(f"Migrated {len(report.moved)} dataset(s) to opaque file names, renamed "
+        f"{len(report.renamed)} from another naming key "
         f"({report.already_opaque} already there) in {report.seconds:.1f} s, naming key "
         f"{report.naming_fingerprint}; removed {len(report.removed_dirs)} old "
         "directory(ies); catalogue written. No file name shows a symbol any more.")
