@@ -142,7 +142,7 @@ def show_new_key(new: NewKey) -> None:
 def tell_new_key_file(new: NewKey | None) -> None:
     """Off a terminal the new key went to a file: say where, and that it must move."""
     if new is not None and new.file is not None:
-        out(f"New key {new.fingerprint} written to {new.file} (mode 0600), not shown here: "
+        out(f"New {new.made} written to {new.file} (the whole key ring, mode 0600), not shown here: "
             f"move it offline now (password manager or safe), then delete it (shred -u "
             f"{new.file}). --check-keys warns until it is gone.")
 

@@ -1136,6 +1136,7 @@ class NewKey:
     fingerprint: str
     value: str = field(repr=False)
     file: Path | None = None
+    made: str = ""  # what is new in it, by fingerprint: `key ab12...` or `naming key cd34...`
 
 
 @dataclass
@@ -1285,12 +1286,15 @@ class KeyCustody:
 
     # -- a new key, seen once by a person -------------------------------------------------
 
-    def hand_over(self, ring: KeyRing, show: Callable[[NewKey], None] | None) -> NewKey:
+    def hand_over(self, ring: KeyRing, show: Callable[[NewKey], None] | None,
+                  new_naming: bool = False) -> NewKey:
         """Give the new ring to a person before it is used: `show` it (a terminal), or,
         with no one to show it to (cron, systemd), write it to a 0600 file in the state
         directory named by its fingerprint. The value is what OHLCV_ENCRYPTION_KEY and
         `--key-file` take: the whole ring, new primary first, the naming key last."""
-        new = NewKey(ring.primary.fingerprint, ",".join(k.item for k in ring.stored()))
+        made = (f"naming key {ring.naming.fingerprint}" if new_naming and ring.naming is not None
+                else f"key {ring.primary.fingerprint}")  # `new_naming`: the primary is unchanged
+        new = NewKey(ring.primary.fingerprint, ",".join(k.item for k in ring.stored()), made=made)
         if show is not None:
             show(new)
             return new
@@ -1318,7 +1322,7 @@ class KeyCustody:
             return None
         naming = new_naming_key()
         added = KeyRing(ring.stored() + [naming])
-        report = NamingKeyReport(naming.fingerprint, self.hand_over(added, show))
+        report = NamingKeyReport(naming.fingerprint, self.hand_over(added, show, new_naming=True))
         if self.source == EnvKeyStore.label:
             report.awaiting_env_update = True
             return report
@@ -5129,7 +5133,7 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
             raise ConfigError(problem)
         if ring.naming is None:  # keys made by hand, or before the naming key existed
             ring = KeyRing(ring.stored() + [new_naming_key()])
-            new_key = custody.hand_over(ring, show_key)
+            new_key = custody.hand_over(ring, show_key, new_naming=True)
     elif sources.keyring_problem and sources.backend.usable:
         # A keyring exists but fails (locked, refusing): a key generated now could be
         # kept nowhere, so stop and let the operator fix the keyring first.
@@ -5397,7 +5401,7 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
         keys = _canary_opener_first(custody, keys)
         if naming is None:  # a store from before the naming key, recovered without one
             naming = new_naming_key()
-            report.new_key = custody.hand_over(KeyRing(keys + [naming]), show_key)
+            report.new_key = custody.hand_over(KeyRing(keys + [naming]), show_key, new_naming=True)
         report.stored_in, report.variable_disagrees = custody.store(keys + [naming])
         report.relinked = bool(report.stored_in)
         ring = custody.ring()

@@ -105,6 +105,7 @@ def test_a_ring_whose_naming_key_was_dropped_stops_then_migrate_store_renames_al
     assert f"renamed {len(DATASETS)} from another naming key (0 already there)" in migrated.stdout
     new = site.ring().naming
     assert new is not None and new.fingerprint != naming.fingerprint
+    assert f"New naming key {new.fingerprint} written to " in migrated.stdout, migrated.stdout
     assert all(site.file_of(d).is_file() for d in DATASETS)
     assert_every_dataset_readable(site)
 
