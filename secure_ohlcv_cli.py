@@ -428,6 +428,8 @@ def cmd_migrate_store(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
             "credential store) to the new value above (or in the file named; it ends with "
             f"naming:...), then run `python {prog()} --migrate-store` again.")
         return 0
+    for problem in report.unreadable:
+        say(f"left in place, unreadable: {problem}")
     if report.already_migrated:
         out(f"Already migrated: every dataset file has its opaque name (naming key "
             f"{report.naming_fingerprint}); nothing changed.")
@@ -438,8 +440,6 @@ def cmd_migrate_store(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
         out(f"renamed {dataset} (its file was named under another naming key, or by hand)")
     for dataset in report.duplicates_dropped:
         out(f"dropped the old copy of {dataset} (identical to the one at its opaque name)")
-    for problem in report.unreadable:
-        say(f"left in place, unreadable: {problem}")
     out(f"Migrated {len(report.moved)} dataset(s) to opaque file names, renamed "
         f"{len(report.renamed)} from another naming key "
         f"({report.already_opaque} already there) in {report.seconds:.1f} s, naming key "

@@ -167,6 +167,19 @@ def test_migrate_store_puts_a_hand_renamed_file_back(site):
     assert_every_dataset_readable(site)
 
 
+def test_migrate_store_leaves_an_unreadable_file_in_place_and_says_so(site):
+    ibm = site.file_of(DatasetId("IBM"))
+    planted = ibm.parent / (ibm.parent.name + "e" * 30 + ".fernet")
+    planted.write_bytes(b"not a token of this store")
+    planted.chmod(0o600)
+
+    result = site.cli("--migrate-store")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"left in place, unreadable: {ibm.parent.name}/{planted.name}" in result.stderr
+    assert planted.read_bytes() == b"not a token of this store"
+
+
 def test_recover_reports_a_misnamed_file_and_points_at_migrate_store(site):
     ibm = site.file_of(DatasetId("IBM"))
     elsewhere = site.data_dir / ibm.parent.name / (ibm.parent.name + "f" * 30 + ".fernet")
