@@ -2749,6 +2749,9 @@ _ENTRY_FIELDS = {"file": str, "size": int, "mtime_ns": int, "ctime_ns": int, "in
                  "key": str, "rows": int, "first_bar": str, "last_bar": str, "meta": dict}
 
 
+STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino")
+
+
 def stat_of(st: os.stat_result) -> dict[str, int]:
     """What proves a catalogue entry still describes its file. The change time is in it
     because no one can set it back (utime sets the mtime, and stamps the ctime now): a
@@ -2852,6 +2855,28 @@ class Catalogue:
             return None
         written = document.get("naming_key") if isinstance(document, dict) else None
         return written if isinstance(written, str) else None
+
+    @classmethod
+    def identities(cls, root: Path, ring: KeyRing, dir_mode: int) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Each file the catalogue names, whatever naming key it was written under, with the
+        identity and entry it records (for --migrate-store: trusted only where proves()
+        holds); empty when there is no readable catalogue."""
+        try:
+            entries = cls._document(root, ring, dir_mode).get("datasets")
+        except (OSError, OHLCVError, InvalidToken, ValueError, RecursionError, AttributeError):
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        named = {}
+        for identity, entry in entries.items():
+            try:
+                if (DatasetId.from_identity(identity).identity == identity
+                        and isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                        and all(type(entry.get(k)) is int for k in STAT_FIELDS)):
+                    named[entry["file"]] = (identity, entry)
+            except UsageError:
+                continue
+        return named
 
     def named(self, file: str) -> tuple[str, dict[str, Any]] | None:
         """The identity and entry recorded for `file`, proven or not."""
@@ -4418,8 +4443,14 @@ class StoreMigration:
                 fsync_dir(s.data_dir)
             store = EncryptedStore(s, ring, renaming=True)
             found = store.catalogue()
-            for item in self._misnamed(store, found, report):
+            for item, entry in self._misnamed(store, found, report):
                 self._move(ring.naming.key, item, report.renamed, report)
+                if entry is not None:  # the catalogue keeps it: no footer read to rewrite it
+                    target = store.path(item.dataset)
+                    file = store.relative(target)
+                    moved = entry | stat_of(target.lstat()) | {"file": file}
+                    if _entry_sound(item.dataset.identity, moved, ring.naming.key):
+                        store.record(Listed(file, item.dataset, moved))
             report.already_opaque = opaque - len(report.renamed) - len(report.unreadable)
             if (report.naming is None and not old and not report.renamed
                     and (not found.problem or not opaque)):
@@ -4435,24 +4466,31 @@ class StoreMigration:
         return report
 
     def _misnamed(self, store: EncryptedStore, found: Catalogue,
-                  report: MigrationReport) -> list[EarlierFile]:
+                  report: MigrationReport) -> list[tuple[EarlierFile, dict[str, Any] | None]]:
         """The opaque files whose dataset (by their own footer) the ring's naming key names
         otherwise: named under another naming key, or renamed by hand. A file the catalogue
-        proves in place is not read; one that cannot be read stays where it is, reported."""
+        proves in place is not read, nor one whose entry under the naming key it was written
+        under still proves it (its identity is that entry's); one that cannot be read stays
+        where it is, reported. With each, its entry in the catalogue found, if it proves it."""
         misnamed = []
+        recorded = Catalogue.identities(store.root, store.key_ring, store.dir_mode)
         for path in dataset_files(store.root):
             file = store.relative(path)
             try:
-                if found.proven(file, path.lstat()):
+                st = path.lstat()
+                if found.proven(file, st):
                     continue
-                dataset = store.footer(path)[0]
+                known = recorded.get(file)
+                if known is None or not Catalogue.proves(known[1], st):
+                    known = None
+                dataset = DatasetId.from_identity(known[0]) if known else store.footer(path)[0]
             except FileNotFoundError:
                 continue
             except (IntegrityError, UnsafePathError) as exc:
                 report.unreadable.append(f"{file}: {exc}")
                 continue
             if store.path(dataset) != path:
-                misnamed.append(EarlierFile(path, dataset))
+                misnamed.append((EarlierFile(path, dataset), known[1] if known else None))
         return misnamed
 
     def _move(self, naming_key: str, item: EarlierFile, moved: list[str],

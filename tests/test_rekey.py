@@ -191,3 +191,18 @@ def test_recover_reports_a_misnamed_file_and_points_at_migrate_store(site):
     assert "--migrate-store" in result.stdout + result.stderr
     assert elsewhere.is_file()  # never deleted
     assert (site.data_dir / CATALOGUE_NAME).is_file()
+
+
+def test_re_keying_a_catalogued_store_takes_identities_from_the_catalogue_not_the_files(site):
+    """The catalogue written under the lost naming key still proves each file (by stat):
+    re-keying 100,000 datasets must not decrypt them all, twice."""
+    set_env_keys(site, without_naming_key(env_keys(site)) + "," + new_naming_key().item)
+    decrypted = EncryptedStore.decrypted
+
+    report = site.app().migrate_store()
+
+    assert sorted(report.renamed) == sorted(map(str, DATASETS))
+    assert EncryptedStore.decrypted == decrypted
+    catalogue = site.app().store().catalogue()
+    assert catalogue.problem == "" and set(catalogue.entries) == {d.identity for d in DATASETS}
+    assert_every_dataset_readable(site)
