@@ -5270,7 +5270,8 @@ def check_keys(ctx: RunContext) -> KeyCheckReport:
     checks.append(Check("naming key", ring.naming is not None,
                         f"fingerprint {ring.naming.fingerprint} (names the data files)"
                         if ring.naming is not None else
-                        "no naming key: run --migrate-store"))
+                        store_naming_problem(s.data_dir, ring, s.dir_mode)
+                        or "no naming key: run --migrate-store"))
     catalogued = Catalogue.naming_fingerprint(s.data_dir, ring, s.dir_mode)
     if ring.naming is not None and catalogued not in (None, ring.naming.fingerprint):
         checks.append(Check("naming key of the store", False,

@@ -8,7 +8,9 @@ every moment each dataset is under its earlier name or its opaque one, never bot
 neither, and a re-run completes the migration.
 
 Modelled on tests/test_rotation_crash.py, with the keys in `.env` (25 kills) and in a real
-Secret Service (8): each trial copies one store of the earlier layout
+Secret Service (8), and a re-keying (10 kills: opaque files named under a naming key the
+ring lacks, each renamed to the name the ring's gives it; "both layouts" then means both
+naming keys): each trial copies one store of the earlier layout
 (tests/earlier_layout.py) and starts a real `--migrate-store` process (the command line's
 own `main`, forked by tests/rotation_child.py), then kills it with SIGKILL after a delay
 drawn from a seeded generator, spread over the duration of an uninterrupted migration

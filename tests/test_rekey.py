@@ -93,6 +93,9 @@ def test_a_ring_whose_naming_key_was_dropped_stops_then_migrate_store_renames_al
 
     status = site.cli("status")
     assert_stopped_with_the_fix(status, naming.fingerprint)
+    checked = site.cli("--check-keys")
+    assert checked.returncode == 3, checked.stdout + checked.stderr
+    assert f"named under naming key {naming.fingerprint}" in checked.stdout, checked.stdout
     if command == ["--recover"]:
         refused = site.cli(*command)
         assert_stopped_with_the_fix(refused, naming.fingerprint)
