@@ -142,7 +142,7 @@ def show_new_key(new: NewKey) -> None:
 def tell_new_key_file(new: NewKey | None) -> None:
     """Off a terminal the new key went to a file: say where, and that it must move."""
     if new is not None and new.file is not None:
-        out(f"New key {new.fingerprint} written to {new.file} (mode 0600), not shown here: "
+        out(f"New {new.made} written to {new.file} (the whole key ring, mode 0600), not shown here: "
             f"move it offline now (password manager or safe), then delete it (shred -u "
             f"{new.file}). --check-keys warns until it is gone.")
 
@@ -428,15 +428,20 @@ def cmd_migrate_store(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
             "credential store) to the new value above (or in the file named; it ends with "
             f"naming:...), then run `python {prog()} --migrate-store` again.")
         return 0
+    for problem in report.unreadable:
+        say(f"left in place, unreadable: {problem}")
     if report.already_migrated:
         out(f"Already migrated: every dataset file has its opaque name (naming key "
             f"{report.naming_fingerprint}); nothing changed.")
         return 0
     for dataset in report.moved:
         out(f"moved {dataset}")
+    for dataset in report.renamed:
+        out(f"renamed {dataset} (its file was named under another naming key, or by hand)")
     for dataset in report.duplicates_dropped:
         out(f"dropped the old copy of {dataset} (identical to the one at its opaque name)")
-    out(f"Migrated {len(report.moved)} dataset(s) to opaque file names "
+    out(f"Migrated {len(report.moved)} dataset(s) to opaque file names, renamed "
+        f"{len(report.renamed)} from another naming key "
         f"({report.already_opaque} already there) in {report.seconds:.1f} s, naming key "
         f"{report.naming_fingerprint}; removed {len(report.removed_dirs)} old "
         "directory(ies); catalogue written. No file name shows a symbol any more.")

@@ -1136,6 +1136,7 @@ class NewKey:
     fingerprint: str
     value: str = field(repr=False)
     file: Path | None = None
+    made: str = ""  # what is new in it, by fingerprint: `key ab12...` or `naming key cd34...`
 
 
 @dataclass
@@ -1285,12 +1286,15 @@ class KeyCustody:
 
     # -- a new key, seen once by a person -------------------------------------------------
 
-    def hand_over(self, ring: KeyRing, show: Callable[[NewKey], None] | None) -> NewKey:
+    def hand_over(self, ring: KeyRing, show: Callable[[NewKey], None] | None,
+                  new_naming: bool = False) -> NewKey:
         """Give the new ring to a person before it is used: `show` it (a terminal), or,
         with no one to show it to (cron, systemd), write it to a 0600 file in the state
         directory named by its fingerprint. The value is what OHLCV_ENCRYPTION_KEY and
         `--key-file` take: the whole ring, new primary first, the naming key last."""
-        new = NewKey(ring.primary.fingerprint, ",".join(k.item for k in ring.stored()))
+        made = (f"naming key {ring.naming.fingerprint}" if new_naming and ring.naming is not None
+                else f"key {ring.primary.fingerprint}")  # `new_naming`: the primary is unchanged
+        new = NewKey(ring.primary.fingerprint, ",".join(k.item for k in ring.stored()), made=made)
         if show is not None:
             show(new)
             return new
@@ -1318,7 +1322,7 @@ class KeyCustody:
             return None
         naming = new_naming_key()
         added = KeyRing(ring.stored() + [naming])
-        report = NamingKeyReport(naming.fingerprint, self.hand_over(added, show))
+        report = NamingKeyReport(naming.fingerprint, self.hand_over(added, show, new_naming=True))
         if self.source == EnvKeyStore.label:
             report.awaiting_env_update = True
             return report
@@ -2501,6 +2505,17 @@ def dataset_file_name(naming_key: str, dataset: DatasetId) -> str:
     return f"{digest[:2]}/{digest}{FILE_SUFFIX}"
 
 
+def naming_key_lacking(recorded: str | None) -> str:
+    """Why a command stops on a store whose files are named under a naming key the key
+    ring lacks (`recorded`, the catalogue's, when it is readable), and the fix."""
+    key = f"naming key {recorded}" if recorded else "a naming key"
+    return (f"the store's dataset files are named under {key}, which the key ring lacks; "
+            "nothing was changed. Fix: offer the key ring value from your offline copy, "
+            "which ends with `naming:...`; if that naming key is lost, run `python "
+            "secure_ohlcv_downloader.py --migrate-store`: it gives the ring a naming key if "
+            "it has none and renames every dataset to the ring's naming key.")
+
+
 def put_back_fix(path: Path | str) -> str:
     """The fix for something planted where the store keeps a dataset or a fan-out directory."""
     return (f"move it out of the data directory (`mv {path} ELSEWHERE`), then restore what "
@@ -2734,6 +2749,9 @@ _ENTRY_FIELDS = {"file": str, "size": int, "mtime_ns": int, "ctime_ns": int, "in
                  "key": str, "rows": int, "first_bar": str, "last_bar": str, "meta": dict}
 
 
+STAT_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino")
+
+
 def stat_of(st: os.stat_result) -> dict[str, int]:
     """What proves a catalogue entry still describes its file. The change time is in it
     because no one can set it back (utime sets the mtime, and stamps the ctime now): a
@@ -2793,9 +2811,11 @@ class Catalogue:
     a crash between a dataset write and the catalogue write costs speed, never
     correctness. Missing, undecryptable or malformed: empty, with `problem` saying so."""
 
-    def __init__(self, entries: dict[str, dict[str, Any]], problem: str = "") -> None:
+    def __init__(self, entries: dict[str, dict[str, Any]], problem: str = "",
+                 recorded: str | None = None) -> None:
         self.entries = entries
         self.problem = problem  # "missing" | "damaged" | ""
+        self.recorded = recorded  # the naming key fingerprint it was written under, if read
         self._by_file = {e["file"]: (identity, e) for identity, e in entries.items()}
 
     @classmethod
@@ -2807,12 +2827,14 @@ class Catalogue:
         except (OSError, OHLCVError, InvalidToken, ValueError, RecursionError):
             return cls({}, "damaged")  # a link, a FIFO, too large, not ours, not JSON
         entries = document.get("datasets") if isinstance(document, dict) else None
+        recorded = document.get("naming_key") if isinstance(document, dict) else None
+        recorded = recorded if isinstance(recorded, str) else None
         if (not isinstance(entries, dict) or document.get("format") != CATALOGUE_FORMAT
-                or document.get("naming_key") != naming_fingerprint(naming_key)):
-            return cls({}, "damaged")
+                or recorded != naming_fingerprint(naming_key)):
+            return cls({}, "damaged", recorded)
         sound = {identity: e for identity, e in entries.items()
                  if _entry_sound(identity, e, naming_key)}
-        return cls(sound, "" if len(sound) == len(entries) else "damaged")
+        return cls(sound, "" if len(sound) == len(entries) else "damaged", recorded)
 
     @staticmethod
     def _document(root: Path, ring: KeyRing, dir_mode: int) -> Any:
@@ -2833,6 +2855,28 @@ class Catalogue:
             return None
         written = document.get("naming_key") if isinstance(document, dict) else None
         return written if isinstance(written, str) else None
+
+    @classmethod
+    def identities(cls, root: Path, ring: KeyRing, dir_mode: int) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Each file the catalogue names, whatever naming key it was written under, with the
+        identity and entry it records (for --migrate-store: trusted only where proves()
+        holds); empty when there is no readable catalogue."""
+        try:
+            entries = cls._document(root, ring, dir_mode).get("datasets")
+        except (OSError, OHLCVError, InvalidToken, ValueError, RecursionError, AttributeError):
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        named = {}
+        for identity, entry in entries.items():
+            try:
+                if (DatasetId.from_identity(identity).identity == identity
+                        and isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                        and all(type(entry.get(k)) is int for k in STAT_FIELDS)):
+                    named[entry["file"]] = (identity, entry)
+            except UsageError:
+                continue
+        return named
 
     def named(self, file: str) -> tuple[str, dict[str, Any]] | None:
         """The identity and entry recorded for `file`, proven or not."""
@@ -2866,6 +2910,19 @@ class Catalogue:
         atomic_write(root / CATALOGUE_NAME, sealed, file_mode)
 
 
+def store_naming_problem(root: Path, ring: KeyRing, dir_mode: int) -> str | None:
+    """Why `ring` cannot name the files of the store at `root` (naming_key_lacking), or
+    None: a ring without a naming key before a store that holds dataset files or a
+    catalogue (a naming key made now would orphan them all), or a catalogue written under
+    another naming key."""
+    if ring.naming is None:
+        if dataset_files(root) or os.path.lexists(root / CATALOGUE_NAME):
+            return naming_key_lacking(Catalogue.naming_fingerprint(root, ring, dir_mode))
+        return None
+    recorded = Catalogue.naming_fingerprint(root, ring, dir_mode)
+    return naming_key_lacking(recorded) if recorded not in (None, ring.naming.fingerprint) else None
+
+
 Decoded = TypeVar("Decoded")  # what EncryptedStore makes of a decrypted table
 
 
@@ -2877,21 +2934,28 @@ class EncryptedStore:
     # catalogue must decrypt none (tests count it).
     decrypted = 0
 
-    def __init__(self, settings: Settings, key_ring: KeyRing) -> None:
+    def __init__(self, settings: Settings, key_ring: KeyRing, renaming: bool = False) -> None:
+        """`renaming`: for --migrate-store alone, which renames files named under another
+        naming key; every other command stops on such a store before it reads or writes."""
         self.root = settings.data_dir
         self.key_ring = key_ring
         self.file_mode = settings.file_mode
         self.dir_mode = settings.dir_mode
         self.lock_timeout = settings.lock_timeout
         self.disk_floor = settings.min_free_disk_mb * 2**20
-        if key_ring.naming is None:
-            raise ConfigError("the key ring has no naming key: " + EARLIER_LAYOUT)
         if uses_earlier_layout(self.root):
             raise ConfigError(EARLIER_LAYOUT)
+        if key_ring.naming is None:
+            raise ConfigError(store_naming_problem(self.root, key_ring, self.dir_mode)
+                              or "the key ring has no naming key: " + EARLIER_LAYOUT)
         fan_out_dirs(self.root, self.dir_mode)  # one planted or loosened stops the command
         self.naming_key = key_ring.naming.key
         self.naming_fp = naming_fingerprint(self.naming_key)
         self._written: dict[str, Listed] = {}  # this store's writes: catalogue entries at hand
+        self._catalogue: tuple[tuple[int, ...] | None, Catalogue] | None = None
+        recorded = self.catalogue().recorded  # read once here, reused by listing and writers
+        if not renaming and recorded not in (None, self.naming_fp):
+            raise ConfigError(naming_key_lacking(recorded))
 
     def path(self, dataset: DatasetId) -> Path:
         return self.root / dataset_file(self.naming_key, dataset)
@@ -2960,7 +3024,16 @@ class EncryptedStore:
         return self._decrypted(self.path(dataset), table_days, dataset)
 
     def catalogue(self) -> Catalogue:
-        return Catalogue.load(self.root, self.key_ring, self.naming_key, self.dir_mode)
+        """The catalogue, decrypted once per version of its file (memoised by its stat)."""
+        try:
+            st = os.lstat(self.root / CATALOGUE_NAME)
+            version: tuple[int, ...] | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        except FileNotFoundError:
+            version = None
+        if self._catalogue is None or self._catalogue[0] != version:
+            self._catalogue = (version, Catalogue.load(self.root, self.key_ring, self.naming_key,
+                                                       self.dir_mode))
+        return self._catalogue[1]
 
     def listing(self, catalogue: Catalogue | None = None) -> list[Listed]:
         """Every dataset file, in identity order (unreadable ones last), with its entry:
@@ -2986,20 +3059,30 @@ class EncryptedStore:
                               if known else Listed(file, error=str(exc)))
         return sorted(listed, key=lambda x: (x.dataset is None, x.dataset.identity if x.dataset else x.file))
 
-    def _summarised(self, path: Path, file: str) -> Listed:
-        """A file's catalogue entry from its own footer (the stat is of the bytes read)."""
+    def footer(self, path: Path) -> tuple[DatasetId, TableSummary, str, os.stat_result]:
+        """What a file's own footer says: the dataset it holds (wherever it lies), its
+        summary, the fingerprint of the key it is under, the stat of the bytes read."""
         token, st = read_dataset_file(path, self.dir_mode)
         EncryptedStore.decrypted += 1
         plaintext, key_fp = self.key_ring.decrypt_with_fingerprint(token, path)
         try:
             summary = summarise_table(plaintext)
-            dataset = DatasetId.from_meta(summary.meta, summary.first_bar)
+            return DatasetId.from_meta(summary.meta, summary.first_bar), summary, key_fp, st
         except ValueError as exc:
             raise IntegrityError(f"{path} decrypts but is not a dataset: {exc}.") from None
+
+    def check_named(self, path: Path, dataset: DatasetId) -> None:
+        """IntegrityError unless `path` is the name the naming key gives `dataset`."""
         if self.path(dataset) != path:
             raise IntegrityError(f"{path} holds {dataset}, whose file under this naming key is "
                                  f"{self.relative(self.path(dataset))}: copied or renamed by "
-                                 "hand. Fix: run --recover to put it back in its place.")
+                                 "hand. Fix: run `python secure_ohlcv_downloader.py "
+                                 "--migrate-store`: it puts every dataset back in its place.")
+
+    def _summarised(self, path: Path, file: str) -> Listed:
+        """A file's catalogue entry from its own footer (the stat is of the bytes read)."""
+        dataset, summary, key_fp, st = self.footer(path)
+        self.check_named(path, dataset)
         meta = {k: v for k, v in summary.meta.items() if k != "scales"}
         return Listed(file, dataset, stat_of(st) | {
             "file": file, "key": key_fp, "rows": summary.rows,
@@ -4254,6 +4337,8 @@ class MigrationReport:
     already_migrated: bool = False
     moved: list[str] = field(default_factory=list)  # datasets renamed by this run
     already_opaque: int = 0  # datasets found under their opaque name (an earlier run's)
+    renamed: list[str] = field(default_factory=list)  # from another naming key's name
+    unreadable: list[str] = field(default_factory=list)  # opaque files left where they are
     duplicates_dropped: list[str] = field(default_factory=list)
     removed_dirs: list[str] = field(default_factory=list)
     catalogue_written: bool = False
@@ -4348,28 +4433,68 @@ class StoreMigration:
             ring = custody.ring()
             assert ring.naming is not None
             report.naming_fingerprint = ring.naming.fingerprint
-            report.already_opaque = len(dataset_files(s.data_dir))
+            opaque = len(dataset_files(s.data_dir))
             for item in old:
-                self._move(ring.naming.key, item, report)
+                self._move(ring.naming.key, item, report.moved, report)
             for directory in old_dirs:  # deepest first
                 os.rmdir(directory)
                 report.removed_dirs.append(directory.relative_to(s.data_dir).as_posix())
             if old_dirs:
                 fsync_dir(s.data_dir)
-            store = EncryptedStore(s, ring)
+            store = EncryptedStore(s, ring, renaming=True)
             found = store.catalogue()
-            if report.naming is None and not old and (not found.problem or not report.already_opaque):
+            for item, entry in self._misnamed(store, found, report):
+                self._move(ring.naming.key, item, report.renamed, report)
+                if entry is not None:  # the catalogue keeps it: no footer read to rewrite it
+                    target = store.path(item.dataset)
+                    file = store.relative(target)
+                    moved = entry | stat_of(target.lstat()) | {"file": file}
+                    if _entry_sound(item.dataset.identity, moved, ring.naming.key):
+                        store.record(Listed(file, item.dataset, moved))
+            report.already_opaque = opaque - len(report.renamed) - len(report.unreadable)
+            if (report.naming is None and not old and not report.renamed
+                    and (not found.problem or not opaque)):
                 report.already_migrated = True
                 return report
             store.save_catalogue()  # last: it reads each moved file's footer once
             report.catalogue_written = True
         report.seconds = time.monotonic() - started
-        log.info("migration done: %d datasets moved to opaque names, %d already there, "
-                 "naming key %s, in %.1f s", len(report.moved), report.already_opaque,
-                 report.naming_fingerprint, report.seconds)
+        log.info("migration done: %d datasets moved to opaque names, %d renamed from another "
+                 "naming key, %d already there, %d unreadable left in place, naming key %s, "
+                 "in %.1f s", len(report.moved), len(report.renamed), report.already_opaque,
+                 len(report.unreadable), report.naming_fingerprint, report.seconds)
         return report
 
-    def _move(self, naming_key: str, item: EarlierFile, report: MigrationReport) -> None:
+    def _misnamed(self, store: EncryptedStore, found: Catalogue,
+                  report: MigrationReport) -> list[tuple[EarlierFile, dict[str, Any] | None]]:
+        """The opaque files whose dataset (by their own footer) the ring's naming key names
+        otherwise: named under another naming key, or renamed by hand. A file the catalogue
+        proves in place is not read, nor one whose entry under the naming key it was written
+        under still proves it (its identity is that entry's); one that cannot be read stays
+        where it is, reported. With each, its entry in the catalogue found, if it proves it."""
+        misnamed = []
+        recorded = Catalogue.identities(store.root, store.key_ring, store.dir_mode)
+        for path in dataset_files(store.root):
+            file = store.relative(path)
+            try:
+                st = path.lstat()
+                if found.proven(file, st):
+                    continue
+                known = recorded.get(file)
+                if known is None or not Catalogue.proves(known[1], st):
+                    known = None
+                dataset = DatasetId.from_identity(known[0]) if known else store.footer(path)[0]
+            except FileNotFoundError:
+                continue
+            except (IntegrityError, UnsafePathError) as exc:
+                report.unreadable.append(f"{file}: {exc}")
+                continue
+            if store.path(dataset) != path:
+                misnamed.append((EarlierFile(path, dataset), known[1] if known else None))
+        return misnamed
+
+    def _move(self, naming_key: str, item: EarlierFile, moved: list[str],
+              report: MigrationReport) -> None:
         root, dataset = self.settings.data_dir, item.dataset
         target = root / dataset_file(naming_key, dataset)
         made = not os.path.lexists(target.parent)
@@ -4395,7 +4520,7 @@ class StoreMigration:
         os.rename(item.path, target)
         fsync_dir(target.parent)
         fsync_dir(item.path.parent)
-        report.moved.append(str(dataset))
+        moved.append(str(dataset))
 
 
 BACKUP_PREFIX = "ohlcv-backup-"
@@ -5041,14 +5166,19 @@ def init_store(ctx: RunContext, show_key: Callable[[NewKey], None] | None) -> In
                     f"the key ring from {source} ({', '.join(ring.fingerprints())}) opens none "
                     f"of the {len(stored)} datasets in {s.data_dir}; nothing was changed. Fix: "
                     "run --recover with the key from your offline copy.")
+        problem = store_naming_problem(s.data_dir, ring, s.dir_mode)
+        if problem:  # a naming key made now would orphan every file the store holds
+            raise ConfigError(problem)
         if ring.naming is None:  # keys made by hand, or before the naming key existed
             ring = KeyRing(ring.stored() + [new_naming_key()])
-            new_key = custody.hand_over(ring, show_key)
+            new_key = custody.hand_over(ring, show_key, new_naming=True)
     elif sources.keyring_problem and sources.backend.usable:
         # A keyring exists but fails (locked, refusing): a key generated now could be
         # kept nowhere, so stop and let the operator fix the keyring first.
         raise KeyStoreError(sources.keyring_problem)
     else:
+        if dataset_files(s.data_dir) or os.path.lexists(s.data_dir / CATALOGUE_NAME):
+            raise ConfigError(naming_key_lacking(None))  # keys made now would open none of it
         ring, source = KeyRing.generate(), "generated"
         new_key = custody.hand_over(ring, show_key)  # seen by a person before it is used
     stored_in, outside = custody.store(ring.stored())
@@ -5140,14 +5270,13 @@ def check_keys(ctx: RunContext) -> KeyCheckReport:
     checks.append(Check("naming key", ring.naming is not None,
                         f"fingerprint {ring.naming.fingerprint} (names the data files)"
                         if ring.naming is not None else
-                        "no naming key: run --migrate-store"))
+                        store_naming_problem(s.data_dir, ring, s.dir_mode)
+                        or "no naming key: run --migrate-store"))
     catalogued = Catalogue.naming_fingerprint(s.data_dir, ring, s.dir_mode)
     if ring.naming is not None and catalogued not in (None, ring.naming.fingerprint):
         checks.append(Check("naming key of the store", False,
-                            f"the catalogue was written under naming key {catalogued}, the ring "
-                            f"holds {ring.naming.fingerprint}: the data files are named with "
-                            "the other one. Fix: run --recover with the value of your offline "
-                            "copy of the key ring."))
+                            f"the ring holds naming key {ring.naming.fingerprint}, but "
+                            + naming_key_lacking(catalogued)))
     probe = secrets.token_bytes(32)
     checks.append(Check("round trip", ring.decrypt(ring.encrypt(probe)) == probe,
                         "fresh encrypt/decrypt with the primary key"))
@@ -5292,6 +5421,10 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
                 if from_backup else "") + "not any stored dataset. Nothing was changed. Fix: "
                 "use the key from your offline copy" + ("" if from_backup else ", or give "
                 "--from-backup ARCHIVE when the store is empty") + ".")
+        problem = store_naming_problem(s.data_dir, KeyRing(trial.keys + ([naming] if naming else [])),
+                                       s.dir_mode)
+        if problem:  # a naming key made (or taken) now would orphan the files stored
+            raise ConfigError(problem)
         held_values = {k.key for k in held}
         for key in (k for k in unproven if k.key not in held_values):
             report.warnings.append(
@@ -5307,7 +5440,7 @@ def recover(ctx: RunContext, from_backup: Path | None, key_file: Path | None,
         keys = _canary_opener_first(custody, keys)
         if naming is None:  # a store from before the naming key, recovered without one
             naming = new_naming_key()
-            report.new_key = custody.hand_over(KeyRing(keys + [naming]), show_key)
+            report.new_key = custody.hand_over(KeyRing(keys + [naming]), show_key, new_naming=True)
         report.stored_in, report.variable_disagrees = custody.store(keys + [naming])
         report.relinked = bool(report.stored_in)
         ring = custody.ring()
@@ -5378,14 +5511,20 @@ def _restore(ctx: RunContext, ring: KeyRing, archive: BackupArchive | None,
     """Check every stored dataset; write from `archive` what is missing or broken."""
     s, custody = ctx.settings, ctx.custody
     store = EncryptedStore(s, ring)
-    broken = set()
+    broken, misnamed = set(), []
     for path in dataset_files(s.data_dir):
         report.checked += 1
         try:
             validate_bars(store.read_file(path)[0])
+            held = store.footer(path)[0]
         except (IntegrityError, InvalidPayload, UnsafePathError) as exc:
             broken.add(store.relative(path))
             log.warning("recover: %s", exc)
+            continue
+        try:  # sound, but not where its name says: --migrate-store renames it, not a restore
+            store.check_named(path, held)
+        except IntegrityError as exc:
+            misnamed.append(str(exc))
     for entry in archive.entries() if archive is not None else []:
         assert archive is not None
         dataset = _entry_dataset(entry)
@@ -5404,7 +5543,7 @@ def _restore(ctx: RunContext, ring: KeyRing, archive: BackupArchive | None,
         broken.discard(rel)
         report.restored.append(str(dataset))
     report.failed += [f"{rel}: does not decrypt or validate, and no backup copy"
-                      for rel in sorted(broken)]
+                      for rel in sorted(broken)] + misnamed
     found = store.save_catalogue()
     if found.problem:
         report.warnings.append(f"the catalogue ({CATALOGUE_NAME}) was {found.problem}; "

@@ -297,7 +297,8 @@ def test_without_a_naming_key_a_command_stops_with_the_migration_fix(small):
     result = small.run("status", OHLCV_ENCRYPTION_KEY=fernet_only)
 
     assert result.returncode == 3, result.stderr
-    assert "--migrate-store" in result.stderr and "earlier layout" in result.stderr
+    # its files are under a naming key the ring lacks: the offline copy's, or a re-keying
+    assert "--migrate-store" in result.stderr and "ends with `naming:" in result.stderr
 
 
 def test_a_store_still_in_the_earlier_layout_stops_with_the_migration_fix(small):
@@ -399,7 +400,7 @@ def test_check_keys_fails_when_the_naming_key_is_not_the_one_the_store_was_named
     assert right.returncode == 0, right.stdout + right.stderr
     assert wrong.returncode != 0
     assert "naming key of the store" in wrong.stdout + wrong.stderr
-    assert "--recover" in wrong.stdout + wrong.stderr
+    assert "ends with `naming:" in wrong.stdout and "--migrate-store" in wrong.stdout
 
 
 def test_a_catalogue_that_cannot_be_written_costs_a_note_not_the_run(small):

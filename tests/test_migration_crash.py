@@ -8,7 +8,9 @@ every moment each dataset is under its earlier name or its opaque one, never bot
 neither, and a re-run completes the migration.
 
 Modelled on tests/test_rotation_crash.py, with the keys in `.env` (25 kills) and in a real
-Secret Service (8): each trial copies one store of the earlier layout
+Secret Service (8), and a re-keying (10 kills: opaque files named under a naming key the
+ring lacks, each renamed to the name the ring's gives it; "both layouts" then means both
+naming keys): each trial copies one store of the earlier layout
 (tests/earlier_layout.py) and starts a real `--migrate-store` process (the command line's
 own `main`, forked by tests/rotation_child.py), then kills it with SIGKILL after a delay
 drawn from a seeded generator, spread over the duration of an uninterrupted migration
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -45,10 +48,12 @@ from secure_ohlcv_downloader import (
     CATALOGUE_NAME,
     TEMP_PREFIX,
     DatasetId,
+    EncryptedStore,
     KeyringKeyStore,
     StoredKey,
     dataset_file,
     dataset_files,
+    new_naming_key,
     uses_earlier_layout,
 )
 from tests.earlier_layout import earlier_site
@@ -57,7 +62,13 @@ from tests.foundation_fixtures import (  # noqa: F401  (keyring_backend is a fix
     SUBPROCESS_TIMEOUT,
     keyring_backend,
 )
-from tests.lifecycle_fixtures import Site, cli_server, many_datasets, month_of_5min_bars
+from tests.lifecycle_fixtures import (
+    Site,
+    cli_server,
+    headless_site,
+    many_datasets,
+    month_of_5min_bars,
+)
 
 SEED = 20261206
 SPREAD = 1.2  # kill delays go up to this many times an uninterrupted run's duration
@@ -76,6 +87,14 @@ class Template:
     cwd: Path
     key: str  # the one Fernet key of the earlier ring (no naming key yet)
     plaintexts: dict[DatasetId, bytes]  # each dataset's decrypted content before migrating
+    # The naming key the files are named under, when the ring holds another (re-keying);
+    # None: the earlier layout
+    old_naming: str | None = None
+
+    def old_path(self, data_dir: Path, dataset: DatasetId) -> Path:
+        if self.old_naming is None:
+            return data_dir / dataset.relative_path()
+        return data_dir / dataset_file(self.old_naming, dataset)
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +104,25 @@ def template(tmp_path_factory) -> Template:
     ring = site.ring()
     return Template(site.cwd, ring.primary.key, {d: ring.decrypt((site.data_dir / d.relative_path()).read_bytes())
                                for d in datasets})
+
+
+@pytest.fixture(scope="module")
+def rekey_template(tmp_path_factory) -> Template:
+    """A store of opaque files named under one naming key, the ring in `.env` holding
+    another (the first lost): --migrate-store renames every file."""
+    datasets = crash_datasets()
+    site = headless_site(tmp_path_factory.mktemp("rekey-template"))
+    ring = site.ring()
+    assert ring.naming is not None
+    site.put(datasets)
+    EncryptedStore(site.settings(), ring).save_catalogue()
+    for handed in site.state_dir.glob("new-key-*"):
+        handed.unlink()
+    plaintexts = {d: ring.decrypt(site.file_of(d).read_bytes()) for d in datasets}
+    other = new_naming_key()
+    site.env_file.write_text(site.env_file.read_text().replace(ring.naming.item, other.item))
+    assert site.ring().naming.key == other.key
+    return Template(site.cwd, ring.primary.key, plaintexts, ring.naming.key)
 
 
 @dataclass
@@ -173,7 +211,7 @@ class Trials:
         opaque_count = 0
         expected_files = set()
         for dataset, plaintext in self.template.plaintexts.items():
-            old = site.data_dir / dataset.relative_path()
+            old = self.template.old_path(site.data_dir, dataset)
             new = site.data_dir / dataset_file(naming.key, dataset) if naming else None
             at = [p for p in (old, new) if p is not None and os.path.lexists(p)]
             assert len(at) == 1, f"{label}: {dataset} is under {len(at)} names ({at})"
@@ -204,8 +242,10 @@ class Trials:
         for rel, path in files.items():
             assert ring.decrypt(path.read_bytes()) == self.template.plaintexts[wanted[rel]], \
                 f"{label}: {wanted[rel]} holds other content than before"
-        names = {p.name for p in site.data_dir.iterdir()}
-        assert names - {".lock", CATALOGUE_NAME} == {rel.parts[0] for rel in wanted}, \
+        names = {p.name for p in site.data_dir.iterdir()} - {".lock", CATALOGUE_NAME}
+        # (re-keying leaves the fan-out directories of the other naming key, emptied)
+        assert names >= {rel.parts[0] for rel in wanted} and \
+            all(re.fullmatch(r"[0-9a-f]{2}", n) for n in names), \
             f"{label}: something besides fan-out directories: {sorted(names)}"
         catalogue = site.app().store().catalogue()
         assert catalogue.problem == "" and set(catalogue.entries) == \
@@ -243,3 +283,17 @@ def test_migration_with_keys_in_the_keyring_survives_sigkill_at_any_moment(
 
     trials.report("migration crash trials, keys in the Secret Service")
     assert trials.kills == 8
+
+
+def test_re_keying_to_the_rings_naming_key_survives_sigkill_at_any_moment(rekey_template, tmp_path):
+    """Files named under a naming key the ring lacks: each renamed to the ring's, one
+    os.rename each, so a kill leaves every dataset under exactly one of its two names."""
+    trials = Trials(rekey_template, tmp_path)
+    uninterrupted = trials.measure()
+    print(f"\nuninterrupted re-keying --migrate-store over {len(rekey_template.plaintexts)} "
+          f"datasets: {uninterrupted * 1000:.0f} ms from start to exit")
+
+    trials.run(plan(random.Random(SEED + 2), uninterrupted, spread=8, early=1, at_start_up=1))
+
+    trials.report("re-keying crash trials, keys in .env")
+    assert trials.kills == 10
