@@ -38,6 +38,7 @@ from secure_ohlcv_downloader import (
     INTERVALS,
     DatasetGaps,
     DatasetResult,
+    IntegrityError,
     NewKey,
     OHLCVError,
     SecureOHLCVDownloader,
@@ -430,10 +431,13 @@ def cmd_migrate_store(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
         return 0
     for problem in report.unreadable:
         say(f"left in place, unreadable: {problem}")
+    # An unreadable file is an integrity failure to act on (--recover --from-backup), even
+    # when everything else moved: cron and scripts must see it.
+    code = IntegrityError.exit_code if report.unreadable else 0
     if report.already_migrated:
         out(f"Already migrated: every dataset file has its opaque name (naming key "
             f"{report.naming_fingerprint}); nothing changed.")
-        return 0
+        return code
     for dataset in report.moved:
         out(f"moved {dataset}")
     for dataset in report.renamed:
@@ -453,7 +457,7 @@ def cmd_migrate_store(app: SecureOHLCVDownloader, args: argparse.Namespace) -> i
             out("OHLCV_ENCRYPTION_KEY is also set outside this directory: set it to the new "
                 "value (it ends with naming:...), or every run will stop because keyring "
                 "and variable disagree.")
-    return 0
+    return code
 
 
 def cmd_remove_key(app: SecureOHLCVDownloader, args: argparse.Namespace) -> int:

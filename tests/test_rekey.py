@@ -178,7 +178,7 @@ def test_migrate_store_leaves_an_unreadable_file_in_place_and_says_so(site):
 
     result = site.cli("--migrate-store")
 
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 5, result.stdout + result.stderr  # integrity failure found
     assert f"left in place, unreadable: {ibm.parent.name}/{planted.name}" in result.stderr
     assert planted.read_bytes() == b"not a token of this store"
 
