@@ -69,9 +69,9 @@ from tests.lifecycle_fixtures import (
     many_datasets,
     month_of_5min_bars,
 )
+from tests.test_rotation_crash import Kill, plan  # the same kill moments as rotation's
 
 SEED = 20261206
-SPREAD = 1.2  # kill delays go up to this many times an uninterrupted run's duration
 MID_MIGRATION = "mid-migration: datasets under both layouts"
 
 
@@ -123,21 +123,6 @@ def rekey_template(tmp_path_factory) -> Template:
     site.env_file.write_text(site.env_file.read_text().replace(ring.naming.item, other.item))
     assert site.ring().naming.key == other.key
     return Template(site.cwd, ring.primary.key, plaintexts, ring.naming.key)
-
-
-@dataclass
-class Kill:
-    at_start_up: bool
-    delay: float
-
-
-def plan(rng: random.Random, uninterrupted: float, spread: int, early: int,
-         at_start_up: int) -> list[Kill]:
-    kills = [Kill(True, rng.uniform(0.02, 0.4)) for _ in range(at_start_up)]
-    kills += [Kill(False, rng.uniform(0.0, 0.002)) for _ in range(early)]
-    kills += [Kill(False, rng.uniform(0.0, SPREAD * uninterrupted)) for _ in range(spread)]
-    rng.shuffle(kills)
-    return kills
 
 
 class Trials:
