@@ -2827,8 +2827,7 @@ class Catalogue:
         except (OSError, OHLCVError, InvalidToken, ValueError, RecursionError):
             return cls({}, "damaged")  # a link, a FIFO, too large, not ours, not JSON
         entries = document.get("datasets") if isinstance(document, dict) else None
-        recorded = document.get("naming_key") if isinstance(document, dict) else None
-        recorded = recorded if isinstance(recorded, str) else None
+        recorded = cls._recorded(document)
         if (not isinstance(entries, dict) or document.get("format") != CATALOGUE_FORMAT
                 or recorded != naming_fingerprint(naming_key)):
             return cls({}, "damaged", recorded)
@@ -2850,9 +2849,13 @@ class Catalogue:
         """The fingerprint of the naming key the catalogue was written under; None when
         there is no readable catalogue."""
         try:
-            document = cls._document(root, ring, dir_mode)
+            return cls._recorded(cls._document(root, ring, dir_mode))
         except (OSError, OHLCVError, InvalidToken, ValueError, RecursionError):
             return None
+
+    @staticmethod
+    def _recorded(document: Any) -> str | None:
+        """The naming key fingerprint a parsed catalogue records, if it records one."""
         written = document.get("naming_key") if isinstance(document, dict) else None
         return written if isinstance(written, str) else None
 
@@ -3026,8 +3029,7 @@ class EncryptedStore:
     def catalogue(self) -> Catalogue:
         """The catalogue, decrypted once per version of its file (memoised by its stat)."""
         try:
-            st = os.lstat(self.root / CATALOGUE_NAME)
-            version: tuple[int, ...] | None = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+            version: tuple[int, ...] | None = tuple(stat_of(os.lstat(self.root / CATALOGUE_NAME)).values())
         except FileNotFoundError:
             version = None
         if self._catalogue is None or self._catalogue[0] != version:
