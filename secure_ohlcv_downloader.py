@@ -4510,7 +4510,8 @@ class StoreMigration:
                     f"{target} is {kind_of(info)}, where {dataset} is to be moved; it was "
                     "not changed, nor was the dataset. Fix: move it out of the data "
                     "directory, then run --migrate-store again.")
-            if target.read_bytes() != item.path.read_bytes():
+            mode = self.settings.dir_mode  # the store's reader: no link followed, bounded
+            if read_dataset_file(target, mode)[0] != read_dataset_file(item.path, mode)[0]:
                 raise IntegrityError(
                     f"{dataset} is under two names with different content: {item.path} and "
                     f"{target}; neither was changed. Fix: check both with --recover on a "
